@@ -1,0 +1,210 @@
+"""Contrastive losses over a device mesh: CLIP's softmax InfoNCE and SigLIP's pairwise sigmoid.
+
+Inputs are L2-normalised embeddings `zimg`, `ztxt` of shape [B, D] (global batch B). Without a
+mesh the losses are computed densely (XLA partitions them if the inputs are sharded). With a
+mesh they are `jax.shard_map`s over the mesh axes named in `batch_axes` (axes the mesh lacks are
+ignored), and every impl equals the dense loss in value and gradients.
+
+SigLIP impls, with N devices each holding b = B / N rows:
+- `dense`: the whole B x B logits matrix (the reference).
+- `all_gather`: each device gathers all texts and scores its b images against them (b x B).
+- `ppermute`: the chunked loss of the SigLIP paper. Texts rotate around the ring of devices with
+  `lax.ppermute`; each step scores one b x b block. The backward pass is a custom VJP that rotates
+  the texts again together with their gradient, so neither pass holds more than one block.
+
+All reductions run in float32 and the losses return a float32 scalar.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+SIGLIP_IMPLS = ("dense", "all_gather", "ppermute")
+DEFAULT_BATCH_AXES = ("data", "fsdp")
+
+
+# ------------------------------------------------------------------------------- dense references
+def _columns(z):
+    """`z` as the columns of a dense logits matrix. Under an explicit-sharding mesh a row-sharded
+    `z` must be replicated first, or rows and columns would claim the same mesh axes."""
+    sharding = jax.typeof(z).sharding
+    if any(axis is not None for axis in sharding.spec):
+        return jax.sharding.reshard(z, NamedSharding(sharding.mesh, P()))
+    return z
+
+
+def clip_loss_dense(zimg, ztxt, temperature):
+    """(CE(image->text) + CE(text->image)) / 2 over the whole B x B logits matrix."""
+    logits = temperature * jnp.dot(zimg, _columns(ztxt).T, preferred_element_type=jnp.float32)
+    diag = temperature * jnp.sum(zimg * ztxt, axis=-1)  # the matching pairs' logits
+    i2t = jnp.mean(jax.nn.logsumexp(logits, axis=1) - diag)
+    t2i = jnp.mean(jax.nn.logsumexp(logits, axis=0) - diag)
+    return (i2t + t2i) / 2
+
+
+def siglip_loss_dense(zimg, ztxt, temperature, bias):
+    """-(1/B) sum_ij log sigmoid(z_ij (t x_i.y_j + b)), z = +1 on the diagonal, -1 elsewhere."""
+    logits = temperature * jnp.dot(zimg, _columns(ztxt).T,
+                                   preferred_element_type=jnp.float32) + bias
+    labels = 2.0 * jnp.eye(zimg.shape[0], dtype=jnp.float32) - 1.0
+    return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / zimg.shape[0]
+
+
+# ------------------------------------------------------------------------------------ mesh plumbing
+def _mesh_batch_axes(mesh: Mesh, batch_axes: Sequence[str], batch: int) -> tuple[tuple[str, ...], int]:
+    """The batch axes present in the mesh and the number of batch shards they make."""
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(f"none of batch_axes {tuple(batch_axes)} is an axis of the mesh "
+                         f"{tuple(mesh.axis_names)}")
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if batch % shards:
+        raise ValueError(f"global batch {batch} is not divisible by the {shards} batch shards of "
+                         f"mesh axes {axes}; use a batch that is a multiple of {shards}")
+    return axes, shards
+
+
+def _prepare(zimg, ztxt, *scalars):
+    if zimg.ndim != 2 or zimg.shape != ztxt.shape:
+        raise ValueError(f"zimg and ztxt must both be [B, D], got {zimg.shape} and {ztxt.shape}")
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    return (f32(zimg), f32(ztxt), *map(f32, scalars))
+
+
+def _varying(x, axes):
+    """Mark a value computed identically on every device as per-device (a loop carry that will
+    accumulate per-device terms must start out typed as varying)."""
+    if hasattr(lax, "pcast"):
+        return lax.pcast(x, axes, to="varying")
+    return lax.pvary(x, axes)  # jax < 0.8
+
+
+def _ring(n: int):
+    """ppermute pairs sending each device's chunk to the next device around the ring."""
+    return [(i, (i + 1) % n) for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------ CLIP
+def clip_loss(zimg, ztxt, temperature, *, mesh: Mesh | None = None,
+              batch_axes: Sequence[str] = DEFAULT_BATCH_AXES):
+    """CLIP's symmetric InfoNCE. With a mesh each device scores its b rows against all-gathered
+    columns (b x B logits per direction); value and gradients equal `clip_loss_dense`."""
+    zimg, ztxt, temperature = _prepare(zimg, ztxt, temperature)
+    if mesh is None:
+        return clip_loss_dense(zimg, ztxt, temperature)
+    batch = zimg.shape[0]
+    axes, _ = _mesh_batch_axes(mesh, batch_axes, batch)
+
+    def local(zimg, ztxt, t):
+        # A device's rows are matched by its own rows of the other modality.
+        positives = t * jnp.sum(zimg * ztxt, axis=-1)
+
+        def logsumexp_sum(queries, keys):
+            logits = t * jnp.dot(queries, lax.all_gather(keys, axes, tiled=True).T)
+            return jnp.sum(jax.nn.logsumexp(logits, axis=1))
+
+        total = logsumexp_sum(zimg, ztxt) + logsumexp_sum(ztxt, zimg) - 2 * jnp.sum(positives)
+        return lax.psum(total, axes) / (2 * batch)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=P())(
+        zimg, ztxt, temperature)
+
+
+# ---------------------------------------------------------------------------------------- SigLIP
+def siglip_loss(zimg, ztxt, temperature, bias=None, *, mesh: Mesh | None = None,
+                batch_axes: Sequence[str] = DEFAULT_BATCH_AXES, impl: str = "ppermute"):
+    """SigLIP's pairwise sigmoid loss (see the module docstring for `impl`). `bias` None = 0."""
+    if impl not in SIGLIP_IMPLS:
+        raise ValueError(f"siglip impl {impl!r} is not one of {SIGLIP_IMPLS}")
+    zimg, ztxt, temperature, bias = _prepare(zimg, ztxt, temperature,
+                                             0.0 if bias is None else bias)
+    if mesh is None or impl == "dense":
+        return siglip_loss_dense(zimg, ztxt, temperature, bias)
+    batch = zimg.shape[0]
+    axes, shards = _mesh_batch_axes(mesh, batch_axes, batch)
+    if impl == "all_gather":
+        return _siglip_all_gather(zimg, ztxt, temperature, bias, mesh, axes)
+    return _siglip_ppermute(mesh, axes, shards)(zimg, ztxt, temperature, bias)
+
+
+def _siglip_all_gather(zimg, ztxt, temperature, bias, mesh, axes):
+    batch = zimg.shape[0]
+
+    def local(zimg, ztxt, t, b):
+        rows = jnp.arange(zimg.shape[0])
+        cols = lax.axis_index(axes) * zimg.shape[0] + rows  # this device's positives
+        logits = t * jnp.dot(zimg, lax.all_gather(ztxt, axes, tiled=True).T) + b
+        labels = jnp.where(jnp.arange(batch)[None, :] == cols[:, None], 1.0, -1.0)
+        return lax.psum(-jnp.sum(jax.nn.log_sigmoid(labels * logits)), axes) / batch
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()),
+                         out_specs=P())(zimg, ztxt, temperature, bias)
+
+
+# The ring loss uses -log sigmoid(l) = softplus(-l) = softplus(l) - l: every pair is scored as a
+# negative, softplus(l_ij), and the positives are corrected by subtracting their logits l_ii, which
+# each device computes from its own rows. So the rotating blocks carry no label bookkeeping.
+def _positive_logit_sum(zimg, ztxt, t, b):
+    sims = jnp.sum(zimg * ztxt, axis=-1)
+    return jnp.sum(t * sims + b), jnp.sum(sims)
+
+
+def _siglip_ppermute(mesh: Mesh, axes: tuple[str, ...], shards: int):
+    ring = _ring(shards)
+    specs = (P(axes), P(axes), P(), P())
+
+    def forward_local(zimg, ztxt, t, b):
+        def block(txt):  # sum of softplus over one b x b block of (all-negative) logits
+            return jnp.sum(jax.nn.softplus(t * jnp.dot(zimg, txt.T) + b))
+
+        def step(_, carry):
+            txt, total = carry
+            # The next chunk is sent while this block is scored: no data dependence between them.
+            return lax.ppermute(txt, axes, ring), total + block(txt)
+
+        total = -_positive_logit_sum(zimg, ztxt, t, b)[0]
+        txt, total = lax.fori_loop(0, shards - 1, step, (ztxt, total))
+        return lax.psum(total + block(txt), axes) / (zimg.shape[0] * shards)
+
+    def backward_local(zimg, ztxt, t, b, g):
+        scale = g / (zimg.shape[0] * shards)  # d loss / d (per-pair term)
+
+        def step(_, carry):
+            txt, dtxt, dimg, dt, db = carry
+            sims = jnp.dot(zimg, txt.T)
+            dlogits = scale * jax.nn.sigmoid(t * sims + b)  # d softplus(l) / dl = sigmoid(l)
+            dtxt = dtxt + t * jnp.dot(dlogits.T, zimg)
+            carry = (txt, dtxt, dimg + t * jnp.dot(dlogits, txt), dt + jnp.sum(dlogits * sims),
+                     db + jnp.sum(dlogits))
+            # The text chunk travels on with its accumulated gradient; after `shards` steps both
+            # are back on the owning device, the gradient complete.
+            return (lax.ppermute(carry[0], axes, ring), lax.ppermute(carry[1], axes, ring),
+                    *carry[2:])
+
+        _, sims_sum = _positive_logit_sum(zimg, ztxt, t, b)
+        init = (ztxt, -scale * t * zimg, -scale * t * ztxt, -scale * sims_sum,
+                _varying(-scale * zimg.shape[0], axes))
+        _, dtxt, dimg, dt, db = lax.fori_loop(0, shards, step, init)
+        return dimg, dtxt, lax.psum(dt, axes), lax.psum(db, axes)
+
+    forward = jax.shard_map(forward_local, mesh=mesh, in_specs=specs, out_specs=P())
+    backward = jax.shard_map(backward_local, mesh=mesh, in_specs=(*specs, P()),
+                             out_specs=specs)
+
+    @jax.custom_vjp
+    def loss(zimg, ztxt, t, b):
+        return forward(zimg, ztxt, t, b)
+
+    def loss_fwd(zimg, ztxt, t, b):
+        return forward(zimg, ztxt, t, b), (zimg, ztxt, t, b)
+
+    def loss_bwd(residuals, g):
+        return backward(*residuals, g)
+
+    loss.defvjp(loss_fwd, loss_bwd)
+    return loss

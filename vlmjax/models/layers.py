@@ -1,0 +1,268 @@
+"""Transformer building blocks shared by every vlmjax model.
+
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`) through
+`nn.with_logical_partitioning`, so how they are sharded is a config rule (see `vlmjax.sharding`),
+not code. Parameters are float32; `dtype` is the compute dtype. Masks are boolean, True = attend,
+shaped [B, 1 or H, Lq, Lk].
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+partitioned = nn.with_logical_partitioning
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # OpenAI CLIP
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+
+def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# ----------------------------------------------------------------------------------------- masks
+def padding_mask(q_valid: jax.Array, kv_valid: jax.Array | None = None) -> jax.Array:
+    """[B, Lq] and [B, Lk] validity -> [B, 1, Lq, Lk]: attend only between valid tokens."""
+    kv_valid = q_valid if kv_valid is None else kv_valid
+    return q_valid[:, None, :, None] & kv_valid[:, None, None, :]
+
+
+def causal_mask(length: int) -> jax.Array:
+    """[1, 1, L, L]: position i attends to positions <= i."""
+    return jnp.tril(jnp.ones((length, length), bool))[None, None]
+
+
+def prefix_mask(prefix_len: jax.Array, length: int) -> jax.Array:
+    """[B, 1, L, L] PrefixLM mask: the first `prefix_len[b]` tokens attend to each other fully,
+    the rest causally (and may see the whole prefix)."""
+    pos = jnp.arange(length)
+    in_prefix = pos[None, None, :] < jnp.asarray(prefix_len).reshape(-1, 1, 1)  # key in prefix
+    return (causal_mask(length)[:, 0] | in_prefix)[:, None]
+
+
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+    masks = [m for m in masks if m is not None]
+    if not masks:
+        return None
+    out = masks[0]
+    for m in masks[1:]:
+        out = out & m
+    return out
+
+
+# ----------------------------------------------------------------------------------------- norms
+class RMSNorm(nn.Module):
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("embed",)), (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return (y * scale).astype(self.dtype)
+
+
+def make_norm(kind: str, dtype: Dtype, epsilon: float, name: str | None = None) -> nn.Module:
+    """LayerNorm or RMSNorm; statistics are always computed in float32."""
+    if kind == "layernorm":
+        return nn.LayerNorm(
+            epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32,
+            scale_init=partitioned(nn.initializers.ones, ("embed",)),
+            bias_init=partitioned(nn.initializers.zeros, ("embed",)), name=name)
+    if kind == "rmsnorm":
+        return RMSNorm(epsilon=epsilon, dtype=dtype, name=name)
+    raise ValueError(f"norm {kind!r} is not one of ['layernorm', 'rmsnorm']")
+
+
+# ------------------------------------------------------------------------------------- attention
+def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None, fused=False):
+    """q [B,Lq,H,K], k/v [B,Lk,H,K], mask [B,1|H,Lq,Lk] bool -> [B,Lq,H,K].
+
+    Softmax runs in float32. `fused` uses `jax.nn.dot_product_attention` (cuDNN flash attention
+    on GPU where it applies, XLA elsewhere); it has no attention dropout.
+    """
+    if fused:
+        if dropout_rate > 0.0 and dropout_rng is not None:
+            raise ValueError("fused attention has no attention dropout: set attention_dropout=0 "
+                             "or fused_attention=False")
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:  # rows with no valid key (fully padded queries) give zeros, not NaN
+        probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhqs,bshk->bqhk", probs.astype(v.dtype), v)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention (`kv=None`) or cross-attention from `x` to `kv`."""
+    num_heads: int
+    head_dim: int | None = None  # default: width // num_heads
+    out_dim: int | None = None   # default: width of x
+    use_bias: bool = True
+    dropout: float = 0.0
+    fused: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, kv=None, mask=None, *, train: bool = False):
+        width = x.shape[-1]
+        if width % self.num_heads and self.head_dim is None:
+            raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        head_dim = self.head_dim or width // self.num_heads
+        kv = x if kv is None else kv
+
+        def proj(name):
+            return nn.DenseGeneral(
+                (self.num_heads, head_dim), use_bias=self.use_bias, dtype=self.dtype,
+                param_dtype=jnp.float32, name=name,
+                kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
+                bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")))
+
+        q, k, v = proj("query")(x), proj("key")(kv), proj("value")(kv)
+        rng = self.make_rng("dropout") if train and self.dropout > 0 else None
+        out = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout if train else 0.0,
+                                    dropout_rng=rng, fused=self.fused)
+        return nn.DenseGeneral(
+            self.out_dim or width, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
+            param_dtype=jnp.float32, name="out",
+            kernel_init=partitioned(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+            bias_init=partitioned(nn.initializers.zeros, ("embed",)))(out)
+
+
+# ------------------------------------------------------------------------------------------- MLP
+class MLP(nn.Module):
+    """Dense -> activation -> Dense, or SwiGLU (`gated`): (silu(x W_g) * x W_u) W_d."""
+    mlp_dim: int
+    activation: str = "gelu"
+    gated: bool = False
+    use_bias: bool = True
+    dropout: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        width = x.shape[-1]
+
+        def dense(features, axes, name):
+            return nn.Dense(features, use_bias=self.use_bias, dtype=self.dtype,
+                            param_dtype=jnp.float32, name=name,
+                            kernel_init=partitioned(nn.initializers.xavier_uniform(), axes),
+                            bias_init=partitioned(nn.initializers.normal(1e-6), axes[1:]))
+
+        act = get_activation("silu" if self.gated else self.activation)
+        h = act(dense(self.mlp_dim, ("embed", "mlp"), "fc1")(x))
+        if self.gated:
+            h = h * dense(self.mlp_dim, ("embed", "mlp"), "fc_up")(x)
+        h = nn.Dropout(self.dropout)(h, deterministic=not train)
+        return dense(width, ("mlp", "embed"), "fc2")(h)
+
+
+# --------------------------------------------------------------------------- transformer encoder
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: x + Attn(Norm(x)); x + MLP(Norm(x))."""
+    num_heads: int
+    mlp_dim: int
+    activation: str = "gelu"
+    gated_mlp: bool = False
+    norm: str = "layernorm"
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    fused_attention: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, *, train: bool = False):
+        h = make_norm(self.norm, self.dtype, self.norm_eps, name="norm1")(x)
+        h = MultiHeadAttention(self.num_heads, dropout=self.attention_dropout,
+                               fused=self.fused_attention, dtype=self.dtype, name="attn")(
+            h, mask=mask, train=train)
+        x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
+        h = make_norm(self.norm, self.dtype, self.norm_eps, name="norm2")(x)
+        h = MLP(self.mlp_dim, self.activation, self.gated_mlp, dropout=self.dropout,
+                dtype=self.dtype, name="mlp")(h, train=train)
+        x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class Encoder(nn.Module):
+    """A stack of `depth` EncoderBlocks, named block0..block{depth-1}.
+
+    `block_kwargs` are passed to every EncoderBlock. Returns the output of the last block built.
+    """
+    depth: int
+    block_kwargs: dict
+
+    @nn.compact
+    def __call__(self, x, mask=None, *, train: bool = False):
+        for i in range(self.depth):
+            x = EncoderBlock(**self.block_kwargs, name=f"block{i}")(x, mask, train=train)
+        return x
+
+
+# -------------------------------------------------------------------------- position embeddings
+def sincos_2d(height: int, width: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding [height*width, dim] (MoCo v3 / big_vision layout:
+    a quarter of the channels each for sin(y), cos(y), sin(x), cos(x))."""
+    if dim % 4:
+        raise ValueError(f"sincos2d position embedding needs a width divisible by 4, got {dim}")
+    y, x = np.mgrid[:height, :width]
+    omega = 1.0 / temperature ** (np.arange(dim // 4) / (dim // 4 - 1 if dim > 4 else 1))
+    y = y.reshape(-1)[:, None] * omega[None]
+    x = x.reshape(-1)[:, None] * omega[None]
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
+
+
+class LearnedPosEmb(nn.Module):
+    """Adds a learned [1, L, D] position embedding (param `pos_embedding`)."""
+    std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x):
+        pe = self.param("pos_embedding", partitioned(nn.initializers.normal(self.std),
+                                                     (None, None, "embed")), (1, *x.shape[1:]))
+        return x + pe.astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------- MAP head
+class MAPHead(nn.Module):
+    """Multihead attention pooling: a learned probe attends over the tokens, then a residual
+    MLP (as in SigLIP's image tower). [B, L, D] -> [B, D]."""
+    num_heads: int
+    mlp_dim: int
+    activation: str = "gelu"
+    norm_eps: float = 1e-6
+    fused_attention: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        width = x.shape[-1]
+        probe = self.param("probe", partitioned(nn.initializers.xavier_uniform(),
+                                                (None, None, "embed")), (1, 1, width))
+        probe = jnp.broadcast_to(probe, (x.shape[0], 1, width)).astype(self.dtype)
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        y = MultiHeadAttention(self.num_heads, fused=self.fused_attention, dtype=self.dtype,
+                               name="attn")(probe, x, attn_mask)
+        h = make_norm("layernorm", self.dtype, self.norm_eps, name="norm")(y)
+        y = y + MLP(self.mlp_dim, self.activation, dtype=self.dtype, name="mlp")(h)
+        return y[:, 0]

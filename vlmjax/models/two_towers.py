@@ -1,0 +1,105 @@
+"""Two-tower contrastive model (CLIP, ALIGN, SigLIP, LiT).
+
+An image tower and a text tower, each followed by an optional linear projection to the shared
+embedding width, L2-normalised; plus the learnable log-temperature t' (temperature t = exp(t'))
+and, for SigLIP, the learnable logit bias b.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlmjax.models import layers
+from vlmjax.models.text import TextTransformer
+from vlmjax.models.vit import ViT
+
+CLIP_TEMPERATURE_INIT = 1 / 0.07   # CLIP: t' = log(1/0.07)
+SIGLIP_TEMPERATURE_INIT = 10.0     # SigLIP: t' = log 10
+SIGLIP_BIAS_INIT = -10.0           # SigLIP: b = -10
+
+
+def l2_normalize(x, eps: float = 1e-6):
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+class Projection(nn.Module):
+    """Linear map of a tower's pooled features into the shared embedding; identity if `dim` is
+    None (SigLIP's image tower, whose MAP head already outputs the embedding)."""
+    dim: int | None
+    use_bias: bool = False
+    dtype: layers.Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.dim is None:
+            return x
+        return nn.Dense(self.dim, use_bias=self.use_bias, dtype=self.dtype,
+                        param_dtype=jnp.float32, name="dense",
+                        kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
+                                                       ("embed", None)),
+                        bias_init=layers.partitioned(nn.initializers.zeros, (None,)))(x)
+
+
+class TwoTowers(nn.Module):
+    """`image` / `text`: keyword arguments of ViT / TextTransformer (None: no such tower).
+
+    `embed_dim`: shared embedding width; `image_projection` / `text_projection` say whether a
+    tower gets a linear projection to it (with `*_projection_bias`). `temperature_init` is t
+    (not t'); `bias_init` None means no bias parameter (CLIP).
+    """
+    image: Mapping[str, Any] | None = None
+    text: Mapping[str, Any] | None = None
+    embed_dim: int | None = None
+    image_projection: bool = True
+    image_projection_bias: bool = False
+    text_projection: bool = True
+    text_projection_bias: bool = False
+    temperature_init: float = CLIP_TEMPERATURE_INIT
+    bias_init: float | None = None
+    dtype: layers.Dtype = jnp.float32
+
+    def setup(self):
+        if self.image is not None:
+            self.image_tower = ViT(**{"dtype": self.dtype, **dict(self.image)})
+            self.image_proj = Projection(self.embed_dim if self.image_projection else None,
+                                         self.image_projection_bias, self.dtype)
+        if self.text is not None:
+            self.text_tower = TextTransformer(**{"dtype": self.dtype, **dict(self.text)})
+            self.text_proj = Projection(self.embed_dim if self.text_projection else None,
+                                        self.text_projection_bias, self.dtype)
+        if self.temperature_init <= 0:
+            raise ValueError(f"temperature_init must be > 0, got {self.temperature_init}")
+        self.log_temperature = self.param(
+            "log_temperature", layers.partitioned(
+                nn.initializers.constant(math.log(self.temperature_init)), ()), ())
+        if self.bias_init is not None:
+            self.logit_bias = self.param(
+                "logit_bias", layers.partitioned(nn.initializers.constant(self.bias_init), ()),
+                ())
+
+    def encode_image(self, images, *, train: bool = False):
+        """[B, H, W, 3] -> L2-normalised float32 [B, embed_dim]."""
+        if self.image is None:
+            raise ValueError("this TwoTowers model has no image tower (image=None)")
+        return l2_normalize(self.image_proj(self.image_tower(images, train=train)))
+
+    def encode_text(self, tokens, text_mask=None, *, train: bool = False):
+        """[B, L] token ids (+ [B, L] bool mask) -> L2-normalised float32 [B, embed_dim]."""
+        if self.text is None:
+            raise ValueError("this TwoTowers model has no text tower (text=None)")
+        return l2_normalize(self.text_proj(self.text_tower(tokens, text_mask, train=train)))
+
+    def __call__(self, images=None, tokens=None, text_mask=None, *, train: bool = False):
+        """Returns (zimg, ztxt, out); either embedding is None when its input is None.
+        out: `temperature` t = exp(t') and `bias` (SigLIP models only), float32 scalars."""
+        zimg = None if images is None else self.encode_image(images, train=train)
+        ztxt = None if tokens is None else self.encode_text(tokens, text_mask, train=train)
+        out = {"temperature": jnp.exp(self.log_temperature.astype(jnp.float32))}
+        if self.bias_init is not None:
+            out["bias"] = self.logit_bias.astype(jnp.float32)
+        return zimg, ztxt, out

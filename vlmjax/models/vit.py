@@ -1,0 +1,93 @@
+"""Vision Transformer image tower (ViT, as used by CLIP, SigLIP, BLIP-2 and LLaVA)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vlmjax.models import layers
+
+POOLS = ("cls", "gap", "map", "none")
+POSEMBS = ("learn", "sincos2d")
+
+
+class ViT(nn.Module):
+    """Images [B, H, W, 3] -> pooled features [B, width] (or all tokens [B, N, width] for
+    `pool="none"`).
+
+    `output_layer` (block index, negative from the end: -2 is LLaVA's penultimate layer) returns
+    that block's hidden states instead: blocks after it are not built and no final norm is applied;
+    the pooling still applies. A class token (CLIP layout: prepended, covered by the learned
+    position embedding) is used when `class_token` is set, by default iff `pool="cls"`.
+    """
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int | None = None  # default 4 * width
+    posemb: str = "learn"
+    pool: str = "map"
+    class_token: bool | None = None
+    pre_norm: bool = False       # CLIP's ln_pre on the embedded tokens
+    patch_bias: bool = True      # CLIP's patch embedding has no bias
+    output_layer: int | None = None
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    fused_attention: bool = False
+    dtype: layers.Dtype = jnp.float32
+
+    def _check(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"ViT pool {self.pool!r} is not one of {POOLS}")
+        if self.posemb not in POSEMBS:
+            raise ValueError(f"ViT posemb {self.posemb!r} is not one of {POSEMBS}")
+        if self.output_layer is not None and not -self.depth <= self.output_layer < self.depth:
+            raise ValueError(f"ViT output_layer {self.output_layer} is outside [-{self.depth}, "
+                             f"{self.depth - 1}] for depth {self.depth}")
+
+    @nn.compact
+    def __call__(self, images, *, train: bool = False):
+        self._check()
+        class_token = self.pool == "cls" if self.class_token is None else self.class_token
+        x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                    padding="VALID", use_bias=self.patch_bias, dtype=self.dtype,
+                    param_dtype=jnp.float32, name="patch_embed",
+                    kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
+                                                   (None, None, None, "embed")),
+                    bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))(
+            images.astype(self.dtype))
+        batch, grid_h, grid_w, _ = x.shape
+        x = x.reshape(batch, grid_h * grid_w, self.width)
+        if self.posemb == "sincos2d":
+            x = x + layers.sincos_2d(grid_h, grid_w, self.width).astype(self.dtype)[None]
+        if class_token:
+            cls = self.param("cls", layers.partitioned(nn.initializers.zeros,
+                                                       (None, None, "embed")), (1, 1, self.width))
+            x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(self.dtype),
+                                 x], axis=1)
+        if self.posemb == "learn":
+            x = layers.LearnedPosEmb(std=self.width ** -0.5, name="posemb")(x)
+        if self.pre_norm:
+            x = layers.make_norm(self.norm, self.dtype, self.norm_eps, name="pre_norm")(x)
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+
+        depth = self.depth if self.output_layer is None else self.output_layer % self.depth + 1
+        block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
+                     activation=self.activation, norm=self.norm, norm_eps=self.norm_eps,
+                     dropout=self.dropout, attention_dropout=self.attention_dropout,
+                     fused_attention=self.fused_attention, dtype=self.dtype)
+        x = layers.Encoder(depth, block, name="encoder")(x, train=train)
+        if self.output_layer is None:
+            x = layers.make_norm(self.norm, self.dtype, self.norm_eps, name="final_norm")(x)
+
+        if self.pool == "cls":
+            return x[:, 0]
+        if self.pool == "gap":
+            return jnp.mean(x[:, int(class_token):], axis=1)
+        if self.pool == "map":
+            return layers.MAPHead(self.num_heads, self.mlp_dim or 4 * self.width, self.activation,
+                                  self.norm_eps, self.fused_attention, self.dtype,
+                                  name="map_head")(x)
+        return x
