@@ -1,0 +1,202 @@
+"""Tokenizers: one interface over SentencePiece models and Hugging Face `tokenizer.json` files.
+
+    tokenizer = load_tokenizer("path/to/spiece.model")       # SigLIP / T5 / Llama 2 / vlm_shapes
+    tokenizer = load_tokenizer("path/to/tokenizer.json")     # CLIP BPE, Llama 3, ... (`tokenizers`)
+    ids_BL, mask_BL = tokenizer.encode_batch(texts, max_len=16, add_bos=False, eos="sticky")
+
+`encode_batch` returns int32 ids padded with `pad_id` and a bool mask (True on real tokens,
+BOS/EOS included). EOS modes:
+  "none"    no EOS;
+  "append"  EOS after the text, then truncate to max_len (a long text loses its EOS);
+  "sticky"  EOS after the text and kept when truncating (SigLIP/big_vision): the last position of a
+            truncated text is EOS.
+Both backends tokenize a whole batch in native code, so tokenizing batches (not single examples)
+inside tf.data (`tf.numpy_function` in pipeline.py) keeps up with image decoding.
+
+`train_sentencepiece` trains the vlm_shapes model at dataset build time.
+"""
+from __future__ import annotations
+
+import abc
+import io
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+EOS_MODES = ("none", "append", "sticky")
+# Extra pieces for the vlm_shapes model: LLaVA's image placeholder and the LLaVA-CoT stage tags.
+VLM_SHAPES_SYMBOLS = ("<image>", "<SUMMARY>", "</SUMMARY>", "<CAPTION>", "</CAPTION>",
+                      "<REASONING>", "</REASONING>", "<CONCLUSION>", "</CONCLUSION>")
+
+
+def _as_str(text) -> str:
+    if isinstance(text, bytes):  # strings coming out of tf.data are bytes
+        return text.decode("utf-8", errors="replace")
+    return str(text)
+
+
+class Tokenizer(abc.ABC):
+    """Common batch encoding (BOS/EOS/truncation/padding) over a backend's raw ids."""
+
+    vocab_size: int
+    pad_id: int
+    bos_id: int | None
+    eos_id: int | None
+
+    @abc.abstractmethod
+    def encode_raw(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids without any special tokens."""
+
+    @abc.abstractmethod
+    def decode_raw(self, ids: Sequence[int]) -> str:
+        """Text of ids (special tokens dropped)."""
+
+    @property
+    def special_ids(self) -> dict[str, int | None]:
+        return {"pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id}
+
+    def encode_batch(self, texts: Iterable, max_len: int, add_bos: bool = False,
+                     eos: str = "none") -> tuple[np.ndarray, np.ndarray]:
+        if eos not in EOS_MODES:
+            raise ValueError(f"eos={eos!r} is not valid; use one of {EOS_MODES}")
+        if max_len < 1 + int(add_bos) + int(eos == "sticky"):
+            raise ValueError(f"max_len={max_len} leaves no room for text (add_bos={add_bos}, "
+                             f"eos={eos!r})")
+        if add_bos and self.bos_id is None:
+            raise ValueError(f"{type(self).__name__} has no BOS token; set add_bos=False")
+        if eos != "none" and self.eos_id is None:
+            raise ValueError(f"{type(self).__name__} has no EOS token; set eos='none'")
+        raw = self.encode_raw([_as_str(t) for t in texts])
+        ids = np.full((len(raw), max_len), self.pad_id, np.int32)
+        mask = np.zeros((len(raw), max_len), bool)
+        for row, pieces in enumerate(raw):
+            tokens = ([self.bos_id] if add_bos else []) + list(pieces)
+            if eos == "sticky":
+                tokens = tokens[:max_len - 1] + [self.eos_id]
+            else:
+                tokens = (tokens + ([self.eos_id] if eos == "append" else []))[:max_len]
+            ids[row, :len(tokens)] = tokens
+            mask[row, :len(tokens)] = True
+        return ids, mask
+
+    def decode(self, ids: Sequence[int], mask: Sequence[bool] | None = None) -> str:
+        ids = np.asarray(ids)
+        if mask is not None:
+            ids = ids[np.asarray(mask, bool)]
+        specials = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+        return self.decode_raw([int(i) for i in ids if int(i) not in specials])
+
+    def decode_batch(self, ids_BL, mask_BL=None) -> list[str]:
+        masks = [None] * len(ids_BL) if mask_BL is None else mask_BL
+        return [self.decode(ids, mask) for ids, mask in zip(ids_BL, masks)]
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """Any SentencePiece `.model` (SigLIP, T5, Gemma, Llama 2, the vlm_shapes model)."""
+
+    def __init__(self, model_path: str, pad_id: int | None = None):
+        import sentencepiece
+
+        self.path = os.fspath(model_path)
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"SentencePiece model not found: {self.path}")
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+        self.vocab_size = self._sp.get_piece_size()
+        own_pad = self._sp.pad_id()
+        # Models without a pad piece (pad_id() == -1) pad with 0; the mask marks the padding.
+        self.pad_id = pad_id if pad_id is not None else (own_pad if own_pad >= 0 else 0)
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        self.unk_id = self._sp.unk_id()
+
+    def encode_raw(self, texts):
+        return self._sp.encode(list(texts), out_type=int)
+
+    def decode_raw(self, ids):
+        return self._sp.decode(list(ids))
+
+    def piece_id(self, piece: str) -> int:
+        return self._sp.piece_to_id(piece)
+
+
+_BOS_CANDIDATES = ("<|startoftext|>", "<|begin_of_text|>", "<s>", "<bos>", "[CLS]")
+_EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
+_PAD_CANDIDATES = ("<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>")
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """Any Hugging Face `tokenizer.json` (CLIP's BPE, Llama 3, ...) through `tokenizers`.
+
+    Special tokens are found by their usual names unless given; the file's own post-processor is
+    bypassed (`add_special_tokens=False`) so BOS/EOS follow this interface's options.
+    """
+
+    def __init__(self, tokenizer_json: str, bos_token: str | None = None,
+                 eos_token: str | None = None, pad_token: str | None = None):
+        import tokenizers
+
+        self.path = os.fspath(tokenizer_json)
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"tokenizer.json not found: {self.path}")
+        self._tokenizer = tokenizers.Tokenizer.from_file(self.path)
+        self._tokenizer.no_padding()
+        self._tokenizer.no_truncation()
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.bos_id = self._find(bos_token, _BOS_CANDIDATES, "bos_token")
+        self.eos_id = self._find(eos_token, _EOS_CANDIDATES, "eos_token")
+        pad_id = self._find(pad_token, _PAD_CANDIDATES, "pad_token")
+        self.pad_id = pad_id if pad_id is not None else 0
+
+    def _find(self, given: str | None, candidates: Sequence[str], what: str) -> int | None:
+        if given is not None:
+            token_id = self._tokenizer.token_to_id(given)
+            if token_id is None:
+                raise ValueError(f"{what}={given!r} is not in the vocabulary of {self.path}")
+            return token_id
+        for candidate in candidates:
+            token_id = self._tokenizer.token_to_id(candidate)
+            if token_id is not None:
+                return token_id
+        return None
+
+    def encode_raw(self, texts):
+        return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode_raw(self, ids):
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+
+def load_tokenizer(path: str, **kwargs) -> Tokenizer:
+    """A tokenizer from a `.model` (SentencePiece) or `.json` (Hugging Face) file."""
+    path = os.fspath(path)
+    if path.endswith(".model"):
+        return SentencePieceTokenizer(path, **kwargs)
+    if path.endswith(".json"):
+        return HuggingFaceTokenizer(path, **kwargs)
+    raise ValueError(f"tokenizer {path!r}: expected a SentencePiece '.model' file or a Hugging "
+                     "Face 'tokenizer.json' file")
+
+
+def train_sentencepiece(texts: Iterable[str], output_path: str, vocab_size: int = 1000,
+                        user_defined_symbols: Sequence[str] = VLM_SHAPES_SYMBOLS,
+                        max_sentences: int = 300_000) -> SentencePieceTokenizer:
+    """Trains a unigram SentencePiece model with pad=0, unk=1, bos=2, eos=3 and byte fallback.
+
+    Byte fallback lets it encode any UTF-8 text (web noise, other datasets) without <unk>; the
+    vocabulary may come out smaller than `vocab_size` on a small corpus.
+    """
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", character_coverage=1.0, byte_fallback=True,
+        hard_vocab_limit=False, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        user_defined_symbols=list(user_defined_symbols), input_sentence_size=max_sentences,
+        shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
+        minloglevel=2)
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
+    with open(output_path, "wb") as f:
+        f.write(model.getvalue())
+    return SentencePieceTokenizer(output_path)
