@@ -1,0 +1,87 @@
+"""Training logs: one progress line per interval on stdout, `metrics.jsonl` and TensorBoard
+event files in the workdir (written by process 0 only)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Mapping
+
+import jax
+import numpy as np
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, *, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if self.enabled and tensorboard:
+            from vlmjax.data.tf_cpu import tf  # tensorflow without accelerators
+            self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float]):
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            from vlmjax.data.tf_cpu import tf
+            with self._tb.as_default(step=int(step)):
+                for key, value in metrics.items():
+                    tf.summary.scalar(key, float(value))
+            self._tb.flush()
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """Rate, ETA and MFU over the steps since the last report."""
+
+    def __init__(self, total_steps: int, start_step: int, batch_size: int,
+                 flops_per_example: float = 0.0, peak_flops: float = 0.0):
+        self.total, self.batch = total_steps, batch_size
+        self.flops, self.peak = flops_per_example, peak_flops
+        self.last_step, self.last_time = start_step, time.perf_counter()
+
+    def report(self, step: int, metrics: Mapping[str, float]) -> tuple[str, dict]:
+        now = time.perf_counter()
+        steps = max(step - self.last_step, 1)
+        step_time = (now - self.last_time) / steps
+        self.last_step, self.last_time = step, now
+        rates = {"perf/step_time_s": step_time, "perf/examples_per_s": self.batch / step_time}
+        if self.flops and self.peak:
+            rates["perf/mfu"] = self.flops * rates["perf/examples_per_s"] / self.peak
+        parts = [f"step {step}/{self.total}"]
+        for key, label, fmt in (("loss", "loss", ".4f"), ("learning_rate", "lr", ".2e"),
+                                ("temperature", "t", ".2f"), ("bias", "b", ".2f")):
+            if key in metrics:
+                parts.append(f"{label} {metrics[key]:{fmt}}")
+        parts += [f"{rates['perf/examples_per_s']:.1f} ex/s", f"{step_time * 1e3:.0f} ms/step",
+                  f"ETA {format_duration(step_time * (self.total - step))}"]
+        if "perf/mfu" in rates:
+            parts.append(f"MFU {rates['perf/mfu']:.1%}")
+        skipped = {k: v for k, v in metrics.items() if k.startswith("data/skipped")}
+        if any(skipped.values()):
+            parts.append("skipped " + ",".join(f"{k.split('/')[-1]}={int(v)}"
+                                               for k, v in skipped.items()))
+        return " | ".join(parts), rates
+
+
+def mean_metrics(history: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """Average a list of per-step metric dicts (already fetched to host)."""
+    keys = history[-1].keys()
+    return {k: float(np.mean([h[k] for h in history if k in h])) for k in keys}
