@@ -1,0 +1,17 @@
+"""Pretrained weights: import CLIP / SigLIP checkpoints (Hugging Face directories, big_vision
+`.npz`) as vlmjax TwoTowers params + model config, and export them back to Hugging Face.
+
+    model, params, model_config = load_pretrained("path/to/hf_dir" | "x.npz" | "converted_dir")
+    export_hf(params, model_config, "out_dir")
+
+CLI: `python -m vlmjax.convert import --from hf|big_vision SRC --out DIR`,
+     `python -m vlmjax.convert export --to hf SRC OUT`.
+"""
+from vlmjax.convert.cli import export_pretrained
+from vlmjax.convert.hf_export import export_hf, hf_family
+from vlmjax.convert.posemb import resize_posemb
+from vlmjax.convert.pretrained import (import_pretrained, load_pretrained,
+                                       load_pretrained_tokenizer, read_pretrained)
+
+__all__ = ["export_hf", "export_pretrained", "hf_family", "import_pretrained", "load_pretrained",
+           "load_pretrained_tokenizer", "read_pretrained", "resize_posemb"]

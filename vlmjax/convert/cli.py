@@ -1,0 +1,74 @@
+"""`python -m vlmjax.convert`: import pretrained checkpoints, export them to Hugging Face.
+
+  python -m vlmjax.convert import --from hf HF_DIR --out DIR [--image-size 384] [--overwrite]
+  python -m vlmjax.convert import --from big_vision X.npz --out DIR [--tokenizer spiece.model]
+  python -m vlmjax.convert export --to hf SRC OUT     # SRC: converted DIR, HF dir or .npz
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from vlmjax.convert import tokenizer as tok
+from vlmjax.convert.hf_export import export_hf
+from vlmjax.convert.pretrained import import_pretrained, read_pretrained
+
+
+def export_pretrained(src: str, out_dir: str) -> str:
+    """Any pretrained source -> HF directory (with its tokenizer files); returns the family."""
+    pretrained = read_pretrained(src)
+    family = export_hf(pretrained.params, pretrained.model_config, out_dir,
+                       token_ids=pretrained.tokenizer)
+    if pretrained.tokenizer_dir is not None:
+        tok.copy_tokenizer_files(pretrained.tokenizer_dir, pretrained.tokenizer, out_dir)
+    return family
+
+
+def image_size_arg(text: str) -> list[int]:
+    """'384' -> [384, 384]; '256x384' -> [256, 384] (H x W)."""
+    try:
+        sizes = [int(s) for s in text.lower().split("x")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"image size {text!r} is not N or HxW")
+    return sizes * 2 if len(sizes) == 1 else sizes
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vlmjax.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    imp = commands.add_parser("import", help="HF dir / big_vision .npz -> converted DIR")
+    imp.add_argument("--from", dest="kind", choices=["hf", "big_vision"], required=True)
+    imp.add_argument("src")
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--image-size", type=image_size_arg, default=None,
+                     help="resize the image position embedding for this resolution (N or HxW)")
+    imp.add_argument("--tokenizer", default=None,
+                     help="SentencePiece .model to go with a big_vision checkpoint")
+    imp.add_argument("--overwrite", action="store_true")
+    exp = commands.add_parser("export", help="converted DIR (or HF dir / .npz) -> HF dir")
+    exp.add_argument("--to", choices=["hf"], required=True)
+    exp.add_argument("src")
+    exp.add_argument("out")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "import":
+            config = import_pretrained(args.src, args.out, args.kind, args.image_size,
+                                       args.tokenizer, args.overwrite)
+            model = config["model"]
+            print(f"imported {args.src} ({config['source']['family']}, image {config['image']['size']}, "
+                  f"embed_dim {model['embed_dim']}, tokenizer "
+                  f"{(config['tokenizer'] or {}).get('file')}) -> {os.path.abspath(args.out)}")
+        else:
+            family = export_pretrained(args.src, args.out)
+            print(f"exported {args.src} -> {os.path.abspath(args.out)} ({family})")
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

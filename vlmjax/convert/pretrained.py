@@ -1,0 +1,195 @@
+"""`load_pretrained(SRC)`: a TwoTowers model, its params and its model config from an HF
+directory, a big_vision `.npz`, or a converted directory; and writing converted directories.
+
+A converted directory holds
+  config.json   {"format": FORMAT, "model": <model config>, "image": {"size": [H, W], "mean",
+                "std"}, "tokenizer": <settings, see convert.tokenizer> or null, "source": {...}}
+  params/       an orbax checkpoint of the params (restored straight into given shardings)
+  tokenizer files copied from the source (tokenizer.json / spiece.model, ...).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlmjax.convert import hf_io, params as params_lib, posemb, tokenizer as tok
+from vlmjax.convert.big_vision import load_big_vision
+from vlmjax.convert.hf import load_hf, model_config_from_hf
+
+FORMAT = "vlmjax.convert/1"
+PARAMS_DIR = "params"
+SOURCES = ("hf", "big_vision", "converted")
+
+
+@dataclass
+class Pretrained:
+    """Everything read from a source; `params` is a flat {path: numpy array} dict."""
+    params: dict
+    model_config: dict
+    image: dict                 # size [H, W], mean, std
+    tokenizer: dict | None      # settings (convert.tokenizer), `files` relative to `tokenizer_dir`
+    tokenizer_dir: str | None
+    source: dict
+
+
+def source_kind(src: str) -> str:
+    """'hf', 'big_vision' or 'converted', from what SRC is."""
+    if os.path.isfile(src) and src.endswith(".npz"):
+        return "big_vision"
+    config_path = os.path.join(src, "config.json")
+    if os.path.isdir(src) and os.path.exists(config_path):
+        config = hf_io.read_json(config_path)
+        if config.get("format") == FORMAT:
+            return "converted"
+        if "model_type" in config:
+            return "hf"
+    raise ValueError(f"{src} is not a pretrained model: expected an HF model directory "
+                     "(config.json with model_type + weights), a big_vision .npz file, or a "
+                     f"directory written by `python -m vlmjax.convert import` (config.json with "
+                     f"format {FORMAT!r})")
+
+
+def read_source(src: str, kind: str | None = None, tokenizer_path: str | None = None
+                ) -> Pretrained:
+    """Reads an HF directory or a big_vision .npz into numpy params (not converted dirs)."""
+    kind = kind or source_kind(src)
+    if kind not in ("hf", "big_vision"):
+        raise ValueError(f"cannot import from {kind!r}; use one of ['hf', 'big_vision']")
+    if kind != source_kind(src):
+        raise ValueError(f"{src} looks like a {source_kind(src)!r} source, not {kind!r}")
+    loader = load_hf if kind == "hf" else load_big_vision
+    flat, model_config, info = loader(src)
+    image = {"size": info["image_size"], "mean": info["image_mean"], "std": info["image_std"]}
+    text_len = model_config["text"]["max_len"]
+    if tokenizer_path is not None:
+        settings, tok_dir = tok.spm_tokenizer_settings(tokenizer_path, text_len), os.path.dirname(
+            os.path.abspath(tokenizer_path))
+    elif kind == "hf":
+        settings, tok_dir = tok.hf_tokenizer_settings(src, info["family"], text_len), src
+    else:
+        settings, tok_dir = None, None
+    source = {"kind": kind, "path": os.path.abspath(src), "family": info["family"]}
+    return Pretrained(flat, model_config, image, settings, tok_dir, source)
+
+
+def resized(pretrained: Pretrained, image_size: Sequence[int] | None) -> Pretrained:
+    if image_size is None or list(image_size) == list(pretrained.image["size"]):
+        return pretrained
+    flat = posemb.resize_image_posemb(pretrained.params, pretrained.model_config,
+                                      pretrained.image["size"], image_size)
+    image = dict(pretrained.image, size=[int(s) for s in image_size])
+    return Pretrained(flat, pretrained.model_config, image, pretrained.tokenizer,
+                      pretrained.tokenizer_dir, pretrained.source)
+
+
+def write_converted(pretrained: Pretrained, out_dir: str, overwrite: bool = False) -> None:
+    params_lib.check_params(params_lib.unflatten(pretrained.params), pretrained.model_config,
+                            pretrained.image["size"], pretrained.source["path"])
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
+                                  "(--overwrite) to replace it")
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    import orbax.checkpoint as ocp
+
+    ocp.v1.save(os.path.join(os.path.abspath(out_dir), PARAMS_DIR),
+                params_lib.unflatten({k: np.asarray(v, np.float32)
+                                      for k, v in pretrained.params.items()}))
+    tok.copy_tokenizer_files(pretrained.tokenizer_dir, pretrained.tokenizer, out_dir)
+    hf_io.write_json(os.path.join(out_dir, "config.json"), {
+        "format": FORMAT, "model": pretrained.model_config, "image": pretrained.image,
+        "tokenizer": pretrained.tokenizer, "source": pretrained.source})
+
+
+def import_pretrained(src: str, out_dir: str, kind: str | None = None,
+                      image_size: Sequence[int] | None = None,
+                      tokenizer_path: str | None = None, overwrite: bool = False) -> dict:
+    """HF dir / big_vision .npz -> converted directory. Returns its config.json dict."""
+    pretrained = resized(read_source(src, kind, tokenizer_path), image_size)
+    write_converted(pretrained, out_dir, overwrite)
+    return hf_io.read_json(os.path.join(out_dir, "config.json"))
+
+
+def _shardings_for(abstract: Any, shardings: Any) -> Any:
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda _: shardings, abstract)
+    return shardings
+
+
+def _load_converted(directory: str, shardings: Any) -> tuple[dict, dict]:
+    """(nested jax params restored into `shardings`, config.json dict)."""
+    import orbax.checkpoint as ocp
+
+    config = hf_io.read_json(os.path.join(directory, "config.json"))
+    abstract = params_lib.abstract_params(config["model"], config["image"]["size"])
+    placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, _shardings_for(abstract, shardings))
+    path = os.path.join(os.path.abspath(directory), PARAMS_DIR)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{directory} has no {PARAMS_DIR}/ orbax checkpoint")
+    try:
+        params = ocp.v1.load(path, placed)
+    except Exception as e:  # orbax's structure errors do not say which directory
+        raise ValueError(f"the params in {path} do not fit the model in "
+                         f"{directory}/config.json: {e}") from e
+    return params, config
+
+
+def read_pretrained(src: str) -> Pretrained:
+    """Any source (including converted dirs) as numpy `Pretrained`."""
+    if source_kind(src) != "converted":
+        return read_source(src)
+    params, config = _load_converted(src, None)
+    flat = {k: np.asarray(v) for k, v in params_lib.flatten(params).items()}
+    return Pretrained(flat, config["model"], config["image"], config["tokenizer"], src,
+                      config["source"])
+
+
+def load_pretrained(src: str, *, image_size: Sequence[int] | None = None,
+                    shardings: Any = None, dtype=jnp.float32):
+    """-> (model, params, model_config) from an HF directory, a big_vision .npz or a converted
+    directory.
+
+    `model` is a `TwoTowers` (compute `dtype`); `params` are float32 jax arrays placed by
+    `shardings` (a pytree of shardings matching the params, or one sharding for all) when given;
+    `model_config` is the JSON-serialisable dict of TwoTowers arguments. `image_size` (H, W)
+    resizes the learned image position embedding for another resolution.
+    """
+    if source_kind(src) == "converted" and image_size is None:
+        params, config = _load_converted(src, shardings)
+        model_config = config["model"]
+    else:
+        pretrained = resized(read_pretrained(src), image_size)
+        model_config = pretrained.model_config
+        params = params_lib.unflatten(pretrained.params)
+        params_lib.check_params(params, model_config, pretrained.image["size"], src)
+        params = params_lib.to_device(params, shardings)
+    return params_lib.build_model(model_config, dtype), params, model_config
+
+
+def load_pretrained_tokenizer(src: str):
+    """-> (tokenizer, settings) for an HF directory or a converted directory; encode with
+    `tokenizer.encode_batch(texts, settings["max_len"], settings["add_bos"], settings["eos"])`
+    and pass the mask to the model only if `settings["text_mask"]`."""
+    kind = source_kind(src)
+    if kind == "hf":
+        config_path = os.path.join(src, "config.json")
+        model_config, info = model_config_from_hf(hf_io.read_json(config_path), config_path)
+        settings = tok.hf_tokenizer_settings(src, info["family"], model_config["text"]["max_len"])
+    elif kind == "converted":
+        settings = hf_io.read_json(os.path.join(src, "config.json"))["tokenizer"]
+    else:
+        settings = None
+    if settings is None:
+        raise FileNotFoundError(f"{src} has no tokenizer: expected one of {tok.TOKENIZER_FILES} "
+                                "(a big_vision .npz needs `import --tokenizer spiece.model`)")
+    return tok.open_tokenizer(src, settings), settings
