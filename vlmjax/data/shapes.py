@@ -36,8 +36,8 @@ TOKENIZER_VOCAB_SIZE = 1000
 IMAGE_SIZES = (32, 64, 224)
 # Below this many examples, worker processes cost more to start than they save.
 _MIN_EXAMPLES_FOR_WORKERS = 2000
-# Tokenizer corpus: texts of every k-th train example, enough for a ~1000-piece model.
-_TOKENIZER_EXAMPLES = 20_000
+# Tokenizer corpus: texts of every k-th train example (~100k sentences; the vocabulary is small).
+_TOKENIZER_EXAMPLES = 5_000
 
 
 @dataclasses.dataclass(eq=False)

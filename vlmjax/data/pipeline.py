@@ -1,0 +1,308 @@
+"""The per-host input pipeline: config -> tf.data -> numpy batch dicts (-> global jax.Arrays).
+
+    pipeline = make_pipeline(config.data, config.input, training=True)
+    batch = next(pipeline)           # {"image": f32 [B,H,W,3], "text": i32 [B,L],
+                                     #  "text_mask": bool [B,L], "label": i32 [B]}
+    state = pipeline.get_state()     # JSON-able; make_pipeline(..., state=state) resumes exactly
+    pipeline.skip_counts             # {"corrupt_image": 3, ...} bad data skipped so far
+    global_batch = to_global_arrays(batch, mesh)
+
+B is input.global_batch_size / process_count. Training batches drop the remainder and repeat
+forever; evaluation (`training=False`) reads the split once, without shuffling, and pads the last
+batches with examples whose `_mask` is False so that every host yields `num_batches` batches.
+`label` is present when every source has labels.
+
+config.data (`pipeline_config.default_data_config()`):
+  source        "vlm_shapes" | "tfds" | "webdataset" | "llava_json" | "csv" | "mixture"
+  split         split to read (vlm_shapes/tfds: e.g. "train", "validation", "test_novel",
+                "train[:10%]"; ignored by the file sources, which read all they are given)
+  filters       per-example ALIGN rules, all off by default: filter_image_size (min_image_side),
+                filter_aspect_ratio (max_aspect_ratio), filter_text_length (min_words, max_words)
+  vlm_shapes:   config ("32px" | "64px" | "224px" | "noisy"), data_dir (None: TFDS default),
+                train_size, eval_size, novel_size, noise_fraction (None: the config's default);
+                the dataset is built on first use
+  tfds:         name, data_dir, image_key ("image"), text_key (None: no captions), label_key
+  webdataset:   paths (paths / globs / {000..099} braces, comma-separated), text_extension
+                ("txt"), label_field (integer field of KEY.json, None: no labels)
+  llava_json:   json_path (.json list or .jsonl), image_dir
+  csv:          csv_path (.csv, or .tsv for tabs), image_dir, image_column ("image"),
+                text_column ("caption"), label_column (None), delimiter (None: from extension)
+  mixture:      sources: {name: {<a source config above>, weight: float}} (training only)
+
+config.input (`pipeline_config.default_input_config()`):
+  global_batch_size  examples per step over all hosts (divisible by process_count)
+  image_size         output side S
+  preprocess         op string, see preprocess.py, e.g. "caption_random|resize_crop|value_range"
+  crop_area_min      smallest crop area fraction for inception_crop
+  shuffle_buffer     examples in the shuffle buffer (training)
+  seed               shuffling, mixture sampling and random ops (also the stateless op seeds)
+  tokenizer          "vlm_shapes" (the model built with the dataset) or a .model / tokenizer.json
+  max_text_len, add_bos, eos ("none" | "append" | "sticky")   see tokenizers.py
+  prefetch_batches   batches prepared ahead
+
+Bad data is skipped and counted, never fatal: placeholders from the sources carry a reason;
+images that fail to decode are dropped (tf.data `ignore_errors`) and recognised by the gap they
+leave in the running example index. A `scan` counts both at the one place where examples are
+dropped, and every batch carries the counts up to its last example, so `skip_counts` and the
+saved position always agree.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+
+from vlmjax.data import filters, pipeline_config, preprocess, skips
+from vlmjax.data.pipeline_config import default_data_config, default_input_config  # noqa: F401
+from vlmjax.data.tf_cpu import tf
+
+_END_OF_DATA = -1  # reason of the sentinel closing a finite stream: trailing gaps get counted
+_OUTPUT_TEXT_KEYS = ("text", "text_mask")
+
+
+def _process_defaults(process_index, process_count):
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    return process_index, process_count
+
+
+def _fingerprint(data_config, input_config, training, process_index, process_count) -> str:
+    text = json.dumps([data_config.to_dict(), input_config.to_dict(), training, process_index,
+                       process_count], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class InputPipeline:
+    """Iterator of numpy batch dicts for this host; see the module docstring."""
+
+    def __init__(self, data_config, input_config, *, training: bool, process_index=None,
+                 process_count=None, state: dict | None = None):
+        pipeline_config.validate_data_config(data_config)
+        pipeline_config.validate_input_config(input_config)
+        if data_config.source == "mixture" and not training:
+            raise ValueError("data.source='mixture' is for training; evaluate one source at a "
+                             "time")
+        self.process_index, self.process_count = _process_defaults(process_index, process_count)
+        if input_config.global_batch_size % self.process_count:
+            raise ValueError(f"input.global_batch_size={input_config.global_batch_size} is not "
+                             f"divisible by process_count={self.process_count}")
+        self.local_batch_size = input_config.global_batch_size // self.process_count
+        self.training = training
+        self.data_config, self.input_config = data_config, input_config
+        self.has_labels = pipeline_config.has_labels(data_config)
+        self.fingerprint = _fingerprint(data_config, input_config, training, self.process_index,
+                                        self.process_count)
+        self.position, skip_offset = 0, np.zeros(skips.NUM_REASONS, np.int64)
+        if state is not None:
+            if state.get("fingerprint") != self.fingerprint:
+                raise ValueError("the saved input pipeline state belongs to another data/input "
+                                 "config or process layout; cannot resume from it")
+            self.position = int(state["position"])
+            skip_offset += [state["skips"].get(name, 0) for name in skips.SKIP_REASONS]
+        self._skip_offset = skip_offset
+        self._skips = skip_offset.copy()
+        self._build_sources()
+        self.tokenizer = pipeline_config.resolve_tokenizer(input_config, self._sources)
+        self.num_batches = None if training else self._eval_num_batches()
+        self.dataset = self._build_dataset(start=self.position)
+        self._iterator = None
+
+    # ---- sources -------------------------------------------------------------------------
+    def _build_sources(self):
+        config = self.data_config
+        if config.source == "mixture":
+            names = sorted(config.sources.keys())
+            subs = [config.sources[name] for name in names]
+            self._sources = [pipeline_config.make_source(sub, self.training) for sub in subs]
+            self._weights = [float(sub.weight) for sub in subs]
+            self._filter_configs = [sub.get("filters") for sub in subs]
+        else:
+            self._sources = [pipeline_config.make_source(config, self.training)]
+            self._weights = [1.0]
+            self._filter_configs = [config.get("filters")]
+
+    def _eval_num_batches(self) -> int:
+        """The same on every host: enough batches for the host with the most records."""
+        source = self._sources[0]
+        most = max(source.num_records(i, self.process_count) for i in range(self.process_count))
+        if most == 0:
+            raise ValueError(f"the evaluation data is empty: {self.data_config}")
+        return math.ceil(most / self.local_batch_size)
+
+    def _records(self) -> tf.data.Dataset:
+        seed = self.input_config.seed
+        datasets = []
+        for i, source in enumerate(self._sources):
+            dataset = source.records(self.process_index, self.process_count, self.training,
+                                     seed + i)
+            if self.training:
+                dataset = dataset.shuffle(self.input_config.shuffle_buffer, seed=seed + i,
+                                          reshuffle_each_iteration=True).repeat()
+            datasets.append(dataset)
+        if len(datasets) == 1:
+            return datasets[0]
+        total = sum(self._weights)
+        return tf.data.Dataset.sample_from_datasets(
+            datasets, weights=[w / total for w in self._weights], seed=seed)
+
+    # ---- per-example work ------------------------------------------------------------------
+    def _example_fn(self):
+        preprocess_fn = preprocess.make_preprocess_fn(
+            self.input_config.preprocess, self.input_config.image_size,
+            self.input_config.crop_area_min)
+        # A mixture shares one preprocessing; online filters are per source only when the
+        # mixture has a single filter config, so use the first source's (documented limitation).
+        filter_config = self._filter_configs[0]
+        active_filters = filter_config is not None and any(
+            filter_config.get(k) for k in filters.ONLINE_KEYS if k.startswith("filter_"))
+        seed = self.input_config.seed
+
+        def example_fn(example):
+            reason = example["_skip_reason"]
+            texts = tf.strings.strip(example["texts"])
+            valid_utf8 = tf.reduce_all(tf.equal(tf.strings.unicode_transcode(
+                texts, "UTF-8", "UTF-8", errors="replace"), texts))
+            texts = tf.boolean_mask(texts, tf.strings.length(texts) > 0)
+            reason = tf.where((reason == 0) & ~valid_utf8, skips.reason_id("bad_text_encoding"),
+                              reason)
+            reason = tf.where((reason == 0) & (tf.size(texts) == 0),
+                              skips.reason_id("empty_text"), reason)
+            texts = tf.cond(tf.size(texts) > 0, lambda: texts, lambda: tf.constant([""]))
+            image = tf.cond(reason == 0, lambda: preprocess.decode(example["image"]),
+                            lambda: tf.zeros([1, 1, 3], tf.uint8))
+            if active_filters:
+                filter_reason, kept_texts = filters.online_skip_reason(tf.shape(image), texts,
+                                                                       filter_config)
+                reason = tf.where(reason == 0, filter_reason, reason)
+                texts = tf.cond(tf.size(kept_texts) > 0, lambda: kept_texts, lambda: texts)
+            op_seed = tf.stack([tf.constant(seed, tf.int64), example["_index"]])
+            out = preprocess_fn({"image": image, "texts": texts, "_seed": op_seed})
+            image = tf.ensure_shape(out["image"], [self.input_config.image_size] * 2 + [3])
+            return {"image": tf.cast(image, tf.float32), "text": out["text"],
+                    "label": example["label"], "_index": example["_index"], "_reason": reason}
+        return example_fn
+
+    @staticmethod
+    def _count_skips(state, example):
+        last_index, counts = state
+        reason = tf.cast(example["_reason"], tf.int64)
+        corrupt = example["_index"] - last_index - 1  # dropped by ignore_errors in between
+        counts += corrupt * tf.one_hot(skips.reason_id("corrupt_image"), skips.NUM_REASONS,
+                                       dtype=tf.int64)
+        counted = reason > 0
+        counts += tf.cast(counted, tf.int64) * tf.one_hot(tf.maximum(reason, 0), skips.NUM_REASONS,
+                                                          dtype=tf.int64)
+        output = {"image": example["image"], "text": example["text"], "label": example["label"],
+                  "_index": example["_index"], "_skips": counts, "_keep": tf.equal(reason, 0),
+                  "_end": tf.equal(reason, _END_OF_DATA)}
+        return (example["_index"], counts), output
+
+    # ---- the dataset -----------------------------------------------------------------------
+    def _build_dataset(self, start: int) -> tf.data.Dataset:
+        records = self._records()
+        if not self.training:  # the sentinel lets the scan see a gap at the very end
+            records = records.concatenate(tf.data.Dataset.from_tensors(
+                {**{k: tf.zeros(s.shape.as_list() if s.shape.rank == 0 else [0], s.dtype)
+                    for k, s in records.element_spec.items()},
+                 "_skip_reason": tf.constant(_END_OF_DATA, tf.int32)}))
+        dataset = records.enumerate().map(lambda i, ex: {**ex, "_index": i})
+        if start:
+            dataset = dataset.skip(start)  # resuming: records are re-read, not re-decoded
+        dataset = dataset.map(self._example_fn(), num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=True)
+        dataset = dataset.ignore_errors()
+        initial = (tf.constant(start - 1, tf.int64), tf.zeros([skips.NUM_REASONS], tf.int64))
+        dataset = dataset.scan(initial, self._count_skips)
+        if self.training:
+            dataset = dataset.filter(lambda ex: ex["_keep"])
+            dataset = dataset.map(lambda ex: {k: v for k, v in ex.items()
+                                              if k not in ("_keep", "_end")})
+            dataset = dataset.batch(self.local_batch_size, drop_remainder=True)
+        else:
+            dataset = self._pad_for_eval(dataset)
+        dataset = dataset.map(self._tokenize_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=True)
+        options = tf.data.Options()
+        options.deterministic = True
+        return dataset.with_options(options).prefetch(self.input_config.prefetch_batches)
+
+    def _pad_for_eval(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+        # Real examples pass with _mask True. The end-of-data sentinel becomes the first padding
+        # example: it carries the final skip counts (trailing bad examples included).
+        def mark(ex):
+            out = {k: v for k, v in ex.items() if k not in ("_keep", "_end")}
+            out["_index"] = tf.where(ex["_end"], tf.constant(-1, tf.int64), ex["_index"])
+            return {**out, "_mask": ex["_keep"]}
+        dataset = dataset.filter(lambda ex: ex["_keep"] | ex["_end"]).map(mark)
+        size = self.input_config.image_size
+        padding = tf.data.Dataset.from_tensors({
+            "image": tf.zeros([size, size, 3], tf.float32), "text": tf.constant(""),
+            "label": tf.constant(-1, tf.int32), "_index": tf.constant(-1, tf.int64),
+            "_skips": tf.zeros([skips.NUM_REASONS], tf.int64), "_mask": tf.constant(False)})
+        total = self.num_batches * self.local_batch_size
+        return dataset.concatenate(padding.repeat()).take(total).batch(self.local_batch_size)
+
+    def _tokenize_batch(self, batch):
+        config = self.input_config
+
+        def encode(texts):
+            return self.tokenizer.encode_batch(texts, config.max_text_len, config.add_bos,
+                                               config.eos)
+        ids, mask = tf.numpy_function(encode, [batch["text"]], [tf.int32, tf.bool],
+                                      stateful=False)
+        ids.set_shape([None, config.max_text_len])
+        mask.set_shape([None, config.max_text_len])
+        return {**batch, "text": ids, "text_mask": mask}
+
+    # ---- iteration and state -----------------------------------------------------------------
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            self._iterator = self.dataset.as_numpy_iterator()
+        batch = next(self._iterator)
+        self._skips = self._skip_offset + batch["_skips"].max(axis=0)
+        real_index = batch["_index"][batch["_index"] >= 0]
+        if real_index.size:
+            self.position = int(real_index.max()) + 1
+        output = {"image": batch["image"], "text": batch["text"],
+                  "text_mask": batch["text_mask"]}
+        if self.has_labels:
+            output["label"] = batch["label"].astype(np.int32)
+        if not self.training:
+            output["_mask"] = batch["_mask"]
+        return output
+
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        return skips.counts_dict(self._skips)
+
+    def get_state(self) -> dict:
+        """JSON-able position of this host's stream (save one per process)."""
+        return {"position": self.position, "skips": self.skip_counts,
+                "fingerprint": self.fingerprint}
+
+
+def make_pipeline(data_config, input_config, *, training: bool, process_index: int | None = None,
+                  process_count: int | None = None, state: dict | None = None) -> InputPipeline:
+    """The trainer's entry point; process_index/count default to jax's."""
+    return InputPipeline(data_config, input_config, training=training,
+                         process_index=process_index, process_count=process_count, state=state)
+
+
+def to_global_arrays(batch: dict[str, np.ndarray], mesh, batch_axes=("data", "fsdp")) -> dict:
+    """Host-local batch -> global jax.Arrays split over the mesh's batch axes (leading dim)."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axes = tuple(axis for axis in batch_axes if axis in mesh.axis_names)
+    sharding = NamedSharding(mesh, PartitionSpec(axes if axes else None))
+    return {key: jax.make_array_from_process_local_data(sharding, value)
+            for key, value in batch.items()}
