@@ -27,7 +27,8 @@ config.data (`pipeline_config.default_data_config()`):
   llava_json:   json_path (.json list or .jsonl), image_dir
   csv:          csv_path (.csv, or .tsv for tabs), image_dir, image_column ("image"),
                 text_column ("caption"), label_column (None), delimiter (None: from extension)
-  mixture:      sources: {name: {<a source config above>, weight: float}} (training only)
+  mixture:      sources: {name: {<a source config above, without filters>, weight: float}};
+                training only; data.filters applies to all of them
 
 config.input (`pipeline_config.default_input_config()`):
   global_batch_size  examples per step over all hosts (divisible by process_count)
@@ -121,11 +122,9 @@ class InputPipeline:
             subs = [config.sources[name] for name in names]
             self._sources = [pipeline_config.make_source(sub, self.training) for sub in subs]
             self._weights = [float(sub.weight) for sub in subs]
-            self._filter_configs = [sub.get("filters") for sub in subs]
         else:
             self._sources = [pipeline_config.make_source(config, self.training)]
             self._weights = [1.0]
-            self._filter_configs = [config.get("filters")]
 
     def _eval_num_batches(self) -> int:
         """The same on every host: enough batches for the host with the most records."""
@@ -135,16 +134,24 @@ class InputPipeline:
             raise ValueError(f"the evaluation data is empty: {self.data_config}")
         return math.ceil(most / self.local_batch_size)
 
+    def _sentinel(self, element_spec) -> tf.data.Dataset:
+        """An end-of-data marker: never kept or counted; it closes index gaps and epochs."""
+        empty = {key: tf.zeros(spec.shape.as_list() if spec.shape.rank == 0 else [0], spec.dtype)
+                 for key, spec in element_spec.items()}
+        return tf.data.Dataset.from_tensors(
+            {**empty, "_skip_reason": tf.constant(_END_OF_DATA, tf.int32)})
+
     def _records(self) -> tf.data.Dataset:
         seed = self.input_config.seed
         datasets = []
         for i, source in enumerate(self._sources):
             dataset = source.records(self.process_index, self.process_count, self.training,
                                      seed + i)
-            if self.training:
+            if self.training:  # shuffle within an epoch, so each epoch ends with its sentinel
                 dataset = dataset.shuffle(self.input_config.shuffle_buffer, seed=seed + i,
-                                          reshuffle_each_iteration=True).repeat()
-            datasets.append(dataset)
+                                          reshuffle_each_iteration=True)
+            dataset = dataset.concatenate(self._sentinel(dataset.element_spec))
+            datasets.append(dataset.repeat() if self.training else dataset)
         if len(datasets) == 1:
             return datasets[0]
         total = sum(self._weights)
@@ -156,9 +163,7 @@ class InputPipeline:
         preprocess_fn = preprocess.make_preprocess_fn(
             self.input_config.preprocess, self.input_config.image_size,
             self.input_config.crop_area_min)
-        # A mixture shares one preprocessing; online filters are per source only when the
-        # mixture has a single filter config, so use the first source's (documented limitation).
-        filter_config = self._filter_configs[0]
+        filter_config = self.data_config.get("filters")  # one for all sources of a mixture
         active_filters = filter_config is not None and any(
             filter_config.get(k) for k in filters.ONLINE_KEYS if k.startswith("filter_"))
         seed = self.input_config.seed
@@ -188,37 +193,47 @@ class InputPipeline:
                     "label": example["label"], "_index": example["_index"], "_reason": reason}
         return example_fn
 
-    @staticmethod
-    def _count_skips(state, example):
-        last_index, counts = state
-        reason = tf.cast(example["_reason"], tf.int64)
-        corrupt = example["_index"] - last_index - 1  # dropped by ignore_errors in between
-        counts += corrupt * tf.one_hot(skips.reason_id("corrupt_image"), skips.NUM_REASONS,
-                                       dtype=tf.int64)
-        counted = reason > 0
-        counts += tf.cast(counted, tf.int64) * tf.one_hot(tf.maximum(reason, 0), skips.NUM_REASONS,
-                                                          dtype=tf.int64)
-        output = {"image": example["image"], "text": example["text"], "label": example["label"],
-                  "_index": example["_index"], "_skips": counts, "_keep": tf.equal(reason, 0),
-                  "_end": tf.equal(reason, _END_OF_DATA)}
-        return (example["_index"], counts), output
+    def _count_skips_fn(self):
+        # Each source's epoch ends with a sentinel: 2 sentinels per source without a usable
+        # example in between means a whole epoch of every source was bad. Stop instead of stalling.
+        limit = 2 * len(self._sources)
+        message = (f"no usable example in a whole pass over {self._describe_sources()}; "
+                   "see the skip counts")
+
+        def count_skips(state, example):
+            last_index, counts, sentinels_since_kept = state
+            reason = tf.cast(example["_reason"], tf.int64)
+            corrupt = example["_index"] - last_index - 1  # dropped by ignore_errors in between
+            counts += corrupt * tf.one_hot(skips.reason_id("corrupt_image"), skips.NUM_REASONS,
+                                           dtype=tf.int64)
+            counts += tf.cast(reason > 0, tf.int64) * tf.one_hot(
+                tf.maximum(reason, 0), skips.NUM_REASONS, dtype=tf.int64)
+            keep, end = tf.equal(reason, 0), tf.equal(reason, _END_OF_DATA)
+            sentinels_since_kept = tf.where(keep, tf.constant(0, tf.int64),
+                                            sentinels_since_kept + tf.cast(end, tf.int64))
+            check = tf.debugging.Assert(sentinels_since_kept < limit, [message])
+            with tf.control_dependencies([check]):
+                counts = tf.identity(counts)
+            output = {"image": example["image"], "text": example["text"],
+                      "label": example["label"], "_index": example["_index"], "_skips": counts,
+                      "_keep": keep, "_end": end}
+            return (example["_index"], counts, sentinels_since_kept), output
+        return count_skips
+
+    def _describe_sources(self) -> str:
+        return ", ".join(repr(source) for source in self._sources)
 
     # ---- the dataset -----------------------------------------------------------------------
     def _build_dataset(self, start: int) -> tf.data.Dataset:
-        records = self._records()
-        if not self.training:  # the sentinel lets the scan see a gap at the very end
-            records = records.concatenate(tf.data.Dataset.from_tensors(
-                {**{k: tf.zeros(s.shape.as_list() if s.shape.rank == 0 else [0], s.dtype)
-                    for k, s in records.element_spec.items()},
-                 "_skip_reason": tf.constant(_END_OF_DATA, tf.int32)}))
-        dataset = records.enumerate().map(lambda i, ex: {**ex, "_index": i})
+        dataset = self._records().enumerate().map(lambda i, ex: {**ex, "_index": i})
         if start:
             dataset = dataset.skip(start)  # resuming: records are re-read, not re-decoded
         dataset = dataset.map(self._example_fn(), num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)
         dataset = dataset.ignore_errors()
-        initial = (tf.constant(start - 1, tf.int64), tf.zeros([skips.NUM_REASONS], tf.int64))
-        dataset = dataset.scan(initial, self._count_skips)
+        initial = (tf.constant(start - 1, tf.int64), tf.zeros([skips.NUM_REASONS], tf.int64),
+                   tf.constant(0, tf.int64))
+        dataset = dataset.scan(initial, self._count_skips_fn())
         if self.training:
             dataset = dataset.filter(lambda ex: ex["_keep"])
             dataset = dataset.map(lambda ex: {k: v for k, v in ex.items()
@@ -267,7 +282,10 @@ class InputPipeline:
     def __next__(self) -> dict[str, np.ndarray]:
         if self._iterator is None:
             self._iterator = self.dataset.as_numpy_iterator()
-        batch = next(self._iterator)
+        try:
+            batch = next(self._iterator)
+        except tf.errors.InvalidArgumentError as error:
+            raise ValueError(f"input pipeline stopped: {error.message}") from None
         self._skips = self._skip_offset + batch["_skips"].max(axis=0)
         real_index = batch["_index"][batch["_index"] >= 0]
         if real_index.size:

@@ -49,8 +49,9 @@ def validate_data_config(config, path: str = "data", allow_mixture: bool = True)
     valid_sources = [s for s in SOURCE_KEYS if allow_mixture or s != "mixture"]
     if source not in valid_sources:
         raise _error(f"{path}.source", f"{source!r} is not a source; valid: {valid_sources}")
-    allowed = set(COMMON_KEYS) | set(SOURCE_KEYS[source]) | ({"weight"} if not allow_mixture
-                                                            else set())
+    allowed = set(COMMON_KEYS) | set(SOURCE_KEYS[source])
+    if not allow_mixture:  # a mixture member: weighted, filtered by the mixture's data.filters
+        allowed = (allowed - {"filters"}) | {"weight"}
     unknown = sorted(set(config.keys()) - allowed)
     if unknown:
         raise _error(path, f"unknown key(s) {unknown} for source {source!r}; valid keys: "
