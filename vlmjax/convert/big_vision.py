@@ -65,7 +65,8 @@ def rename(name: str) -> str | None:
             BLOCK_RENAMES if "/encoder/block" in new else {})
         for old, ours in inner.items():
             new = new.replace(f"/{old}/", f"/{ours}/")
-        return new
+        # vlmjax names are lower case: a flax auto-name left over (`Foo_0`) is not ours
+        return None if any(c.isupper() for c in new) else new
     return None
 
 
