@@ -23,9 +23,13 @@ def image_bytes(width: int, height: int, colour=(200, 30, 30), fmt: str = "JPEG"
     return buffer.getvalue()
 
 
-def truncated_jpeg(width: int = 64, height: int = 48) -> bytes:
-    """Passes a header check (PIL opens it) but fails to decode."""
-    data = image_bytes(width, height)
+def truncated_jpeg(width: int = 96, height: int = 64) -> bytes:
+    """Passes a header check (PIL opens it) but fails to decode: noise makes the entropy-coded
+    data long, so cutting it in half leaves the header intact."""
+    noise = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="JPEG", quality=95)
+    data = buffer.getvalue()
     return data[: len(data) // 2]
 
 

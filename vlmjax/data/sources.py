@@ -270,9 +270,10 @@ class LlavaJsonSource(Source):
 
     def _example(self, entry, index: int) -> dict:
         key = f"{self.json_path}#{index}"
+        if isinstance(entry, dict):
+            key = str(entry.get("id", key))
         if not isinstance(entry, dict) or not isinstance(entry.get("conversations", []), list):
             return placeholder("bad_json", key)
-        key = str(entry.get("id", key))
         if not entry.get("image"):
             return placeholder("missing_image", key)
         turns = entry.get("conversations") or []

@@ -98,12 +98,12 @@ def iter_tar_samples(path: str) -> Iterator[TarSample | TarProblem]:
                 if not member.isfile():
                     continue
                 key, extension = _split_name(member.name)
+                if current is not None and current.key != key:  # before reading: may fail
+                    yield current
+                    current = None
                 content = archive.extractfile(member).read()
                 if len(content) != member.size:
                     raise tarfile.ReadError("unexpected end of data")
-                if current is not None and current.key != key:
-                    yield current
-                    current = None
                 if current is None:
                     current = TarSample(key, {})
                 current.files[extension] = content
