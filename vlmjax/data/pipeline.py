@@ -221,7 +221,7 @@ class InputPipeline:
         return count_skips
 
     def _describe_sources(self) -> str:
-        return ", ".join(repr(source) for source in self._sources)
+        return "; ".join(source.describe() for source in self._sources)
 
     # ---- the dataset -----------------------------------------------------------------------
     def _build_dataset(self, start: int) -> tf.data.Dataset:
@@ -252,8 +252,12 @@ class InputPipeline:
         # example: it carries the final skip counts (trailing bad examples included).
         def mark(ex):
             out = {k: v for k, v in ex.items() if k not in ("_keep", "_end")}
-            out["_index"] = tf.where(ex["_end"], tf.constant(-1, tf.int64), ex["_index"])
-            return {**out, "_mask": ex["_keep"]}
+            keep = ex["_keep"]  # False only for the sentinel: make it look like padding
+            out["_index"] = tf.where(keep, ex["_index"], tf.constant(-1, tf.int64))
+            out["image"] = tf.where(keep, ex["image"], tf.zeros_like(ex["image"]))
+            out["text"] = tf.where(keep, ex["text"], "")
+            out["label"] = tf.where(keep, ex["label"], -1)
+            return {**out, "_mask": keep}
         dataset = dataset.filter(lambda ex: ex["_keep"] | ex["_end"]).map(mark)
         size = self.input_config.image_size
         padding = tf.data.Dataset.from_tensors({
@@ -285,8 +289,13 @@ class InputPipeline:
         try:
             batch = next(self._iterator)
         except tf.errors.InvalidArgumentError as error:
-            raise ValueError(f"input pipeline stopped: {error.message}") from None
-        self._skips = self._skip_offset + batch["_skips"].max(axis=0)
+            message = error.message
+            if "assertion failed: [" in message:  # ours: keep the text, drop TF's node names
+                message = message.split("assertion failed: [", 1)[1].rsplit("]", 1)[0]
+                message = message.split("]\n", 1)[0]
+            raise ValueError(f"input pipeline stopped: {message}") from None
+        # Counts are cumulative; all-padding batches carry zeros, hence the running maximum.
+        self._skips = np.maximum(self._skips, self._skip_offset + batch["_skips"].max(axis=0))
         real_index = batch["_index"][batch["_index"] >= 0]
         if real_index.size:
             self.position = int(real_index.max()) + 1

@@ -106,6 +106,10 @@ class Source:
     def num_records(self, process_index: int, process_count: int) -> int:
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """What the source reads, for error messages."""
+        return repr(self)
+
     def _from_generator(self, generate) -> tf.data.Dataset:
         return tf.data.Dataset.from_generator(generate, output_signature=EXAMPLE_SIGNATURE)
 
@@ -197,6 +201,11 @@ class WebdatasetSource(Source):
         self.files = webdataset.expand_paths(self.paths)
         if not self.files:
             raise ValueError(f"data.paths={self.paths!r} matched no files")
+
+    def describe(self) -> str:
+        shown = ", ".join(self.files[:5]) + (f" (+{len(self.files) - 5} more)"
+                                             if len(self.files) > 5 else "")
+        return f"webdataset shards {shown}"
 
     def host_files(self, process_index, process_count) -> list[str]:
         if len(self.files) < process_count:
