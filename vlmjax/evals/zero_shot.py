@@ -18,6 +18,14 @@ CLIP_TEMPLATES = (
     "a {}.",
 )
 NAME_ONLY = ("{}",)
+# Phrasings of vlm_shapes captions, for its colour x shape class names ("red circle").
+VLM_SHAPES_TEMPLATES = (
+    "a {}.",
+    "there is a {}.",
+    "a photo of a {}.",
+    "a small {}.",
+    "a large {}.",
+)
 
 
 def class_embeddings(encode_texts: Callable[[list[str]], np.ndarray], class_names: Sequence[str],

@@ -1,0 +1,55 @@
+"""python -m vlmjax.train --config configs/siglip/tiny.py[:PRESETS] --workdir DIR [--config.KEY=VALUE ...]
+
+Trains (or resumes) the config in DIR: progress lines on stdout, metrics.jsonl, TensorBoard
+events, config.json and orbax checkpoints in DIR. SIGTERM saves a checkpoint and exits 0.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vlmjax import config as config_lib  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:presets]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints and logs")
+_ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
+                                  "resume a workdir whose saved config differs from this one")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def validate_overrides(argv: list[str]):
+    """Fail early, with the nearest valid key, on a mistyped --config.KEY override."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None and "--config" in argv:
+        spec = argv[argv.index("--config") + 1]
+    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+    if spec is None or not overrides:
+        return
+    config = config_lib.load_config(spec)
+    valid = config_lib.flat_keys(config)
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if key not in valid:
+            raise config_lib.ConfigError(f"unknown config key {key!r}"
+                                         f"{config_lib._suggest(key, valid)}")
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.ERROR)  # orbax and tfds INFO/WARNING lines drown the progress
+    from vlmjax.train import trainer  # after flag parsing: jax/TensorFlow import is slow
+    trainer.train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
+
+
+if __name__ == "__main__":
+    try:
+        validate_overrides(sys.argv[1:])
+    except config_lib.ConfigError as error:
+        sys.exit(f"error: {error}")
+    app.run(main)

@@ -1,0 +1,146 @@
+"""Contrastive task (CLIP, ALIGN, SigLIP, LiT): a TwoTowers model and a contrastive loss.
+
+Config keys read here:
+  model        TwoTowers keyword arguments (image: ViT kwargs, text: TextTransformer kwargs,
+               embed_dim, *_projection[_bias], temperature_init, bias_init) plus `dtype`
+               ('float32' | 'bfloat16': the compute dtype; parameters stay float32)
+  model_init   '' or a pretrained source for vlmjax.convert.load_pretrained (HF dir, .npz,
+               converted dir)
+  loss         name: 'clip' | 'siglip'; impl: 'dense' | 'all_gather' | 'ppermute' (siglip)
+  data, input  the training data and its preprocessing (vlmjax.data.pipeline); evaluation
+               reads `evals.*.splits` of the same source, without random ops
+  evals        every (steps, 0 = only at the end), batch_size, zero_shot (splits, templates:
+               'clip' | 'name' | 'vlm_shapes'), retrieval (splits, max_images); see `evaluators`
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vlmjax import sharding
+from vlmjax.config import ConfigError, check_keys
+from vlmjax.evals import retrieval, zero_shot
+from vlmjax.losses import contrastive
+from vlmjax.models.two_towers import TwoTowers
+from vlmjax.train import evaluation, flops
+
+LOSSES = ("clip", "siglip")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+EVAL_KEYS = ("every", "batch_size", "zero_shot", "retrieval")
+TEMPLATES = {"clip": zero_shot.CLIP_TEMPLATES, "name": zero_shot.NAME_ONLY,
+             "vlm_shapes": zero_shot.VLM_SHAPES_TEMPLATES}
+
+
+def model_kwargs(model_config) -> dict:
+    kwargs = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+    dtype = kwargs.pop("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ConfigError(f"model.dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return {**kwargs, "dtype": DTYPES[dtype]}
+
+
+class ContrastiveTask:
+    def __init__(self, config: ml_collections.ConfigDict, mesh):
+        self.config, self.mesh = config, mesh
+        self.model = TwoTowers(**model_kwargs(config.model))
+        check_keys(config.loss, ("name", "impl"), "loss")
+        self.loss_name = config.loss.name
+        if self.loss_name not in LOSSES:
+            raise ConfigError(f"loss.name {self.loss_name!r} is not one of {LOSSES}")
+        self.impl = config.loss.get("impl", "ppermute")
+        if self.impl not in contrastive.SIGLIP_IMPLS:
+            raise ConfigError(f"loss.impl {self.impl!r} is not one of {contrastive.SIGLIP_IMPLS}")
+        if self.loss_name == "siglip" and config.model.get("bias_init") is None:
+            raise ConfigError("loss.name='siglip' needs a learnable bias: set model.bias_init "
+                              "(SigLIP: -10)")
+        from vlmjax.evals.data import EvalData  # late: TensorFlow is slow to import
+        self.data = EvalData(config.data, config.input)
+        check_keys(config.get("evals", {}), EVAL_KEYS, "evals")
+
+    # ------------------------------------------------------------------------------ model/loss
+    def init_params(self, rng):
+        image = jnp.zeros((1, self.data.image_size, self.data.image_size, 3), jnp.float32)
+        text = jnp.zeros((1, self.data.text_length), jnp.int32)
+        return self.model.init({"params": rng}, image, text)["params"]
+
+    def loss_fn(self, params, batch, rng):
+        zimg, ztxt, out = self.model.apply(
+            {"params": params}, batch["image"], batch["text"], batch["text_mask"], train=True,
+            rngs={"dropout": rng})
+        if self.loss_name == "clip":
+            loss = contrastive.clip_loss(zimg, ztxt, out["temperature"], mesh=self.mesh)
+        else:
+            loss = contrastive.siglip_loss(zimg, ztxt, out["temperature"], out["bias"],
+                                           mesh=self.mesh, impl=self.impl)
+        return loss, dict(out)
+
+    def flops_per_example(self, batch_size: int) -> float:
+        return flops.two_towers_train_flops_per_example(
+            model_kwargs(self.config.model), self.data.image_size, self.data.text_length,
+            batch_size)
+
+    # ------------------------------------------------------------------------------------ data
+    def train_input(self, data_state: dict | None):
+        """This process's training batches, resumed from `data_state` (its saved position)."""
+        from vlmjax.data import pipeline
+        return pipeline.make_pipeline(self.config.data, self.config.input, training=True,
+                                      state=data_state or None)
+
+    # ----------------------------------------------------------------------------------- evals
+    def _encoders(self):
+        replicated = sharding.replicated(self.mesh)
+        encode_image = jax.jit(lambda params, b: self.model.apply(
+            {"params": params}, b["image"], method=self.model.encode_image),
+            out_shardings=replicated)
+        encode_text = jax.jit(lambda params, b: self.model.apply(
+            {"params": params}, b["text"], b["text_mask"], method=self.model.encode_text),
+            out_shardings=replicated)
+        return encode_image, encode_text
+
+    def evaluators(self) -> evaluation.Schedule:
+        evals = self.config.get("evals", ml_collections.ConfigDict())
+        batch_size = int(evals.get("batch_size", 256))
+        encode_image, encode_text = self._encoders()
+        data = self.data
+
+        def texts_embedder(params):
+            def embed(texts):
+                ids, mask = data.tokenize(texts)
+                return evaluation.embed_all(lambda b: encode_text(params, b),
+                                            {"text": ids, "text_mask": mask}, batch_size,
+                                            self.mesh)
+            return embed
+
+        def images_embedder(params, images):
+            return evaluation.embed_all(lambda b: encode_image(params, b), {"image": images},
+                                        batch_size, self.mesh)
+
+        out = []
+        zs = evals.get("zero_shot", None)
+        if zs is not None:
+            check_keys(zs, ("splits", "templates"), "evals.zero_shot")
+            templates = zs.get("templates", "clip")
+            if templates not in TEMPLATES:
+                raise ConfigError(f"evals.zero_shot.templates {templates!r} is not one of "
+                                  f"{sorted(TEMPLATES)}")
+            for split in zs.get("splits", ("test",)):
+                def run_zero_shot(params, split=split):
+                    images, labels, class_names = data.classification_split(split)
+                    return zero_shot.evaluate(texts_embedder(params),
+                                              images_embedder(params, images), labels,
+                                              class_names, TEMPLATES[templates], split)
+                out.append(run_zero_shot)
+        ret = evals.get("retrieval", None)
+        if ret is not None:
+            check_keys(ret, ("splits", "max_images"), "evals.retrieval")
+            for split in ret.get("splits", ("test",)):
+                def run_retrieval(params, split=split):
+                    images, texts, text_to_image = data.retrieval_split(
+                        split, int(ret.get("max_images", 1000)))
+                    return retrieval.recall_at_k(images_embedder(params, images),
+                                                 texts_embedder(params)(texts), text_to_image,
+                                                 split=split)
+                out.append(run_retrieval)
+        return evaluation.Schedule(out, every=int(evals.get("every", 0)))
