@@ -86,10 +86,11 @@ def write_siglip_tokenizer(directory):
 
 def hf_outputs(model, images, ids, mask=None):
     """transformers' image/text embeddings and logits_per_image, as float32 numpy."""
+    attention_mask = None if mask is None else torch.from_numpy(mask.astype(np.int64))
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids),
                     pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
-                    attention_mask=None if mask is None else torch.from_numpy(mask.astype(np.int64)))
+                    attention_mask=attention_mask)
     return {"image": out.image_embeds.numpy(), "text": out.text_embeds.numpy(),
             "logits": out.logits_per_image.numpy()}
 

@@ -1,5 +1,7 @@
 """big_vision `.npz` import: a checkpoint written here in big_vision's naming (from the tiny
 torch SigLIP, independently of vlmjax's own name table) must reproduce transformers' outputs."""
+import os
+
 import numpy as np
 import pytest
 
@@ -45,7 +47,8 @@ def big_vision_params(torch_model, scan=False):
     out = {"params/img/embedding/kernel":
            sd["vision_model.embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0),
            "params/img/embedding/bias": sd["vision_model.embeddings.patch_embedding.bias"],
-           "params/img/pos_embedding": sd["vision_model.embeddings.position_embedding.weight"][None],
+           "params/img/pos_embedding":
+           sd["vision_model.embeddings.position_embedding.weight"][None],
            "params/img/Transformer/encoder_norm/scale": sd["vision_model.post_layernorm.weight"],
            "params/img/Transformer/encoder_norm/bias": sd["vision_model.post_layernorm.bias"],
            "params/img/MAPHead_0/probe": sd["vision_model.head.probe"],
@@ -67,7 +70,8 @@ def big_vision_params(torch_model, scan=False):
     for i, fc in enumerate(("fc1", "fc2")):
         out[f"params/img/MAPHead_0/MlpBlock_0/Dense_{i}/kernel"] = _dense(
             sd[f"vision_model.head.mlp.{fc}.weight"])
-        out[f"params/img/MAPHead_0/MlpBlock_0/Dense_{i}/bias"] = sd[f"vision_model.head.mlp.{fc}.bias"]
+        out[f"params/img/MAPHead_0/MlpBlock_0/Dense_{i}/bias"] = sd[
+            f"vision_model.head.mlp.{fc}.bias"]
     for tower, hf, heads in (("img/Transformer", "vision_model", vh),
                              ("txt/Encoder_0", "text_model", th)):
         depth = SIGLIP_CONFIG["vision_config" if hf == "vision_model" else "text_config"][
@@ -123,3 +127,20 @@ def test_big_vision_unknown_parameter_is_named(siglip_hf, tmp_path):
     np.savez(path, **params)
     with pytest.raises(ValueError, match="encoderblock_0/Extra_0/kernel"):
         load_pretrained(path)
+
+
+def test_big_vision_import_cli_with_a_sentencepiece_tokenizer(npz_path, siglip_hf, tmp_path):
+    from vlmjax.convert import load_pretrained_tokenizer
+    from vlmjax.convert.cli import main as cli_main
+
+    out = str(tmp_path / "converted")
+    cli_main(["import", "--from", "big_vision", npz_path, "--out", out, "--tokenizer",
+              os.path.join(siglip_hf[0], "spiece.model")])
+    tokenizer, settings = load_pretrained_tokenizer(out)
+    assert os.path.exists(os.path.join(out, "spiece.model"))
+    assert (settings["pad_id"], settings["eos_id"], settings["text_mask"]) == (1, 1, False)
+    ids, _ = tokenizer.encode_batch(["a photo of a cat"], settings["max_len"],
+                                    settings["add_bos"], settings["eos"])
+    assert ids.shape == (1, 12) and ids[0, -1] == 1  # padded with 1 (big_vision pad_value=1)
+    with pytest.raises(SystemExit):  # an .npz is not an HF directory
+        cli_main(["import", "--from", "hf", npz_path, "--out", str(tmp_path / "x")])

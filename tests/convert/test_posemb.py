@@ -54,7 +54,8 @@ def test_values_stay_within_their_neighbourhood():
     for i in range(10):
         for j in range(7):
             y, x = i * 3 / 9, j * 2 / 6
-            cell = values[int(np.floor(y)):int(np.ceil(y)) + 1, int(np.floor(x)):int(np.ceil(x)) + 1]
+            rows = slice(int(np.floor(y)), int(np.ceil(y)) + 1)
+            cell = values[rows, int(np.floor(x)):int(np.ceil(x)) + 1]
             assert np.all(out[i, j] >= cell.min((0, 1)) - 1e-6)
             assert np.all(out[i, j] <= cell.max((0, 1)) + 1e-6)
 
@@ -70,7 +71,8 @@ def test_same_grid_is_identity_and_bad_grids_are_named():
         resize_posemb(posemb, (0, 4))
     config = {"image": {"patch_size": 6, "pool": "cls"}}
     with pytest.raises(ValueError, match="multiples of the patch size 6"):
-        resize_image_posemb({"image_tower/posemb/pos_embedding": posemb}, config, (24, 24), (25, 30))
+        resize_image_posemb({"image_tower/posemb/pos_embedding": posemb}, config, (24, 24),
+                            (25, 30))
 
 
 def test_load_pretrained_resizes_for_a_non_square_resolution(clip_hf, images):

@@ -66,7 +66,8 @@ def test_converted_dir_loads_into_a_sharded_mesh(clip_converted):
     _, sharded, _ = load_pretrained(clip_converted, shardings=shardings)
     kernel = sharded["image_tower"]["encoder"]["block0"]["mlp"]["fc2"]["kernel"]  # [44, 32]
     assert kernel.sharding == shardings["image_tower"]["encoder"]["block0"]["mlp"]["fc2"]["kernel"]
-    assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (44, 4)
+    assert len(kernel.addressable_shards) == 8
+    assert kernel.addressable_shards[0].data.shape == (44, 4)
     assert_same_params(sharded, plain)
 
 

@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
             config = import_pretrained(args.src, args.out, args.kind, args.image_size,
                                        args.tokenizer, args.overwrite)
             model = config["model"]
-            print(f"imported {args.src} ({config['source']['family']}, image {config['image']['size']}, "
-                  f"embed_dim {model['embed_dim']}, tokenizer "
+            print(f"imported {args.src} ({config['source']['family']}, image "
+                  f"{config['image']['size']}, embed_dim {model['embed_dim']}, tokenizer "
                   f"{(config['tokenizer'] or {}).get('file')}) -> {os.path.abspath(args.out)}")
         else:
             family = export_pretrained(args.src, args.out)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+
 import numpy as np
 
 from vlmjax.convert import hf_io
@@ -84,7 +85,8 @@ def model_config_from_hf(hf_config: dict, where: str = "config.json") -> tuple[d
     if patch[0] != patch[1]:
         raise ValueError(f"{where}: patch_size {vision['patch_size']} is not square")
     if vision["num_channels"] != 3:
-        raise ValueError(f"{where}: num_channels {vision['num_channels']}; only RGB (3) is supported")
+        raise ValueError(f"{where}: num_channels {vision['num_channels']}; only RGB (3) is "
+                         "supported")
     image = dict(patch_size=patch[0], width=vision["hidden_size"],
                  depth=vision["num_hidden_layers"], num_heads=vision["num_attention_heads"],
                  mlp_dim=vision["intermediate_size"], posemb="learn",
@@ -112,7 +114,8 @@ def model_config_from_hf(hf_config: dict, where: str = "config.json") -> tuple[d
         embed_dim = text["projection_size"] or text["hidden_size"]
         if embed_dim != vision["hidden_size"]:
             raise ValueError(f"{where}: text projection_size {embed_dim} differs from the vision "
-                             f"hidden_size {vision['hidden_size']} (SigLIP has no image projection)")
+                             f"hidden_size {vision['hidden_size']} (SigLIP has no image "
+                             "projection)")
         image.update(pool="map", patch_bias=True)
         txt.update(causal=False, pool="last")
         model = dict(image=image, text=txt, embed_dim=embed_dim,

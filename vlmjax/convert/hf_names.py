@@ -133,7 +133,8 @@ def split_packed_attention(state: dict[str, np.ndarray]) -> dict[str, np.ndarray
 def pack_attention(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     state = dict(state)
     for suffix in ("weight", "bias"):
-        names = [f"vision_model.head.attention.{n}.{suffix}" for n in ("q_proj", "k_proj", "v_proj")]
+        names = [f"vision_model.head.attention.{n}.{suffix}"
+                 for n in ("q_proj", "k_proj", "v_proj")]
         if all(n in state for n in names):
             state[PACKED + suffix] = np.concatenate([state.pop(n) for n in names], axis=0)
     return state

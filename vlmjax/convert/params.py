@@ -67,7 +67,8 @@ def check_params(params: Mapping[str, Any], model_config: Mapping[str, Any],
     want = flatten(abstract_params(model_config, image_size))
     have = flatten(params)
     problems = [f"missing {k} {tuple(want[k].shape)}" for k in sorted(set(want) - set(have))]
-    problems += [f"unexpected {k} {tuple(np.shape(have[k]))}" for k in sorted(set(have) - set(want))]
+    problems += [f"unexpected {k} {tuple(np.shape(have[k]))}"
+                 for k in sorted(set(have) - set(want))]
     problems += [f"{k}: shape {tuple(np.shape(have[k]))}, model wants {tuple(want[k].shape)}"
                  for k in sorted(set(want) & set(have))
                  if tuple(np.shape(have[k])) != tuple(want[k].shape)]

@@ -40,6 +40,8 @@ class Pretrained:
 
 def source_kind(src: str) -> str:
     """'hf', 'big_vision' or 'converted', from what SRC is."""
+    if not os.path.exists(src):
+        raise FileNotFoundError(f"pretrained model {src} does not exist")
     if os.path.isfile(src) and src.endswith(".npz"):
         return "big_vision"
     config_path = os.path.join(src, "config.json")
@@ -67,13 +69,12 @@ def read_source(src: str, kind: str | None = None, tokenizer_path: str | None = 
     flat, model_config, info = loader(src)
     image = {"size": info["image_size"], "mean": info["image_mean"], "std": info["image_std"]}
     text_len = model_config["text"]["max_len"]
+    settings, tok_dir = None, None
     if tokenizer_path is not None:
-        settings, tok_dir = tok.spm_tokenizer_settings(tokenizer_path, text_len), os.path.dirname(
-            os.path.abspath(tokenizer_path))
+        settings = tok.spm_tokenizer_settings(tokenizer_path, text_len)
+        tok_dir = os.path.dirname(os.path.abspath(tokenizer_path))
     elif kind == "hf":
         settings, tok_dir = tok.hf_tokenizer_settings(src, info["family"], text_len), src
-    else:
-        settings, tok_dir = None, None
     source = {"kind": kind, "path": os.path.abspath(src), "family": info["family"]}
     return Pretrained(flat, model_config, image, settings, tok_dir, source)
 

@@ -69,7 +69,8 @@ def hf_tokenizer_settings(directory: str, family: str, text_max_len: int) -> dic
         max_len = min(max_len, names["model_max_length"])  # HF uses a huge sentinel for "none"
     settings = dict(file=file, max_len=max_len, **FAMILY_DEFAULTS[family])
     if file.endswith(".json"):
-        settings.update({k: names[k] for k in ("bos_token", "eos_token", "pad_token") if k in names})
+        settings.update({k: names[k] for k in ("bos_token", "eos_token", "pad_token")
+                         if k in names})
         tokenizer = open_tokenizer(directory, settings)
     else:
         tokenizer = load_tokenizer(os.path.join(directory, file))
