@@ -107,3 +107,14 @@ def test_siglip_tokenizer_matches_the_hf_tokenizer(siglip_hf):
     ids, _ = tokenizer.encode_batch(TEXTS, settings["max_len"], settings["add_bos"],
                                     settings["eos"])
     np.testing.assert_array_equal(ids, want["input_ids"])
+
+
+def test_resizing_on_import_and_on_load(clip_hf, clip_converted, tmp_path):
+    from vlmjax.convert import import_pretrained
+
+    config = import_pretrained(clip_hf[0], str(tmp_path / "tall"), image_size=(42, 30))
+    assert config["image"]["size"] == [42, 30]
+    _, tall, _ = load_pretrained(str(tmp_path / "tall"))
+    _, also_tall, _ = load_pretrained(clip_converted, image_size=(42, 30))
+    assert tall["image_tower"]["posemb"]["pos_embedding"].shape == (1, 1 + 7 * 5, 32)
+    assert_same_params(tall, also_tall)

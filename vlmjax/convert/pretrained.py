@@ -165,15 +165,16 @@ def load_pretrained(src: str, *, image_size: Sequence[int] | None = None,
     `model_config` is the JSON-serialisable dict of TwoTowers arguments. `image_size` (H, W)
     resizes the learned image position embedding for another resolution.
     """
-    if source_kind(src) == "converted" and image_size is None:
-        params, config = _load_converted(src, shardings)
-        model_config = config["model"]
-    else:
-        pretrained = resized(read_pretrained(src), image_size)
-        model_config = pretrained.model_config
-        params = params_lib.unflatten(pretrained.params)
-        params_lib.check_params(params, model_config, pretrained.image["size"], src)
-        params = params_lib.to_device(params, shardings)
+    if source_kind(src) == "converted":
+        stored_size = hf_io.read_json(os.path.join(src, "config.json"))["image"]["size"]
+        if image_size is None or list(image_size) == stored_size:
+            params, config = _load_converted(src, shardings)  # straight into the shardings
+            return params_lib.build_model(config["model"], dtype), params, config["model"]
+    pretrained = resized(read_pretrained(src), image_size)
+    model_config = pretrained.model_config
+    params = params_lib.unflatten(pretrained.params)
+    params_lib.check_params(params, model_config, pretrained.image["size"], src)
+    params = params_lib.to_device(params, shardings)
     return params_lib.build_model(model_config, dtype), params, model_config
 
 
