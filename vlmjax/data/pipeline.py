@@ -131,7 +131,7 @@ class InputPipeline:
         source = self._sources[0]
         most = max(source.num_records(i, self.process_count) for i in range(self.process_count))
         if most == 0:
-            raise ValueError(f"the evaluation data is empty: {self.data_config}")
+            raise ValueError(f"no evaluation records in {self._describe_sources()}")
         return math.ceil(most / self.local_batch_size)
 
     def _sentinel(self, element_spec) -> tf.data.Dataset:
