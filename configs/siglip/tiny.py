@@ -7,6 +7,7 @@ Expected: >= 90% zero-shot top-1 on vlm_shapes test (see README for the measured
 Presets: runlocal (a few steps, tiny data, for tests), steps=N, batch=N.
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from vlmjax.config import parse_preset_args
 
@@ -26,7 +27,8 @@ def get_config(arg=None):
         temperature_init=10.0, bias_init=-10.0, dtype="float32")
     c.model_init = ""
     c.loss = dict(name=args.loss, impl="ppermute")
-    c.data = dict(source="vlm_shapes", split="train", config="64px", data_dir=None)
+    c.data = dict(source="vlm_shapes", split="train", config="64px",
+                  data_dir=placeholder(str))  # None: TFDS's default data dir
     c.input = dict(global_batch_size=args.batch, image_size=32,
                    preprocess="caption_random|resize_crop|flip_caption_aware|value_range",
                    crop_area_min=0.05,

@@ -50,7 +50,8 @@ class TwoTowers(nn.Module):
 
     `embed_dim`: shared embedding width; `image_projection` / `text_projection` say whether a
     tower gets a linear projection to it (with `*_projection_bias`). `temperature_init` is t
-    (not t'); `bias_init` None means no bias parameter (CLIP).
+    (not t'); `bias_init` None means no bias parameter (CLIP). `use_text_mask=False` ignores the
+    padding mask, as SigLIP's released models do (they pool the last, padded, position).
     """
     image: Mapping[str, Any] | None = None
     text: Mapping[str, Any] | None = None
@@ -61,6 +62,7 @@ class TwoTowers(nn.Module):
     text_projection_bias: bool = False
     temperature_init: float = CLIP_TEMPERATURE_INIT
     bias_init: float | None = None
+    use_text_mask: bool = True  # False: the text tower sees padding too (SigLIP's reference)
     dtype: layers.Dtype = jnp.float32
 
     def setup(self):
@@ -92,6 +94,7 @@ class TwoTowers(nn.Module):
         """[B, L] token ids (+ [B, L] bool mask) -> L2-normalised float32 [B, embed_dim]."""
         if self.text is None:
             raise ValueError("this TwoTowers model has no text tower (text=None)")
+        text_mask = text_mask if self.use_text_mask else None
         return l2_normalize(self.text_proj(self.text_tower(tokens, text_mask, train=train)))
 
     def __call__(self, images=None, tokens=None, text_mask=None, *, train: bool = False):

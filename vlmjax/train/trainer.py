@@ -8,6 +8,7 @@ Top-level config keys read here are listed in `TRAINER_KEYS`; each task lists it
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -114,9 +115,15 @@ class _StopRequested:
             signal.signal(sig, handler)
 
 
+@dataclasses.dataclass
+class TrainResult:
+    metrics: dict           # the last evaluation's metrics
+    state: step_lib.TrainState
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *,
-          allow_config_change: bool = False, stop_after: int | None = None) -> dict:
-    """Train (or resume) `config` in `workdir`; returns the final eval metrics.
+          allow_config_change: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Train (or resume) `config` in `workdir`; returns the last eval metrics and the state.
     `stop_after`: stop (with a checkpoint) after this many steps of this call, for tests."""
     check_config(config)
     os.makedirs(workdir, exist_ok=True)
@@ -154,6 +161,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
             return step_lib.init_state(params, tx, state_rng)
         with jax.set_mesh(mesh):
             state = jax.jit(init, out_shardings=state_shardings)(init_rng)
+            if config.get("model_init"):
+                params = task.pretrained_params(config.model_init, abstract_params,
+                                                param_shardings)
+                state = jax.jit(lambda p: step_lib.init_state(p, tx, state_rng),
+                                out_shardings=state_shardings)(params)
+                print(f"initialised params from {config.model_init}", flush=True)
         data_state = {}
 
     start_step = int(jax.device_get(state.step))
@@ -212,7 +225,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     finally:
         checkpointer.close()  # waits for the async save in flight
         writer.close()
-    return results
+    return TrainResult(results, state)
 
 
 def metrics_lib_peak(mesh) -> float:

@@ -76,6 +76,25 @@ class ContrastiveTask:
                                            mesh=self.mesh, impl=self.impl)
         return loss, dict(out)
 
+    def pretrained_params(self, src: str, abstract_params, shardings):
+        """Params of `config.model_init`, checked against this model's, placed by `shardings`."""
+        from vlmjax.convert import load_pretrained  # late: pulls in the converters
+        size = (self.data.image_size, self.data.image_size)
+        _, params, _ = load_pretrained(src, image_size=size, shardings=shardings)
+        expected = {jax.tree_util.keystr(p): x.shape
+                    for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
+        loaded = {jax.tree_util.keystr(p): x.shape
+                  for p, x in jax.tree_util.tree_leaves_with_path(params)}
+        if expected != loaded:
+            diff = sorted(k for k in set(expected) | set(loaded)
+                          if expected.get(k) != loaded.get(k))
+            raise ConfigError(
+                f"model_init {src} does not match config.model at {len(diff)} parameter(s), "
+                f"e.g. {diff[:3]} (config: {[expected.get(k) for k in diff[:3]]}, pretrained: "
+                f"{[loaded.get(k) for k in diff[:3]]}); build config.model from the pretrained "
+                "config (see configs/siglip/finetune_from_hf.py)")
+        return params
+
     def flops_per_example(self, batch_size: int) -> float:
         return flops.two_towers_train_flops_per_example(
             model_kwargs(self.config.model), self.data.image_size, self.data.text_length,

@@ -1,0 +1,107 @@
+"""End-to-end trainer runs on the tiny config: logs, checkpoints, exact resume, config checks."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from vlmjax import config as config_lib
+from vlmjax.train import trainer
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_config(data_dir, *overrides):
+    config = config_lib.load_config("configs/siglip/tiny.py:runlocal")
+    config_lib.apply_overrides(config, [f"data.data_dir={data_dir}", *overrides])
+    return config
+
+
+def assert_same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_runlocal_trains_logs_checkpoints_and_evaluates(data_dir, tmp_path):
+    result = trainer.train(tiny_config(data_dir), str(tmp_path))
+    assert {"zero_shot/test/top1", "zero_shot/test_novel/top5", "retrieval/test/i2t_r1",
+            "retrieval/test/t2i_r10"} <= set(result.metrics)
+    assert all(0.0 <= result.metrics[k] <= 1.0 for k in result.metrics if "/" in k
+               and k.split("/")[0] in ("zero_shot", "retrieval"))
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 3 and losses[-1] < losses[0]  # log_every=2 over 6 steps; it learns
+    assert {"train/learning_rate", "train/temperature", "train/bias", "perf/examples_per_s",
+            "perf/mfu"} <= set(records[0])
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+    saved = json.load(open(tmp_path / "config.json"))
+    assert saved["loss"]["name"] == "siglip" and saved["total_steps"] == 6
+    assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_resume_is_bitwise_exact(data_dir, tmp_path):
+    full = trainer.train(tiny_config(data_dir), str(tmp_path / "full"))
+    first = trainer.train(tiny_config(data_dir), str(tmp_path / "split"), stop_after=4)
+    assert int(first.state.step) == 4
+    resumed = trainer.train(tiny_config(data_dir), str(tmp_path / "split"))
+    assert int(resumed.state.step) == 6
+    assert_same_params(full.state.params, resumed.state.params)
+    assert_same_params(full.state.opt_state, resumed.state.opt_state)
+
+
+def test_changed_config_is_refused_unless_allowed(data_dir, tmp_path):
+    trainer.train(tiny_config(data_dir, "total_steps=2"), str(tmp_path))
+    with pytest.raises(trainer.ConfigMismatchError, match="optim.lr"):
+        trainer.train(tiny_config(data_dir, "total_steps=2", "optim.lr=0.5"), str(tmp_path))
+    result = trainer.train(tiny_config(data_dir, "total_steps=3", "optim.lr=0.5"), str(tmp_path),
+                           allow_config_change=True)
+    assert int(result.state.step) == 3
+
+
+def test_unknown_config_key_is_an_error(data_dir, tmp_path):
+    config = tiny_config(data_dir)
+    with config.unlocked():
+        config.optim.warmup = 5
+    with pytest.raises(config_lib.ConfigError, match="optim.warmup is not used"):
+        trainer.train(config, str(tmp_path))
+
+
+def test_nonfinite_stop_policy_raises_and_keeps_checkpoint_finite(data_dir, tmp_path):
+    config = tiny_config(data_dir, "nonfinite='stop'", "optim.lr=1e30", "optim.clip_norm=0.0",
+                         "optim.warmup_steps=0", "optim.schedule='constant'", "log_every=1")
+    with pytest.raises(trainer.NonFiniteError, match="non-finite"):
+        trainer.train(config, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_matches_uninterrupted_run(data_dir, tmp_path):
+    overrides = [f"--config.data.data_dir={data_dir}", "--config.total_steps=12",
+                 "--config.checkpoint.every=2", "--config.log_every=1"]
+    workdir = tmp_path / "killed"
+    command = [sys.executable, "-m", "vlmjax.train", "--config",
+               "configs/siglip/tiny.py:runlocal", f"--workdir={workdir}", *overrides]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        steps = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").exists() else []
+        if any(s.isdigit() and int(s) >= 4 for s in steps):
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=300)
+    config = tiny_config(data_dir, "total_steps=12", "checkpoint.every=2", "log_every=1")
+    uninterrupted = trainer.train(config, str(tmp_path / "uninterrupted"))
+    restored = trainer.train(config, str(workdir))  # finished: restores step 12, trains nothing
+    assert int(restored.state.step) == 12
+    assert_same_params(uninterrupted.state.params, restored.state.params)
