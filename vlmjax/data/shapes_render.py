@@ -6,6 +6,7 @@ with per-pixel noise, so the model cannot solve the task from a flat background 
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 
@@ -17,11 +18,17 @@ from vlmjax.data import shapes_scene
 SUPERSAMPLING = 4
 
 
+@functools.lru_cache(maxsize=4)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    return y, x
+
+
 def _background(scene: shapes_scene.Scene, size: int) -> np.ndarray:
     rng = np.random.default_rng(scene.background_seed)
-    tone = np.array(shapes_scene.BACKGROUND_TONES[scene.background_tone])
-    tone = tone + rng.uniform(-0.04, 0.04, size=3)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    tone = np.array(shapes_scene.BACKGROUND_TONES[scene.background_tone], np.float32)
+    tone = tone + rng.uniform(-0.04, 0.04, size=3).astype(np.float32)
+    y, x = _grid(size)
     if scene.background_kind == "stripes":
         angle = rng.uniform(0, math.pi)
         period = rng.uniform(0.08, 0.2)
@@ -36,7 +43,7 @@ def _background(scene: shapes_scene.Scene, size: int) -> np.ndarray:
     else:  # "noise": only the per-pixel noise below, a little stronger
         shade = np.zeros((size, size), np.float32)
     noise_scale = 0.07 if scene.background_kind == "noise" else 0.035
-    noise = rng.normal(0.0, noise_scale, size=(size, size, 1)).astype(np.float32)
+    noise = rng.standard_normal(size=(size, size, 1), dtype=np.float32) * noise_scale
     image = tone[None, None, :] + shade[..., None] + noise
     return image.astype(np.float32)
 

@@ -149,6 +149,18 @@ _UNIT_OUTLINES = {  # each spans about [-1, 1] in both axes
 }
 
 
+_COUNT_CDF = np.cumsum(OBJECT_COUNT_PROBS)[:-1]
+
+
+def _distinct_integers(rng: np.random.Generator, high: int, count: int) -> list[int]:
+    chosen: list[int] = []
+    while len(chosen) < count:
+        value = int(rng.integers(high))
+        if value not in chosen:
+            chosen.append(value)
+    return chosen
+
+
 def sample_scene(rng: np.random.Generator, combos: tuple[tuple[str, str], ...],
                  num_objects: int | None = None) -> Scene:
     """Draws a scene whose objects have distinct positions and distinct (colour, shape) pairs.
@@ -156,24 +168,25 @@ def sample_scene(rng: np.random.Generator, combos: tuple[tuple[str, str], ...],
     `combos` lists the allowed (colour, shape) pairs: SEEN_COMBOS for train/validation/test,
     NOVEL_COMBOS for test_novel.
     """
+    # Plain draws rather than rng.choice(p=...): this runs 50,000 times per build.
     if num_objects is None:
-        num_objects = int(rng.choice(len(OBJECT_COUNT_PROBS), p=OBJECT_COUNT_PROBS)) + 1
-    positions = rng.choice(len(POSITIONS), size=num_objects, replace=False)
-    combo_ids = rng.choice(len(combos), size=num_objects, replace=False)
+        num_objects = 1 + int(np.searchsorted(_COUNT_CDF, rng.random(), side="right"))
+    positions = rng.permutation(len(POSITIONS))[:num_objects]
+    combo_ids = _distinct_integers(rng, len(combos), num_objects)
     objects = []
     for position_id, combo_id in zip(positions, combo_ids):
         colour, shape = combos[combo_id]
         size = SIZES[int(rng.integers(len(SIZES)))]
         cx, cy = REGION_CENTRES[POSITIONS[position_id]]
-        jitter = rng.uniform(-CENTRE_JITTER, CENTRE_JITTER, size=2)
-        rgb = np.clip(np.array(COLOURS[colour]) + rng.uniform(-0.03, 0.03, size=3), 0, 1)
+        jitter_x, jitter_y, *rgb_jitter = rng.uniform(-1.0, 1.0, size=5).tolist()
+        rgb = tuple(min(max(c + 0.03 * j, 0.0), 1.0) for c, j in zip(COLOURS[colour], rgb_jitter))
         rotation = 0.0 if shape == "circle" else math.radians(
             rng.uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES))
         objects.append(SceneObject(
             shape=shape, colour=colour, size=size, position=POSITIONS[position_id],
-            centre=(cx + float(jitter[0]), cy + float(jitter[1])),
+            centre=(cx + CENTRE_JITTER * jitter_x, cy + CENTRE_JITTER * jitter_y),
             half_extent=float(rng.uniform(*HALF_EXTENT_RANGE[size])),
-            rotation=rotation, colour_rgb=tuple(float(v) for v in rgb)))
+            rotation=rotation, colour_rgb=rgb))
     return Scene(
         objects=tuple(objects),
         background_kind=BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))],
