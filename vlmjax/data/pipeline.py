@@ -60,7 +60,8 @@ from vlmjax.data.pipeline_config import default_data_config, default_input_confi
 from vlmjax.data.tf_cpu import tf
 
 _END_OF_DATA = -1  # reason of the sentinel closing a finite stream: trailing gaps get counted
-_OUTPUT_TEXT_KEYS = ("text", "text_mask")
+# Keys that do not change which batches come out: a resume may change them.
+_NOT_IN_FINGERPRINT = ("data_dir", "prefetch_batches")
 
 
 def _process_defaults(process_index, process_count):
@@ -73,9 +74,15 @@ def _process_defaults(process_index, process_count):
     return process_index, process_count
 
 
+def _without(config: dict, keys) -> dict:
+    return {k: (_without(v, keys) if isinstance(v, dict) else v) for k, v in config.items()
+            if k not in keys}
+
+
 def _fingerprint(data_config, input_config, training, process_index, process_count) -> str:
-    text = json.dumps([data_config.to_dict(), input_config.to_dict(), training, process_index,
-                       process_count], sort_keys=True, default=str)
+    configs = [_without(c.to_dict(), _NOT_IN_FINGERPRINT) for c in (data_config, input_config)]
+    text = json.dumps([*configs, training, process_index, process_count], sort_keys=True,
+                      default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
