@@ -78,6 +78,10 @@ def test_resume_sees_exactly_the_batches_of_an_uninterrupted_run(shapes_data):
     for x, y in zip(expected, (next(resumed) for _ in range(4))):
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
+    moved = _input(preprocess=config.preprocess, prefetch_batches=1)  # changes no batch
+    resumed = pipeline.make_pipeline(shapes_data, moved, training=True, process_index=0,
+                                     process_count=1, state=state)
+    np.testing.assert_array_equal(next(resumed)["image"], expected[0]["image"])
     other = _input(seed=5)
     with pytest.raises(ValueError, match="another data/input config"):
         pipeline.make_pipeline(shapes_data, other, training=True, process_index=0,

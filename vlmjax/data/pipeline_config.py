@@ -104,7 +104,10 @@ def _get(config, key, default=None):
 
 
 def make_source(config, training: bool) -> sources.Source:
-    """The source a (validated, non-mixture) data config names; vlm_shapes is built if needed."""
+    """The source a (validated, non-mixture) data config names; vlm_shapes is built if needed.
+
+    `training` is accepted for callers' clarity; sources shuffle (or not) in `records()`."""
+    del training
     source, split = config.source, _get(config, "split", "train")
     if source == "vlm_shapes":
         builder = shapes.prepare(shapes.make_builder(
@@ -147,7 +150,8 @@ def has_labels(config) -> bool:
 
 def resolve_tokenizer(input_config, built_sources: list[sources.Source]) -> tokenizers.Tokenizer:
     """`input.tokenizer`: a .model / tokenizer.json path, or "vlm_shapes" for the model stored
-    beside the vlm_shapes data the pipeline reads."""
+    beside the vlm_shapes data the pipeline reads. A file in a Hugging Face model directory gets
+    the special tokens (pad, ...) that directory's tokenizer_config.json declares."""
     if input_config.tokenizer == "vlm_shapes":
         for source in built_sources:
             if isinstance(source, sources.TfdsSource) and isinstance(source.builder,
@@ -156,6 +160,6 @@ def resolve_tokenizer(input_config, built_sources: list[sources.Source]) -> toke
         raise _error("input.tokenizer", "'vlm_shapes' needs a vlm_shapes source; give the path "
                      "of a SentencePiece .model or a tokenizer.json instead")
     try:
-        return tokenizers.load_tokenizer(input_config.tokenizer)
+        return tokenizers.load_model_tokenizer(input_config.tokenizer)
     except (ValueError, FileNotFoundError) as error:
         raise _error("input.tokenizer", str(error)) from None
