@@ -60,6 +60,8 @@ from vlmjax.data.pipeline_config import default_data_config, default_input_confi
 from vlmjax.data.tf_cpu import tf
 
 _END_OF_DATA = -1  # reason of the sentinel closing a finite stream: trailing gaps get counted
+# Our dataset functions use tf.cond/tf.where explicitly: AutoGraph would only add trace time.
+_plain = tf.autograph.experimental.do_not_convert
 # Keys that do not change which batches come out: a resume may change them.
 _NOT_IN_FINGERPRINT = ("data_dir", "prefetch_batches")
 
@@ -232,23 +234,23 @@ class InputPipeline:
 
     # ---- the dataset -----------------------------------------------------------------------
     def _build_dataset(self, start: int) -> tf.data.Dataset:
-        dataset = self._records().enumerate().map(lambda i, ex: {**ex, "_index": i})
+        dataset = self._records().enumerate().map(_plain(lambda i, ex: {**ex, "_index": i}))
         if start:
             dataset = dataset.skip(start)  # resuming: records are re-read, not re-decoded
-        dataset = dataset.map(self._example_fn(), num_parallel_calls=tf.data.AUTOTUNE,
+        dataset = dataset.map(_plain(self._example_fn()), num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)
         dataset = dataset.ignore_errors()
         initial = (tf.constant(start - 1, tf.int64), tf.zeros([skips.NUM_REASONS], tf.int64),
                    tf.constant(0, tf.int64))
-        dataset = dataset.scan(initial, self._count_skips_fn())
+        dataset = dataset.scan(initial, _plain(self._count_skips_fn()))
         if self.training:
-            dataset = dataset.filter(lambda ex: ex["_keep"])
-            dataset = dataset.map(lambda ex: {k: v for k, v in ex.items()
-                                              if k not in ("_keep", "_end")})
+            dataset = dataset.filter(_plain(lambda ex: ex["_keep"]))
+            dataset = dataset.map(_plain(lambda ex: {k: v for k, v in ex.items()
+                                                     if k not in ("_keep", "_end")}))
             dataset = dataset.batch(self.local_batch_size, drop_remainder=True)
         else:
             dataset = self._pad_for_eval(dataset)
-        dataset = dataset.map(self._tokenize_batch, num_parallel_calls=tf.data.AUTOTUNE,
+        dataset = dataset.map(_plain(self._tokenize_batch), num_parallel_calls=tf.data.AUTOTUNE,
                               deterministic=True)
         options = tf.data.Options()
         options.deterministic = True
@@ -265,7 +267,7 @@ class InputPipeline:
             out["text"] = tf.where(keep, ex["text"], "")
             out["label"] = tf.where(keep, ex["label"], -1)
             return {**out, "_mask": keep}
-        dataset = dataset.filter(lambda ex: ex["_keep"] | ex["_end"]).map(mark)
+        dataset = dataset.filter(_plain(lambda ex: ex["_keep"] | ex["_end"])).map(_plain(mark))
         size = self.input_config.image_size
         padding = tf.data.Dataset.from_tensors({
             "image": tf.zeros([size, size, 3], tf.float32), "text": tf.constant(""),

@@ -154,7 +154,8 @@ class TfdsSource(Source):
         dataset = self.builder.as_dataset(
             split=self._host_split(process_index, process_count), shuffle_files=training,
             read_config=read_config, decoders={self.image_key: tfds.decode.SkipDecoding()})
-        return dataset.map(self._to_example, num_parallel_calls=tf.data.AUTOTUNE)
+        return dataset.map(tf.autograph.experimental.do_not_convert(self._to_example),
+                           num_parallel_calls=tf.data.AUTOTUNE)
 
     def _to_example(self, features):
         texts = (tf.reshape(features[self.text_key], [-1]) if self.text_key
