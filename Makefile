@@ -1,16 +1,38 @@
-PYTHON ?= python
+# Two commands do everything on a fresh machine:
+#   make demo   creates .venv, installs, builds vlm_shapes, trains tiny SigLIP on CPU, evaluates
+#   make test   the whole test suite in the same environment
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA_DIR ?= $(CURDIR)/data_dir
+WORKDIR ?= $(CURDIR)/workdir/siglip_tiny
+DEMO_CONFIG ?= configs/siglip/tiny.py
 
-.PHONY: install test test-fast bench-loss-memory
+.PHONY: demo test test-fast install bench-loss-memory clean-demo
 
-install:
-	$(PYTHON) -m pip install -r requirements.txt -r requirements-test.txt
-	$(PYTHON) -m pip install --no-deps -e .
+$(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
 
-test:
-	$(PYTHON) -m pytest -q tests
+install: $(VENV)/.installed
 
-test-fast:
-	$(PYTHON) -m pytest -q -m "not slow" tests
+demo: $(VENV)/.installed
+	$(PY) -m vlmjax.data.build vlm_shapes --data_dir $(DATA_DIR)
+	$(PY) -m vlmjax.train --config $(DEMO_CONFIG) --workdir $(WORKDIR) \
+		--config.data.data_dir=$(DATA_DIR)
+	$(PY) -m vlmjax.plot $(WORKDIR) > /dev/null && echo "curves: $(WORKDIR)/plots"
 
-bench-loss-memory:
-	$(PYTHON) benchmarks/loss_memory.py
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 tests
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
+
+bench-loss-memory: $(VENV)/.installed
+	$(PY) benchmarks/loss_memory.py
+
+clean-demo:
+	rm -rf $(WORKDIR) $(DATA_DIR)
