@@ -7,7 +7,7 @@ import pytest
 from vlmjax import config as config_lib
 from vlmjax.train import trainer
 
-RUNLOCAL = ["configs/clip/tiny.py", "configs/siglip/vit_b16.py", "configs/clip/vit_b16.py"]
+RUNLOCAL = ["configs/clip/tiny.py", "configs/align/tiny.py", "configs/siglip/vit_b16.py", "configs/clip/vit_b16.py"]
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/*/*.py")))
