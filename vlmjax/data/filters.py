@@ -104,7 +104,8 @@ class AlignFilter:
             short, long = sorted(image_size)
             if config.filter_image_size and short <= config.min_image_side:
                 return "image_size"
-            if config.filter_aspect_ratio and (short == 0 or long / short >= config.max_aspect_ratio):
+            too_wide = short == 0 or long / short >= config.max_aspect_ratio
+            if config.filter_aspect_ratio and too_wide:
                 return "aspect_ratio"
         words = unigrams(text)
         if config.filter_text_length and not config.min_words <= len(words) <= config.max_words:

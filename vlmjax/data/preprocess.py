@@ -169,7 +169,8 @@ def make_preprocess_fn(spec: str, image_size: int, crop_area_min: float = 0.05) 
     """The composition of the ops named in `spec` (see the module docstring)."""
     factories = {
         "caption_random": lambda: caption_random, "caption_first": lambda: caption_first,
-        "resize_crop": lambda: resize_crop(image_size), "resize_pad": lambda: resize_pad(image_size),
+        "resize_crop": lambda: resize_crop(image_size),
+        "resize_pad": lambda: resize_pad(image_size),
         "resize": lambda: resize(image_size),
         "inception_crop": lambda: inception_crop(image_size, crop_area_min),
         "random_resized_crop": lambda: inception_crop(image_size, crop_area_min),

@@ -29,7 +29,8 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from vlmjax.data import shapes_examples, shapes_noise, shapes_scene, shapes_text, tokenizers
-from vlmjax.data.tf_cpu import tf  # noqa: F401  (hides GPUs; importing tfds alone starts no TF device)
+# Hides GPUs from TensorFlow (importing tfds alone starts no TF device, so the order is free).
+from vlmjax.data.tf_cpu import tf  # noqa: F401
 
 TOKENIZER_FILENAME = "vlm_shapes_sp.model"
 TOKENIZER_VOCAB_SIZE = 1000

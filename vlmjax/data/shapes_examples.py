@@ -1,4 +1,4 @@
-"""One vlm_shapes example from (seed, split, index), with no TensorFlow so worker processes stay light.
+"""One vlm_shapes example from (seed, split, index); no TensorFlow, so worker processes stay light.
 
 Every example is a pure function of its seed, split and index: builds are reproducible whatever the
 number of worker processes, and the noisy config shares images and clean captions with 64px.

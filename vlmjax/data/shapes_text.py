@@ -253,8 +253,8 @@ def _qa_existence(scene, rng, all_combos):
     question = _pick(rng, (f"Is there {named} in the image?", f"Does the image contain {named}?"))
     answer = "yes" if (colour, shape) in present else "no"
     listed = _names(scene.objects)
-    reasoning = (f"The objects are {listed}. One of them is the {colour} {shape}." if answer == "yes"
-                 else f"The objects are {listed}. None of them is {named}.")
+    reasoning = f"The objects are {listed}. " + (
+        f"One of them is the {colour} {shape}." if answer == "yes" else f"None of them is {named}.")
     return question, answer, "check whether the named object appears in the image", reasoning
 
 

@@ -323,8 +323,9 @@ class CsvSource(Source):
         reader = csv.reader(io.StringIO(data.decode("utf-8", errors="replace")),
                             delimiter=delimiter)
         header = next(reader, [])
-        for what, column in (("image_column", self.image_column),
-                             ("text_column", self.text_column), ("label_column", self.label_column)):
+        columns = (("image_column", self.image_column), ("text_column", self.text_column),
+                   ("label_column", self.label_column))
+        for what, column in columns:
             if column is not None and column not in header:
                 raise ValueError(f"data.{what}={column!r} is not a column of {self.csv_path}; "
                                  f"columns: {header}")

@@ -2,6 +2,8 @@
 
     tokenizer = load_tokenizer("path/to/spiece.model")       # SigLIP / T5 / Llama 2 / vlm_shapes
     tokenizer = load_tokenizer("path/to/tokenizer.json")     # CLIP BPE, Llama 3, ... (`tokenizers`)
+    tokenizer = load_model_tokenizer("hf_dir/spiece.model")  # + the special tokens that the HF
+                                                              # files beside it declare
     ids_BL, mask_BL = tokenizer.encode_batch(texts, max_len=16, add_bos=False, eos="sticky")
 
 `encode_batch` returns int32 ids padded with `pad_id` and a bool mask (True on real tokens,
@@ -176,6 +178,53 @@ def load_tokenizer(path: str, **kwargs) -> Tokenizer:
         return HuggingFaceTokenizer(path, **kwargs)
     raise ValueError(f"tokenizer {path!r}: expected a SentencePiece '.model' file or a Hugging "
                      "Face 'tokenizer.json' file")
+
+
+HF_SPECIAL_TOKEN_FILES = ("special_tokens_map.json", "tokenizer_config.json")  # the latter wins
+
+
+def hf_special_tokens(directory: str) -> dict:
+    """`bos_token` / `eos_token` / `pad_token` names (and `model_max_length`) that the Hugging
+    Face files in `directory` declare; {} when there are none."""
+    import json
+
+    names = {}
+    for name in HF_SPECIAL_TOKEN_FILES:
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            data = json.load(f)
+        for key in ("bos_token", "eos_token", "pad_token"):
+            value = data.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if value is not None:
+                names[key] = value
+        if "model_max_length" in data:
+            names["model_max_length"] = data["model_max_length"]
+    return names
+
+
+def load_model_tokenizer(path: str) -> Tokenizer:
+    """`load_tokenizer(path)` with the special tokens that the Hugging Face tokenizer files beside
+    it declare (`tokenizer_config.json`, `special_tokens_map.json`), as the model it came with
+    uses them: SigLIP pads with `</s>` (id 1), not SentencePiece's pad piece (0), and its text
+    tower reads the padding; CLIP pads with `<|endoftext|>`. Without such files this is
+    `load_tokenizer(path)`."""
+    path = os.fspath(path)
+    names = hf_special_tokens(os.path.dirname(os.path.abspath(path)))
+    if path.endswith(".json"):
+        return load_tokenizer(path, **{k: names[k] for k in ("bos_token", "eos_token",
+                                                             "pad_token") if k in names})
+    tokenizer = load_tokenizer(path)
+    pad = names.get("pad_token")
+    if pad is None or not isinstance(tokenizer, SentencePieceTokenizer):
+        return tokenizer
+    pad_id = tokenizer.piece_id(pad)
+    if tokenizer._sp.id_to_piece(pad_id) != pad:
+        raise ValueError(f"pad_token={pad!r} (from the tokenizer files beside {path}) is not a "
+                         "piece of that SentencePiece model")
+    return SentencePieceTokenizer(path, pad_id=pad_id)
 
 
 def train_sentencepiece(texts: Iterable[str], output_path: str, vocab_size: int = 1000,

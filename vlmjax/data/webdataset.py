@@ -117,7 +117,7 @@ def iter_tar_samples(path: str) -> Iterator[TarSample | TarProblem]:
 
 
 class ShardWriter:
-    """Writes samples into `directory/prefix-000000.tar`, `-000001.tar`, ... of `max_samples` each."""
+    """Writes samples to `directory/prefix-000000.tar`, `-000001.tar`, ..., `max_samples` each."""
 
     def __init__(self, directory: str, prefix: str = "shard", max_samples: int = 10_000):
         self.directory, self.prefix, self.max_samples = directory, prefix, max_samples
