@@ -5,9 +5,10 @@
 SOURCE: shard paths, a glob (`dir/shard-*.tar`) or brace notation
 (`dir/shard-{000000..000099}.tar`), comma-separated for several. Pass 1 gathers corpus statistics
 (texts shared across images, unigram/bigram frequencies), pass 2 decides and copies each kept
-sample's files unchanged into OUT/filtered-NNNNNN.tar. It prints how many samples each rule removed (a sample is charged to the
-first rule it fails, in the order image_size, aspect_ratio, text_length, shared_text,
-rare_tokens) and how many bad samples were skipped and why; OUT/filter_report.json holds the same.
+sample's files unchanged into OUT/filtered-NNNNNN.tar. It prints how many samples each rule
+removed (a sample is charged to the first rule it fails, in the order image_size, aspect_ratio,
+text_length, shared_text, rare_tokens) and how many bad samples were skipped and why;
+OUT/filter_report.json holds the same.
 """
 from __future__ import annotations
 
