@@ -206,3 +206,16 @@ def test_build_cli_builds_and_reports(tmp_path, capsys):
              for n in ex["caption_noise"]]
     assert 0 < np.mean(np.array(noise) > 0) < 0.7  # some but not all captions are junk
     assert build.main(["vlm_shapes", "--data_dir", str(tmp_path), "--config", "12px"]) == 2
+
+
+@pytest.mark.slow
+def test_worker_processes_build_the_same_examples(shapes_builder, tmp_path, monkeypatch):
+    monkeypatch.setattr(shapes, "_MIN_EXAMPLES_FOR_WORKERS", 0)  # use the pool even for 48
+    parallel = shapes.prepare(shapes.make_builder("64px", str(tmp_path), num_workers=2,
+                                                  train_size=48, eval_size=16, novel_size=10))
+    for split in ("train", "test_novel"):
+        serial = {ex["id"]: ex for ex in shapes_builder.as_dataset(split=split).as_numpy_iterator()}
+        for example in parallel.as_dataset(split=split).as_numpy_iterator():
+            reference = serial[example["id"]]
+            np.testing.assert_array_equal(example["image"], reference["image"])
+            assert list(example["captions"]) == list(reference["captions"])
