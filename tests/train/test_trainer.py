@@ -105,3 +105,14 @@ def test_sigkill_then_restart_matches_uninterrupted_run(data_dir, tmp_path):
     restored = trainer.train(config, str(workdir))  # finished: restores step 12, trains nothing
     assert int(restored.state.step) == 12
     assert_same_params(uninterrupted.state.params, restored.state.params)
+
+
+def test_checkpoint_restores_into_a_different_mesh(data_dir, tmp_path):
+    first = trainer.train(tiny_config(data_dir, "mesh.data=8", "total_steps=4"), str(tmp_path),
+                          stop_after=2)
+    assert int(first.state.step) == 2
+    resumed = trainer.train(tiny_config(data_dir, "mesh.data=2", "mesh.fsdp=4", "total_steps=4"),
+                            str(tmp_path), allow_config_change=True)
+    assert int(resumed.state.step) == 4
+    kernel = resumed.state.params["text_tower"]["encoder"]["block0"]["mlp"]["fc1"]["kernel"]
+    assert "fsdp" in str(kernel.sharding.spec)  # embed dim sharded over fsdp on the new mesh

@@ -44,7 +44,13 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)  # orbax and tfds INFO/WARNING lines drown the progress
     from vlmjax.train import trainer  # after flag parsing: jax/TensorFlow import is slow
-    trainer.train(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW_CHANGE.value)
+    result = trainer.train(_CONFIG.value, _WORKDIR.value,
+                           allow_config_change=_ALLOW_CHANGE.value)
+    if result.metrics:
+        print("final evaluation:")
+        for key, value in sorted(result.metrics.items()):
+            if key.startswith(("zero_shot/", "retrieval/")):
+                print(f"  {key:32s} {value:7.2%}")
 
 
 if __name__ == "__main__":
