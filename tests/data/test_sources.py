@@ -173,3 +173,13 @@ def test_check_image_reencodes_formats_tf_cannot_decode():
     jpeg = image_bytes(10, 8)
     assert sources.check_image(jpeg) == (jpeg, "ok")
     assert np.array_equal(sources.decode_text(b"\xff\xfe"), ("", "bad_text_encoding"))
+
+
+def test_tfds_source_by_name_and_data_dir(shapes_builder, tfds_dir):
+    name = f"vlm_shapes/{shapes_builder.builder_config.name}"
+    source = sources.TfdsSource(name=name, data_dir=tfds_dir, split="test_novel",
+                                text_key="captions", label_key="label")
+    records = _records(source)
+    assert len(records) == 10 and all(r["label"] >= 0 for r in records)
+    with pytest.raises(ValueError, match="data.name='no_such_dataset'"):
+        sources.TfdsSource(name="no_such_dataset", data_dir=tfds_dir)

@@ -127,7 +127,11 @@ class TfdsSource(Source):
 
     def __post_init__(self):
         if self.builder is None:
-            self.builder = tfds.builder(self.name, data_dir=self.data_dir)
+            try:
+                self.builder = tfds.builder(self.name, data_dir=self.data_dir)
+            except Exception as error:  # noqa: BLE001  (tfds raises several types)
+                raise ValueError(f"data.name={self.name!r} (data_dir={self.data_dir!r}): "
+                                 f"{error}") from None
         if not self.builder.is_prepared():
             raise ValueError(f"TFDS dataset {self.name!r} is not prepared in "
                              f"{self.builder.data_dir_root}; build it first (tfds build)")
