@@ -223,3 +223,23 @@ def test_to_global_arrays_over_the_mesh():
 
 def test_skip_reason_names_are_unique():
     assert len(set(skips.SKIP_REASONS)) == skips.NUM_REASONS and skips.SKIP_REASONS[0] == "ok"
+
+
+def test_resume_on_shards_with_bad_data_keeps_batches_and_counts(bad_shards, shapes_builder):
+    config = _input(batch_size=3, tokenizer=_sp_path(shapes_builder), shuffle_buffer=5,
+                    preprocess="caption_random|inception_crop|flip|value_range")
+    data_config = _wds_data(f"{bad_shards}/*.tar")
+    run = pipeline.make_pipeline(data_config, config, training=True, process_index=0,
+                                 process_count=1)
+    for _ in range(4):
+        next(run)
+    state = run.get_state()
+    expected = [(next(run), run.skip_counts) for _ in range(5)]
+    resumed = pipeline.make_pipeline(data_config, config, training=True, process_index=0,
+                                     process_count=1, state=state)
+    assert resumed.skip_counts == state["skips"]
+    for batch, counts in expected:
+        again = next(resumed)
+        np.testing.assert_array_equal(again["image"], batch["image"])
+        np.testing.assert_array_equal(again["text"], batch["text"])
+        assert resumed.skip_counts == counts
