@@ -155,9 +155,14 @@ class TfdsSource(Source):
     def records(self, process_index, process_count, training, seed):
         read_config = tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=True,
                                       shuffle_reshuffle_each_iteration=True)
+        # Parse only the features used (vlm_shapes' QA and boxes would cost as much as the rest)
+        # and leave the image encoded: the pipeline decodes it and counts failures.
+        wanted = {key: True for key in (self.text_key, self.label_key) if key is not None}
+        decoders = tfds.decode.PartialDecoding(
+            {**wanted, self.image_key: True}, decoders={self.image_key: tfds.decode.SkipDecoding()})
         dataset = self.builder.as_dataset(
             split=self._host_split(process_index, process_count), shuffle_files=training,
-            read_config=read_config, decoders={self.image_key: tfds.decode.SkipDecoding()})
+            read_config=read_config, decoders=decoders)
         return dataset.map(tf.autograph.experimental.do_not_convert(self._to_example),
                            num_parallel_calls=tf.data.AUTOTUNE)
 
