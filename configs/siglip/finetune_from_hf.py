@@ -22,7 +22,7 @@ data   webdataset / img2dataset shards ('/data/{00000..00099}.tar' or globs; for
        Evaluation: zero-shot + retrieval on vlm_shapes; for other data name held-out splits with
        --config.evals.retrieval.splits (TFDS) or evaluate the export.
 Presets: src=DIR, data=..., steps=N, batch=N (global), res=N (fine-tune at N x N; the learned
-position embedding is resized bilinearly on load), runlocal (3 steps, tiny vlm_shapes).
+position embedding is resized bilinearly on load), runlocal (2 steps on a tiny vlm_shapes).
 
 Hardware: SigLIP B/16 at 224 px, global batch 1024, bfloat16 compute: one host of 8 GPUs
 (A100/H100) or a TPU v4-8 / v5e-8, data parallel (~2 GB of activations per device); for So400m
@@ -105,7 +105,7 @@ def get_config(arg=None):
     c.nonfinite = "skip"
     c.peak_flops = 0.0
     if args.runlocal:
-        c.total_steps = 3
+        c.total_steps = 2
         c.model.dtype = "float32"
         if c.data.source == "vlm_shapes":
             c.data.config = "32px"

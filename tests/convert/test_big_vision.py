@@ -142,5 +142,10 @@ def test_big_vision_import_cli_with_a_sentencepiece_tokenizer(npz_path, siglip_h
     ids, _ = tokenizer.encode_batch(["a photo of a cat"], settings["max_len"],
                                     settings["add_bos"], settings["eos"])
     assert ids.shape == (1, 12) and ids[0, -1] == 1  # padded with 1 (big_vision pad_value=1)
+    # The data pipeline (input.tokenizer = out/spiece.model) pads the same way: the converted
+    # dir declares the padding in a tokenizer_config.json, as HF SigLIP directories do.
+    from vlmjax.data.tokenizers import load_model_tokenizer
+    assert "tokenizer_config.json" in settings["files"]
+    assert load_model_tokenizer(os.path.join(out, "spiece.model")).pad_id == 1
     with pytest.raises(SystemExit):  # an .npz is not an HF directory
         cli_main(["import", "--from", "hf", npz_path, "--out", str(tmp_path / "x")])

@@ -3,6 +3,7 @@
 
     model, params, model_config = load_pretrained("path/to/hf_dir" | "x.npz" | "converted_dir")
     export_hf(params, model_config, "out_dir")
+    recipe = pretrained_recipe("path/to/hf_dir")   # configs only: model config, image, tokenizer
 
 CLI: `python -m vlmjax.convert import --from hf|big_vision SRC --out DIR`,
      `python -m vlmjax.convert export --to hf SRC OUT`.
@@ -10,8 +11,10 @@ CLI: `python -m vlmjax.convert import --from hf|big_vision SRC --out DIR`,
 from vlmjax.convert.cli import export_pretrained
 from vlmjax.convert.hf_export import export_hf, hf_family
 from vlmjax.convert.posemb import resize_posemb
+from vlmjax.convert.recipe import Recipe, pretrained_recipe
 from vlmjax.convert.pretrained import (import_pretrained, load_pretrained,
                                        load_pretrained_tokenizer, read_pretrained)
 
 __all__ = ["export_hf", "export_pretrained", "hf_family", "import_pretrained", "load_pretrained",
-           "load_pretrained_tokenizer", "read_pretrained", "resize_posemb"]
+           "load_pretrained_tokenizer", "pretrained_recipe", "read_pretrained", "Recipe",
+           "resize_posemb"]

@@ -2,7 +2,9 @@
 
   python -m vlmjax.convert import --from hf HF_DIR --out DIR [--image-size 384] [--overwrite]
   python -m vlmjax.convert import --from big_vision X.npz --out DIR [--tokenizer spiece.model]
-  python -m vlmjax.convert export --to hf SRC OUT     # SRC: converted DIR, HF dir or .npz
+  python -m vlmjax.convert export --to hf SRC OUT     # SRC: converted DIR, HF dir, .npz,
+                                                      # trainer WORKDIR (latest checkpoint) or
+                                                      # WORKDIR/checkpoints/<step>
 """
 from __future__ import annotations
 
@@ -10,18 +12,23 @@ import argparse
 import os
 import sys
 
-from vlmjax.convert import tokenizer as tok
+from vlmjax.convert import hf_io, tokenizer as tok
 from vlmjax.convert.hf_export import export_hf
 from vlmjax.convert.pretrained import import_pretrained, read_pretrained
+from vlmjax.convert.workdir import preprocessor_config
 
 
 def export_pretrained(src: str, out_dir: str) -> str:
-    """Any pretrained source -> HF directory (with its tokenizer files); returns the family."""
+    """Any pretrained source (a trainer workdir or checkpoint directory too) -> HF directory
+    with its tokenizer files and an image processor config; returns the family."""
     pretrained = read_pretrained(src)
     family = export_hf(pretrained.params, pretrained.model_config, out_dir,
                        token_ids=pretrained.tokenizer)
     if pretrained.tokenizer_dir is not None:
         tok.copy_tokenizer_files(pretrained.tokenizer_dir, pretrained.tokenizer, out_dir)
+    processor = os.path.join(out_dir, "preprocessor_config.json")
+    if not os.path.exists(processor):
+        hf_io.write_json(processor, preprocessor_config(family, pretrained.image))
     return family
 
 
@@ -49,7 +56,8 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("--tokenizer", default=None,
                      help="SentencePiece .model to go with a big_vision checkpoint")
     imp.add_argument("--overwrite", action="store_true")
-    exp = commands.add_parser("export", help="converted DIR (or HF dir / .npz) -> HF dir")
+    exp = commands.add_parser("export", help="trainer WORKDIR[/checkpoints/STEP], converted DIR "
+                              "(or HF dir / .npz) -> HF dir")
     exp.add_argument("--to", choices=["hf"], required=True)
     exp.add_argument("src")
     exp.add_argument("out")

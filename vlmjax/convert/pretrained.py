@@ -1,5 +1,6 @@
 """`load_pretrained(SRC)`: a TwoTowers model, its params and its model config from an HF
-directory, a big_vision `.npz`, or a converted directory; and writing converted directories.
+directory, a big_vision `.npz`, a converted directory, or a trainer workdir (see
+convert.workdir); and writing converted directories.
 
 A converted directory holds
   config.json   {"format": FORMAT, "model": <model config>, "image": {"size": [H, W], "mean",
@@ -21,10 +22,11 @@ import numpy as np
 from vlmjax.convert import hf_io, params as params_lib, posemb, tokenizer as tok
 from vlmjax.convert.big_vision import load_big_vision
 from vlmjax.convert.hf import load_hf, model_config_from_hf
+from vlmjax.convert.workdir import read_trainer_checkpoint, trainer_checkpoint
 
 FORMAT = "vlmjax.convert/1"
 PARAMS_DIR = "params"
-SOURCES = ("hf", "big_vision", "converted")
+SOURCES = ("hf", "big_vision", "converted", "trainer")
 
 
 @dataclass
@@ -44,6 +46,8 @@ def source_kind(src: str) -> str:
         raise FileNotFoundError(f"pretrained model {src} does not exist")
     if os.path.isfile(src) and src.endswith(".npz"):
         return "big_vision"
+    if trainer_checkpoint(src) is not None:
+        return "trainer"
     config_path = os.path.join(src, "config.json")
     if os.path.isdir(src) and os.path.exists(config_path):
         config = hf_io.read_json(config_path)
@@ -52,9 +56,9 @@ def source_kind(src: str) -> str:
         if "model_type" in config:
             return "hf"
     raise ValueError(f"{src} is not a pretrained model: expected an HF model directory "
-                     "(config.json with model_type + weights), a big_vision .npz file, or a "
+                     "(config.json with model_type + weights), a big_vision .npz file, a "
                      f"directory written by `python -m vlmjax.convert import` (config.json with "
-                     f"format {FORMAT!r})")
+                     f"format {FORMAT!r}), or a trainer workdir / WORKDIR/checkpoints/<step>")
 
 
 def read_source(src: str, kind: str | None = None, tokenizer_path: str | None = None
@@ -104,9 +108,10 @@ def write_converted(pretrained: Pretrained, out_dir: str, overwrite: bool = Fals
                 params_lib.unflatten({k: np.asarray(v, np.float32)
                                       for k, v in pretrained.params.items()}))
     tok.copy_tokenizer_files(pretrained.tokenizer_dir, pretrained.tokenizer, out_dir)
+    settings = tok.with_tokenizer_config(pretrained.tokenizer, pretrained.tokenizer_dir, out_dir)
     hf_io.write_json(os.path.join(out_dir, "config.json"), {
         "format": FORMAT, "model": pretrained.model_config, "image": pretrained.image,
-        "tokenizer": pretrained.tokenizer, "source": pretrained.source})
+        "tokenizer": settings, "source": pretrained.source})
 
 
 def import_pretrained(src: str, out_dir: str, kind: str | None = None,
@@ -146,8 +151,11 @@ def _load_converted(directory: str, shardings: Any) -> tuple[dict, dict]:
 
 
 def read_pretrained(src: str) -> Pretrained:
-    """Any source (including converted dirs) as numpy `Pretrained`."""
-    if source_kind(src) != "converted":
+    """Any source (including converted dirs and trainer workdirs) as numpy `Pretrained`."""
+    kind = source_kind(src)
+    if kind == "trainer":
+        return read_trainer_checkpoint(src)
+    if kind != "converted":
         return read_source(src)
     params, config = _load_converted(src, None)
     flat = {k: np.asarray(v) for k, v in params_lib.flatten(params).items()}
@@ -157,8 +165,8 @@ def read_pretrained(src: str) -> Pretrained:
 
 def load_pretrained(src: str, *, image_size: Sequence[int] | None = None,
                     shardings: Any = None, dtype=jnp.float32):
-    """-> (model, params, model_config) from an HF directory, a big_vision .npz or a converted
-    directory.
+    """-> (model, params, model_config) from an HF directory, a big_vision .npz, a converted
+    directory or a trainer workdir / checkpoint directory.
 
     `model` is a `TwoTowers` (compute `dtype`); `params` are float32 jax arrays placed by
     `shardings` (a pytree of shardings matching the params, or one sharding for all) when given;

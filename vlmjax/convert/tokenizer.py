@@ -17,7 +17,8 @@ import os
 import shutil
 
 from vlmjax.convert import hf_io
-from vlmjax.data.tokenizers import Tokenizer, load_tokenizer
+from vlmjax.data.tokenizers import (Tokenizer, hf_special_tokens, load_model_tokenizer,
+                                     load_tokenizer)
 
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")  # in order of preference
 # Copied along so that an export is a complete HF directory again.
@@ -26,27 +27,6 @@ COMPANION_FILES = ("tokenizer_config.json", "special_tokens_map.json", "vocab.js
 FAMILY_DEFAULTS = {"clip": dict(add_bos=True, eos="sticky", text_mask=True),
                    "siglip": dict(add_bos=False, eos="sticky", text_mask=False)}
 BIG_VISION_PAD_ID = 1  # big_vision's SigLIP text preprocessing: tokenize(eos="sticky", pad_value=1)
-
-
-def _token_name(value) -> str | None:
-    """tokenizer_config.json stores special tokens as strings or {"content": ...} dicts."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
-
-
-def _special_tokens(directory: str) -> dict:
-    names = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
-        path = os.path.join(directory, name)
-        if os.path.exists(path):
-            data = hf_io.read_json(path)
-            for key in ("bos_token", "eos_token", "pad_token"):
-                if data.get(key) is not None:
-                    names[key] = _token_name(data[key])
-            if "model_max_length" in data:
-                names["model_max_length"] = data["model_max_length"]
-    return names
 
 
 def open_tokenizer(directory: str, settings: dict) -> Tokenizer:
@@ -63,7 +43,7 @@ def hf_tokenizer_settings(directory: str, family: str, text_max_len: int) -> dic
     file = next((f for f in TOKENIZER_FILES if os.path.exists(os.path.join(directory, f))), None)
     if file is None:
         return None
-    names = _special_tokens(directory)
+    names = hf_special_tokens(directory)
     max_len = text_max_len
     if isinstance(names.get("model_max_length"), int) and names["model_max_length"] > 0:
         max_len = min(max_len, names["model_max_length"])  # HF uses a huge sentinel for "none"
@@ -71,12 +51,8 @@ def hf_tokenizer_settings(directory: str, family: str, text_max_len: int) -> dic
     if file.endswith(".json"):
         settings.update({k: names[k] for k in ("bos_token", "eos_token", "pad_token")
                          if k in names})
-        tokenizer = open_tokenizer(directory, settings)
-    else:
-        tokenizer = load_tokenizer(os.path.join(directory, file))
-        pad = names.get("pad_token")
-        pad_id = tokenizer.piece_id(pad) if pad is not None else tokenizer.pad_id
-        tokenizer = load_tokenizer(os.path.join(directory, file), pad_id=pad_id)
+    # The same loader as the data pipeline's (input.tokenizer = this file), so the ids agree.
+    tokenizer = load_model_tokenizer(os.path.join(directory, file))
     settings.update(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     if settings["add_bos"] and tokenizer.bos_id is None:
         settings["add_bos"] = False
@@ -96,6 +72,25 @@ def spm_tokenizer_settings(path: str, text_max_len: int) -> dict:
     return dict(file=os.path.basename(path), max_len=text_max_len, **FAMILY_DEFAULTS["siglip"],
                 pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
                 files=[os.path.basename(path)])
+
+
+def with_tokenizer_config(settings: dict | None, directory: str, out_dir: str) -> dict | None:
+    """A SentencePiece model that came without Hugging Face tokenizer files (big_vision's, padded
+    with `pad_id`, not the model's pad piece) gets a `tokenizer_config.json` in `out_dir` that
+    declares its pad/EOS pieces and length: then the data pipeline (`input.tokenizer =
+    OUT/spiece.model`) and transformers' SiglipTokenizer pad as the reference does. Returns the
+    settings with that file listed (unchanged settings when there is nothing to add)."""
+    if (settings is None or not settings["file"].endswith(".model")
+            or "tokenizer_config.json" in settings.get("files", [])):
+        return settings
+    tokenizer = load_tokenizer(os.path.join(directory, settings["file"]))
+    piece = tokenizer._sp.id_to_piece
+    config = {"tokenizer_class": "SiglipTokenizer", "model_max_length": settings["max_len"],
+              "pad_token": piece(settings["pad_id"]), "unk_token": piece(tokenizer.unk_id)}
+    if settings.get("eos_id") is not None:
+        config["eos_token"] = piece(settings["eos_id"])
+    hf_io.write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
+    return dict(settings, files=list(settings.get("files", [])) + ["tokenizer_config.json"])
 
 
 def copy_tokenizer_files(src_dir: str, settings: dict | None, out_dir: str) -> None:

@@ -1,0 +1,102 @@
+"""`pretrained_recipe(SRC)`: what a trainer config needs to fine-tune a pretrained model, read
+from its config files only (no weights are loaded).
+
+    recipe = pretrained_recipe("path/to/siglip_hf_dir")   # or a converted directory
+    config.model = {**recipe.model_config, "use_text_mask": recipe.tokenizer["text_mask"]}
+    config.model_init = SRC   # the weights, loaded by the trainer into its shardings
+
+The model config's `temperature_init` / `bias_init` are the family's defaults when SRC is an HF
+directory (their values live in the weights, which `model_init` loads); a converted directory
+stores the checkpoint's own.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from vlmjax.convert import hf_io, tokenizer as tok
+from vlmjax.convert.hf import IMAGE_NORMALISATION, image_normalisation, model_config_from_hf
+from vlmjax.convert.hf_export import hf_family
+from vlmjax.convert.pretrained import source_kind
+from vlmjax.data.tokenizers import load_model_tokenizer
+
+# The pipeline's value ops (vlmjax.data.preprocess) and the (mean, std) on [0, 1] pixels that
+# each applies: value_range maps to [-1, 1]; normalize_clip uses CLIP's constants.
+VALUE_OPS = {"value_range": IMAGE_NORMALISATION["siglip"],
+             "normalize_clip": IMAGE_NORMALISATION["clip"]}
+LOSSES = {"siglip": "siglip", "clip": "clip"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    family: str           # 'clip' | 'siglip'
+    model_config: dict    # TwoTowers keyword arguments (JSON-able)
+    image_size: list      # [H, W] the model was trained at
+    image_mean: list      # per channel, on pixels scaled to [0, 1]
+    image_std: list
+    tokenizer: dict | None  # convert.tokenizer settings + `path` (absolute path of its file)
+
+    @property
+    def loss(self) -> str:
+        return LOSSES[self.family]
+
+    def value_op(self) -> str:
+        """The preprocessing op that normalises pixels as this model expects."""
+        for op, (mean, std) in VALUE_OPS.items():
+            if np.allclose(self.image_mean, mean, atol=1e-6) and np.allclose(
+                    self.image_std, std, atol=1e-6):
+                return op
+        raise ValueError(f"image mean {self.image_mean} / std {self.image_std} match no "
+                         "preprocessing op; supported: " + ", ".join(
+                             f"{op} (mean {list(m)}, std {list(s)})"
+                             for op, (m, s) in VALUE_OPS.items()))
+
+    def square_image_size(self) -> int:
+        height, width = self.image_size
+        if height != width:
+            raise ValueError(f"the model was trained at {height}x{width}; the input pipeline "
+                             "makes square images: choose a square size (e.g. res=N)")
+        return int(height)
+
+
+def _recipe_from_hf(src: str) -> Recipe:
+    config_path = os.path.join(src, "config.json")
+    model_config, info = model_config_from_hf(hf_io.read_json(config_path), config_path)
+    mean, std = image_normalisation(src, info["family"])
+    settings = tok.hf_tokenizer_settings(src, info["family"], model_config["text"]["max_len"])
+    return Recipe(info["family"], model_config, info["image_size"], mean, std, settings)
+
+
+def _recipe_from_converted(src: str) -> Recipe:
+    config = hf_io.read_json(os.path.join(src, "config.json"))
+    family = (config.get("source") or {}).get("family") or hf_family(config["model"])
+    image = config["image"]
+    return Recipe(family, config["model"], list(image["size"]), list(image["mean"]),
+                  list(image["std"]), config.get("tokenizer"))
+
+
+def pretrained_recipe(src: str) -> Recipe:
+    """The model config, image size/normalisation and tokenizer settings of an HF model directory
+    or a converted directory (`python -m vlmjax.convert import`), from its config files."""
+    kind = source_kind(src)
+    if kind == "big_vision":
+        raise ValueError(f"{src}: a big_vision .npz holds no config; import it first: python -m "
+                         "vlmjax.convert import --from big_vision X.npz --out DIR --tokenizer "
+                         "spiece.model, then use DIR")
+    recipe = _recipe_from_hf(src) if kind == "hf" else _recipe_from_converted(src)
+    settings = recipe.tokenizer
+    if settings is not None:
+        path = os.path.abspath(os.path.join(src, settings["file"]))
+        # The pipeline loads input.tokenizer with load_model_tokenizer: check that it pads and
+        # ends texts with the ids the reference uses (SigLIP reads the padding).
+        tokenizer = load_model_tokenizer(path)
+        got = {"pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id}
+        want = {k: settings.get(k) for k in got}
+        if got != want:
+            raise ValueError(f"{path} loads with special ids {got}, but {src} uses {want}: "
+                             "declare them in a tokenizer_config.json beside the file")
+        settings = dict(settings, path=path)
+    return Recipe(recipe.family, recipe.model_config, [int(s) for s in recipe.image_size],
+                  recipe.image_mean, recipe.image_std, settings)
