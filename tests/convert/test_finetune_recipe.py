@@ -165,6 +165,13 @@ def test_finetune_runlocal_starts_from_the_import_and_exports_to_hf(siglip_hf, d
     processor = json.load(open(os.path.join(out, "preprocessor_config.json")))
     assert processor["size"] == {"height": IMAGE, "width": IMAGE}
 
+    # The workdir is a pretrained source too: model_init, and the recipe of a further run.
+    _, from_workdir, _ = load_pretrained(workdir)
+    assert_same_params(from_workdir, trained)
+    again = pretrained_recipe(os.path.join(workdir, "checkpoints", "2"))
+    assert again.model_config == without(config.model.to_dict(), ("dtype",))
+    assert again.tokenizer["path"] == config.input.tokenizer and again.tokenizer["pad_id"] == 1
+
     # Export of checkpoint 1 gives back the original HF weights exactly.
     out1 = str(tmp_path / "hf_step1")
     cli_main(["export", "--to", "hf", os.path.join(workdir, "checkpoints", "1"), out1])

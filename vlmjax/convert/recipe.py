@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlmjax.convert import hf_io, tokenizer as tok
+from vlmjax.convert import hf_io, tokenizer as tok, workdir as workdir_lib
 from vlmjax.convert.hf import IMAGE_NORMALISATION, image_normalisation, model_config_from_hf
 from vlmjax.convert.hf_export import hf_family
 from vlmjax.convert.pretrained import source_kind
@@ -77,15 +77,30 @@ def _recipe_from_converted(src: str) -> Recipe:
                   list(image["std"]), config.get("tokenizer"))
 
 
+def _recipe_from_trainer(src: str) -> Recipe:
+    """A previous fine-tuning run (WORKDIR or WORKDIR/checkpoints/<step>): its model and input."""
+    workdir, _ = workdir_lib.trainer_checkpoint(src)
+    config = hf_io.read_json(os.path.join(workdir, "config.json"))
+    model_config, image = workdir_lib.model_and_image(config, workdir)
+    settings, _ = workdir_lib.tokenizer_settings(config)
+    if settings is not None:  # the path is resolved below, relative to `src`
+        settings = dict(settings, file=os.path.abspath(config["input"]["tokenizer"]))
+    return Recipe(hf_family(model_config), model_config, image["size"], image["mean"],
+                  image["std"], settings)
+
+
 def pretrained_recipe(src: str) -> Recipe:
-    """The model config, image size/normalisation and tokenizer settings of an HF model directory
-    or a converted directory (`python -m vlmjax.convert import`), from its config files."""
+    """The model config, image size/normalisation and tokenizer settings of an HF model
+    directory, a converted directory (`python -m vlmjax.convert import`) or a trainer workdir
+    (WORKDIR[/checkpoints/<step>]: fine-tune a fine-tuned model), from config files only."""
     kind = source_kind(src)
     if kind == "big_vision":
         raise ValueError(f"{src}: a big_vision .npz holds no config; import it first: python -m "
                          "vlmjax.convert import --from big_vision X.npz --out DIR --tokenizer "
                          "spiece.model, then use DIR")
-    recipe = _recipe_from_hf(src) if kind == "hf" else _recipe_from_converted(src)
+    readers = {"hf": _recipe_from_hf, "converted": _recipe_from_converted,
+               "trainer": _recipe_from_trainer}
+    recipe = readers[kind](src)
     settings = recipe.tokenizer
     if settings is not None:
         path = os.path.abspath(os.path.join(src, settings["file"]))

@@ -52,7 +52,7 @@ def _image(config: dict, where: str) -> dict:
     return {"size": [size, size], "mean": list(mean), "std": list(std)}
 
 
-def _tokenizer(config: dict) -> tuple[dict | None, str | None]:
+def tokenizer_settings(config: dict) -> tuple[dict | None, str | None]:
     """Settings (convert.tokenizer) of the run's tokenizer file, with the Hugging Face tokenizer
     files beside it; (None, None) for the vlm_shapes tokenizer or a file that is gone."""
     from vlmjax.data.tokenizers import load_model_tokenizer
@@ -75,6 +75,18 @@ def _tokenizer(config: dict) -> tuple[dict | None, str | None]:
     return settings, directory
 
 
+def model_and_image(config: dict, workdir: str) -> tuple[dict, dict]:
+    """(TwoTowers arguments, image size/mean/std) of a trainer config.json dict."""
+    if config.get("task") != "contrastive":
+        raise ValueError(f"{workdir}: task {config.get('task')!r}; only contrastive (two-tower) "
+                         "runs hold a CLIP / SigLIP model")
+    missing = [k for k in ("model", "input") if not isinstance(config.get(k), dict)]
+    if missing:
+        raise ValueError(f"{workdir}/config.json has no {missing}: not a trainer config")
+    model_config = {k: v for k, v in config["model"].items() if k not in TRAINER_ONLY_MODEL_KEYS}
+    return model_config, _image(config, os.path.join(workdir, "config.json"))
+
+
 def read_trainer_checkpoint(path: str):
     """A trainer workdir or checkpoint directory as a numpy `pretrained.Pretrained`."""
     from vlmjax.convert.hf_export import hf_family
@@ -87,14 +99,7 @@ def read_trainer_checkpoint(path: str):
                          f"checkpoint directory WORKDIR/{CHECKPOINTS}/<step>")
     workdir, step = found
     config = hf_io.read_json(os.path.join(workdir, "config.json"))
-    if config.get("task") != "contrastive":
-        raise ValueError(f"{workdir}: task {config.get('task')!r}; only contrastive (two-tower) "
-                         "runs can be exported")
-    missing = [k for k in ("model", "input") if not isinstance(config.get(k), dict)]
-    if missing:
-        raise ValueError(f"{workdir}/config.json has no {missing}: not a trainer config")
-    model_config = {k: v for k, v in config["model"].items() if k not in TRAINER_ONLY_MODEL_KEYS}
-    image = _image(config, os.path.join(workdir, "config.json"))
+    model_config, image = model_and_image(config, workdir)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             params_lib.abstract_params(model_config, image["size"]))
@@ -106,7 +111,7 @@ def read_trainer_checkpoint(path: str):
         raise ValueError(f"cannot read the params of step {step or 'latest'} in {workdir}/"
                          f"{CHECKPOINTS} with the model of its config.json: {e}") from e
     flat = {k: np.asarray(v) for k, v in params_lib.flatten(params).items()}
-    settings, tokenizer_dir = _tokenizer(config)
+    settings, tokenizer_dir = tokenizer_settings(config)
     try:
         family = hf_family(model_config)
     except ValueError:
