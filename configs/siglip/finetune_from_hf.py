@@ -4,7 +4,7 @@
       'configs/siglip/finetune_from_hf.py:src=/ckpt/siglip-base-patch16-224,data=/data/shards/{00000..00331}.tar'
     python -m vlmjax.convert export --to hf /ckpt/ft /ckpt/ft_hf   # SiglipModel.from_pretrained
 
-    # seconds on a laptop CPU: a few steps of any (e.g. tiny random) model on vlm_shapes
+    # about a minute on a 2-core CPU: 2 steps of any (e.g. tiny random) model on vlm_shapes
     python -m vlmjax.train --workdir /tmp/ft --config \
       'configs/siglip/finetune_from_hf.py:runlocal,src=DIR' --config.data.data_dir=/tmp/tfds
 
@@ -25,8 +25,8 @@ Presets: src=DIR, data=..., steps=N, batch=N (global), res=N (fine-tune at N x N
 position embedding is resized bilinearly on load), runlocal (2 steps on a tiny vlm_shapes).
 
 Hardware: SigLIP B/16 at 224 px, global batch 1024, bfloat16 compute: one host of 8 GPUs
-(A100/H100) or a TPU v4-8 / v5e-8, data parallel (~2 GB of activations per device); for So400m
-add FSDP (--config.mesh.data=1 --config.mesh.fsdp=-1).
+(A100/H100) or a TPU v4-8 / v5e-8, data parallel; for So400m add FSDP
+(--config.mesh.data=1 --config.mesh.fsdp=-1). Not timed here.
 Expected: step 0 is the imported model exactly (tests/convert/test_finetune_recipe.py: bit-equal
 params, and the export gives transformers' embeddings to 1e-5), so the first loss is the released
 model's on your data and then falls; with lr 1e-5, 500 warmup steps and cosine decay there is no

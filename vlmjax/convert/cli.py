@@ -26,6 +26,9 @@ def export_pretrained(src: str, out_dir: str) -> str:
                        token_ids=pretrained.tokenizer)
     if pretrained.tokenizer_dir is not None:
         tok.copy_tokenizer_files(pretrained.tokenizer_dir, pretrained.tokenizer, out_dir)
+    else:
+        print(f"note: {src} names no tokenizer file that exists here; {out_dir} has none",
+              file=sys.stderr)
     processor = os.path.join(out_dir, "preprocessor_config.json")
     if not os.path.exists(processor):
         hf_io.write_json(processor, preprocessor_config(family, pretrained.image))
