@@ -243,3 +243,38 @@ def test_resume_on_shards_with_bad_data_keeps_batches_and_counts(bad_shards, sha
         np.testing.assert_array_equal(again["image"], batch["image"])
         np.testing.assert_array_equal(again["text"], batch["text"])
         assert resumed.skip_counts == counts
+
+
+def test_pipeline_over_generators_exits_cleanly(shapes_builder, tmp_path):
+    """A live iterator over Python generators at interpreter exit used to abort the process."""
+    import subprocess
+    import sys
+
+    from tests.data.conftest import image_bytes
+    from vlmjax.data import webdataset
+    good_shards = tmp_path / "shards"
+    with webdataset.ShardWriter(str(good_shards), max_samples=20) as writer:
+        for i in range(120):  # 6 shards: more than the 4 read at once
+            writer.write(f"k{i:03d}", {"jpg": image_bytes(80, 80), "txt": b"a small thing"})
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import ml_collections\n"
+        "from vlmjax.data import pipeline\n"
+        f"data = ml_collections.ConfigDict(dict(source='webdataset', paths='{good_shards}/*.tar'))\n"
+        "config = pipeline.default_input_config()\n"
+        f"config.update(dict(global_batch_size=4, tokenizer='{_sp_path(shapes_builder)}'))\n"
+        "run = pipeline.make_pipeline(data, config, training=True, process_index=0,\n"
+        "                             process_count=1)\n"
+        "print(next(run)['image'].shape)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "(4, 64, 64, 3)" in result.stdout
+
+
+def test_closed_pipeline_refuses_to_continue(shapes_data):
+    with pipeline.make_pipeline(shapes_data, _input(), training=True, process_index=0,
+                                process_count=1) as data:
+        next(data)
+    with pytest.raises(RuntimeError, match="closed.*state=get_state"):
+        next(data)

@@ -49,9 +49,12 @@ saved position always agree.
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import hashlib
 import json
 import math
+import weakref
 
 import numpy as np
 
@@ -64,6 +67,17 @@ _END_OF_DATA = -1  # reason of the sentinel closing a finite stream: trailing ga
 _plain = tf.autograph.experimental.do_not_convert
 # Keys that do not change which batches come out: a resume may change them.
 _NOT_IN_FINGERPRINT = ("data_dir", "prefetch_batches")
+
+
+_OPEN_PIPELINES: "weakref.WeakSet[InputPipeline]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_pipelines():
+    # A tf.data iterator over Python generators that is still alive when the interpreter shuts
+    # down can abort the process ("terminate called without an active exception") or hang it.
+    for data in list(_OPEN_PIPELINES):
+        data.close()
 
 
 def _process_defaults(process_index, process_count):
@@ -122,6 +136,8 @@ class InputPipeline:
         self.num_batches = None if training else self._eval_num_batches()
         self.dataset = self._build_dataset(start=self.position)
         self._iterator = None
+        self._closed = False
+        _OPEN_PIPELINES.add(self)
 
     # ---- sources -------------------------------------------------------------------------
     def _build_sources(self):
@@ -293,6 +309,9 @@ class InputPipeline:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._closed:
+            raise RuntimeError("this input pipeline is closed; make a new one with "
+                               "state=get_state() to continue")
         if self._iterator is None:
             self._iterator = self.dataset.as_numpy_iterator()
         try:
@@ -315,6 +334,20 @@ class InputPipeline:
         if not self.training:
             output["_mask"] = batch["_mask"]
         return output
+
+    def close(self) -> None:
+        """Releases the tf.data iterator (done for every open pipeline at exit too). To go on
+        later, make a new pipeline with `state=get_state()`."""
+        self._closed = True
+        if self._iterator is not None:
+            self._iterator = None
+            gc.collect()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     @property
     def skip_counts(self) -> dict[str, int]:
