@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--train_size", type=int, default=5000)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     import ml_collections
@@ -84,11 +85,12 @@ def main() -> None:
                   input_config(224)))
 
     print(f"{os.cpu_count()} CPU cores, global batch {args.batch_size}, {args.batches} batches "
-          "after 3 warm-up batches")
+          f"after 3 warm-up batches, median (min-max) of {args.repeats} runs")
     print("| input | examples/s |\n| --- | ---: |")
     for name, data, config in cases:
-        rate = measure(data, config, warmup=3, batches=args.batches)
-        print(f"| {name} | {rate:,.0f} |")
+        rates = sorted(measure(data, config, warmup=3, batches=args.batches)
+                       for _ in range(args.repeats))
+        print(f"| {name} | {rates[len(rates) // 2]:,.0f} ({rates[0]:,.0f}-{rates[-1]:,.0f}) |")
 
     tokenizer = tokenizers.load_tokenizer(tokenizer_path)
     texts = [t.decode() for ex in builders[64].as_dataset(split="validation").take(
