@@ -19,20 +19,20 @@ def get_config(arg=None):
     c.seed = 0
     c.total_steps = args.steps
     c.model = dict(
-        image=dict(patch_size=4, width=128, depth=4, num_heads=4, mlp_dim=512, pool="map",
+        image=dict(patch_size=8, width=96, depth=3, num_heads=4, mlp_dim=384, pool="map",
                    posemb="learn"),
-        text=dict(vocab_size=1000, max_len=32, width=128, depth=3, num_heads=4, mlp_dim=512,
+        text=dict(vocab_size=1000, max_len=24, width=64, depth=2, num_heads=2, mlp_dim=256,
                   pool="last"),
-        embed_dim=128, image_projection=True, text_projection=True,
+        embed_dim=64, image_projection=True, text_projection=True,
         temperature_init=10.0, bias_init=-10.0, dtype="float32")
     c.model_init = ""
     c.loss = dict(name=args.loss, impl="ppermute")
     c.data = dict(source="vlm_shapes", split="train", config="64px",
                   data_dir=placeholder(str))  # None: TFDS's default data dir
-    c.input = dict(global_batch_size=args.batch, image_size=32,
+    c.input = dict(global_batch_size=args.batch, image_size=64,
                    preprocess="caption_random|resize_crop|flip_caption_aware|value_range",
                    crop_area_min=0.05,
-                   shuffle_buffer=10_000, seed=0, tokenizer="vlm_shapes", max_text_len=32,
+                   shuffle_buffer=10_000, seed=0, tokenizer="vlm_shapes", max_text_len=24,
                    add_bos=False, eos="sticky", prefetch_batches=4)
     c.optim = dict(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=100, end_lr=1e-5,
                    weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0)
@@ -49,6 +49,7 @@ def get_config(arg=None):
         c.data.train_size, c.data.eval_size, c.data.novel_size = 256, 64, 32
         c.input.global_batch_size = 16
         c.input.shuffle_buffer = 64
+        c.input.image_size = 32
         c.model.image.update(width=32, depth=1, mlp_dim=64)
         c.model.text.update(width=32, depth=1, mlp_dim=64)
         c.model.embed_dim = 32

@@ -156,17 +156,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         state, data_state = checkpointer.restore(latest, abstract)
         print(f"resumed from {checkpointer.directory} at step {latest}", flush=True)
     else:
-        def init(rng):
-            params = nn.meta.unbox(task.init_params(rng))
-            return step_lib.init_state(params, tx, state_rng)
         with jax.set_mesh(mesh):
-            state = jax.jit(init, out_shardings=state_shardings)(init_rng)
             if config.get("model_init"):
                 params = task.pretrained_params(config.model_init, abstract_params,
                                                 param_shardings)
-                state = jax.jit(lambda p: step_lib.init_state(p, tx, state_rng),
-                                out_shardings=state_shardings)(params)
                 print(f"initialised params from {config.model_init}", flush=True)
+            else:
+                params = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)),
+                                 out_shardings=param_shardings)(init_rng)
+            state = jax.jit(lambda p: step_lib.init_state(p, tx, state_rng),
+                            out_shardings=state_shardings)(params)
         data_state = {}
 
     start_step = int(jax.device_get(state.step))

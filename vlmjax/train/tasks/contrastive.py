@@ -23,7 +23,9 @@ from vlmjax import sharding
 from vlmjax.config import ConfigError, check_keys
 from vlmjax.evals import retrieval, zero_shot
 from vlmjax.losses import contrastive
+from vlmjax.models.text import TextTransformer
 from vlmjax.models.two_towers import TwoTowers
+from vlmjax.models.vit import ViT
 from vlmjax.train import evaluation, flops
 
 LOSSES = ("clip", "siglip")
@@ -39,6 +41,37 @@ def model_kwargs(model_config) -> dict:
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype {dtype!r} is not one of {sorted(DTYPES)}")
     return {**kwargs, "dtype": DTYPES[dtype]}
+
+
+IGNORED_IN_ARCHITECTURE = ("temperature_init", "bias_init", "dtype", "use_text_mask")
+
+
+def _check_architecture(src: str, model_config):
+    """Shapes alone miss e.g. another activation or pooling: compare every field that defines
+    the function the pretrained weights compute."""
+    from vlmjax.convert.recipe import pretrained_recipe
+    def with_defaults(module, values):  # unset fields mean the module's defaults
+        fields = {k: f.default for k, f in module.__dataclass_fields__.items()
+                  if k not in ("parent", "name")}
+        return {**fields, **dict(values or {})}
+
+    pretrained = pretrained_recipe(src).model_config
+    ours = model_kwargs(model_config)
+    diffs = []
+    for tower, module in (("image", ViT), ("text", TextTransformer)):
+        theirs, mine = with_defaults(module, pretrained.get(tower)), with_defaults(
+            module, ours.get(tower))
+        for key in sorted(set(theirs) - {"dtype"}):
+            if theirs[key] != mine[key]:
+                diffs.append(f"model.{tower}.{key}: config {mine[key]!r}, pretrained "
+                             f"{theirs[key]!r}")
+    theirs, mine = with_defaults(TwoTowers, pretrained), with_defaults(TwoTowers, ours)
+    for key in sorted(set(theirs) - {"image", "text"} - set(IGNORED_IN_ARCHITECTURE)):
+        if theirs[key] != mine[key]:
+            diffs.append(f"model.{key}: config {mine[key]!r}, pretrained {theirs[key]!r}")
+    if diffs:
+        raise ConfigError(f"config.model differs from the architecture of model_init {src}: "
+                          + "; ".join(diffs[:6]))
 
 
 class ContrastiveTask:
@@ -79,6 +112,9 @@ class ContrastiveTask:
     def pretrained_params(self, src: str, abstract_params, shardings):
         """Params of `config.model_init`, checked against this model's, placed by `shardings`."""
         from vlmjax.convert import load_pretrained  # late: pulls in the converters
+        from vlmjax.convert.pretrained import source_kind
+        if source_kind(src) != "big_vision":  # an .npz has no config to compare against
+            _check_architecture(src, self.config.model)
         size = (self.data.image_size, self.data.image_size)
         _, params, _ = load_pretrained(src, image_size=size, shardings=shardings)
         expected = {jax.tree_util.keystr(p): x.shape
