@@ -278,3 +278,17 @@ def test_closed_pipeline_refuses_to_continue(shapes_data):
         next(data)
     with pytest.raises(RuntimeError, match="closed.*state=get_state"):
         next(data)
+
+
+def test_hosts_use_independent_shuffles_and_augmentations(good_shards, shapes_builder,
+                                                          tmp_path):
+    import shutil
+    for copy in ("a", "b"):  # two hosts, each with an identical copy of the same shard
+        shutil.copy(good_shards / "part0-000000.tar", tmp_path / f"{copy}.tar")
+    config = _input(batch_size=8, tokenizer=_sp_path(shapes_builder),
+                    preprocess="caption_first|inception_crop|flip|value_range")
+    batches = [next(pipeline.make_pipeline(_wds_data(f"{tmp_path}/*.tar"), config,
+                                           training=True, process_index=i, process_count=2))
+               for i in range(2)]
+    assert batches[0]["image"].shape == (4, 64, 64, 3)
+    assert not np.array_equal(batches[0]["image"], batches[1]["image"])

@@ -90,6 +90,13 @@ def _process_defaults(process_index, process_count):
     return process_index, process_count
 
 
+def _hash_word(value) -> int:
+    """A stable non-negative int for a str or int (Python's hash() of a str varies per run)."""
+    if isinstance(value, int):
+        return value
+    return int.from_bytes(hashlib.sha256(str(value).encode()).digest()[:4], "little")
+
+
 def _without(config: dict, keys) -> dict:
     return {k: (_without(v, keys) if isinstance(v, dict) else v) for k, v in config.items()
             if k not in keys}
@@ -159,6 +166,12 @@ class InputPipeline:
             raise ValueError(f"no evaluation records in {self._describe_sources()}")
         return math.ceil(most / self.local_batch_size)
 
+    def _seed(self, *purpose) -> int:
+        """Independent seeds per purpose and per host: hosts must not share crops or orders."""
+        words = [self.input_config.seed, self.process_index,
+                 *(_hash_word(p) for p in purpose)]
+        return int(np.random.SeedSequence(words).generate_state(1)[0])
+
     def _sentinel(self, element_spec) -> tf.data.Dataset:
         """An end-of-data marker: never kept or counted; it closes index gaps and epochs."""
         empty = {key: tf.zeros(spec.shape.as_list() if spec.shape.rank == 0 else [0], spec.dtype)
@@ -167,13 +180,12 @@ class InputPipeline:
             {**empty, "_skip_reason": tf.constant(_END_OF_DATA, tf.int32)})
 
     def _records(self) -> tf.data.Dataset:
-        seed = self.input_config.seed
         datasets = []
         for i, source in enumerate(self._sources):
-            dataset = source.records(self.process_index, self.process_count, self.training,
-                                     seed + i)
+            seed = self._seed("source", i)
+            dataset = source.records(self.process_index, self.process_count, self.training, seed)
             if self.training:  # shuffle within an epoch, so each epoch ends with its sentinel
-                dataset = dataset.shuffle(self.input_config.shuffle_buffer, seed=seed + i,
+                dataset = dataset.shuffle(self.input_config.shuffle_buffer, seed=seed,
                                           reshuffle_each_iteration=True)
             dataset = dataset.concatenate(self._sentinel(dataset.element_spec))
             datasets.append(dataset.repeat() if self.training else dataset)
@@ -181,7 +193,7 @@ class InputPipeline:
             return datasets[0]
         total = sum(self._weights)
         return tf.data.Dataset.sample_from_datasets(
-            datasets, weights=[w / total for w in self._weights], seed=seed)
+            datasets, weights=[w / total for w in self._weights], seed=self._seed("mixture"))
 
     # ---- per-example work ------------------------------------------------------------------
     def _example_fn(self):
@@ -191,7 +203,7 @@ class InputPipeline:
         filter_config = self.data_config.get("filters")  # one for all sources of a mixture
         active_filters = filter_config is not None and any(
             filter_config.get(k) for k in filters.ONLINE_KEYS if k.startswith("filter_"))
-        seed = self.input_config.seed
+        op_seed_base = tf.constant([self._seed("ops"), 0], tf.int64)
 
         def example_fn(example):
             reason = example["_skip_reason"]
@@ -211,7 +223,7 @@ class InputPipeline:
                                                                        filter_config)
                 reason = tf.where(reason == 0, filter_reason, reason)
                 texts = tf.cond(tf.size(kept_texts) > 0, lambda: kept_texts, lambda: texts)
-            op_seed = tf.stack([tf.constant(seed, tf.int64), example["_index"]])
+            op_seed = tf.random.experimental.stateless_fold_in(op_seed_base, example["_index"])
             out = preprocess_fn({"image": image, "texts": texts, "_seed": op_seed})
             image = tf.ensure_shape(out["image"], [self.input_config.image_size] * 2 + [3])
             return {"image": tf.cast(image, tf.float32), "text": out["text"],
