@@ -20,7 +20,8 @@ config.data (`pipeline_config.default_data_config()`):
                 filter_aspect_ratio (max_aspect_ratio), filter_text_length (min_words, max_words)
   vlm_shapes:   config ("32px" | "64px" | "224px" | "noisy"), data_dir (None: TFDS default),
                 train_size, eval_size, novel_size, noise_fraction (None: the config's default);
-                the dataset is built on first use
+                the dataset is built on first use (hosts sharing one data_dir: build it once
+                beforehand with `python -m vlmjax.data.build`, so they do not race)
   tfds:         name, data_dir, image_key ("image"), text_key (None: no captions), label_key
   webdataset:   paths (paths / globs / {000..099} braces, comma-separated), text_extension
                 ("txt"), label_field (integer field of KEY.json, None: no labels)
