@@ -85,25 +85,33 @@ def test_nonfinite_stop_policy_raises_and_keeps_checkpoint_finite(data_dir, tmp_
 def test_sigkill_then_restart_matches_uninterrupted_run(data_dir, tmp_path):
     overrides = [f"--config.data.data_dir={data_dir}", "--config.total_steps=12",
                  "--config.checkpoint.every=2", "--config.log_every=1"]
-    workdir = tmp_path / "killed"
-    command = [sys.executable, "-m", "vlmjax.train", "--config",
-               "configs/siglip/tiny.py:runlocal", f"--workdir={workdir}", *overrides]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def command(workdir):
+        return [sys.executable, "-m", "vlmjax.train", "--config",
+                "configs/siglip/tiny.py:runlocal", f"--workdir={workdir}", *overrides]
+
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(killed), **quiet)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        steps = os.listdir(workdir / "checkpoints") if (workdir / "checkpoints").exists() else []
+        steps = os.listdir(killed / "checkpoints") if (killed / "checkpoints").exists() else []
         if any(s.isdigit() and int(s) >= 4 for s in steps):
             break
         time.sleep(0.2)
     assert process.poll() is None, "the run finished before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   timeout=300)
+    steps_at_kill = sorted(int(s) for s in os.listdir(killed / "checkpoints") if s.isdigit())
+    assert steps_at_kill and max(steps_at_kill) < 12
+    subprocess.run(command(killed), check=True, timeout=300, **quiet)  # resumes
+    # The reference runs in a subprocess too, so both see the same process-level jax settings.
+    subprocess.run(command(tmp_path / "uninterrupted"), check=True, timeout=300, **quiet)
     config = tiny_config(data_dir, "total_steps=12", "checkpoint.every=2", "log_every=1")
+    # Finished workdirs: train() restores step 12 and trains nothing.
+    restored = trainer.train(config, str(killed))
     uninterrupted = trainer.train(config, str(tmp_path / "uninterrupted"))
-    restored = trainer.train(config, str(workdir))  # finished: restores step 12, trains nothing
-    assert int(restored.state.step) == 12
+    assert int(restored.state.step) == int(uninterrupted.state.step) == 12
     assert_same_params(uninterrupted.state.params, restored.state.params)
 
 

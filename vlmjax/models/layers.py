@@ -204,6 +204,19 @@ class EncoderBlock(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+def block_kwargs(tower) -> dict:
+    """EncoderBlock arguments from the fields a tower (ViT, TextTransformer) declares."""
+    return dict(num_heads=tower.num_heads, mlp_dim=tower.mlp_dim or 4 * tower.width,
+                activation=tower.activation, norm=tower.norm, norm_eps=tower.norm_eps,
+                dropout=tower.dropout, attention_dropout=tower.attention_dropout,
+                fused_attention=tower.fused_attention, dtype=tower.dtype)
+
+
+def map_head(tower, name: str = "map_head") -> "MAPHead":
+    return MAPHead(tower.num_heads, tower.mlp_dim or 4 * tower.width, tower.activation,
+                   tower.norm_eps, tower.fused_attention, tower.dtype, name=name)
+
+
 class Encoder(nn.Module):
     """A stack of `depth` EncoderBlocks, named block0..block{depth-1}.
 

@@ -66,11 +66,8 @@ class TextTransformer(nn.Module):
         mask = layers.padding_mask(text_mask)
         if self.causal:
             mask = mask & layers.causal_mask(length)
-        block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
-                     activation=self.activation, norm=self.norm, norm_eps=self.norm_eps,
-                     dropout=self.dropout, attention_dropout=self.attention_dropout,
-                     fused_attention=self.fused_attention, dtype=self.dtype)
-        x = layers.Encoder(self.depth, block, name="encoder")(x, mask, train=train)
+        encoder = layers.Encoder(self.depth, layers.block_kwargs(self), name="encoder")
+        x = encoder(x, mask, train=train)
         x = layers.make_norm(self.norm, self.dtype, self.norm_eps, name="final_norm")(x)
 
         rows = jnp.arange(batch)
@@ -83,7 +80,5 @@ class TextTransformer(nn.Module):
             idx = jnp.where(is_eos.any(1), jnp.argmax(is_eos, axis=1), last_valid_index(text_mask))
             return x[rows, idx]
         if self.pool == "map":
-            return layers.MAPHead(self.num_heads, self.mlp_dim or 4 * self.width, self.activation,
-                                  self.norm_eps, self.fused_attention, self.dtype,
-                                  name="map_head")(x, text_mask)
+            return layers.map_head(self)(x, text_mask)
         return x

@@ -74,11 +74,7 @@ class ViT(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
         depth = self.depth if self.output_layer is None else self.output_layer % self.depth + 1
-        block = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
-                     activation=self.activation, norm=self.norm, norm_eps=self.norm_eps,
-                     dropout=self.dropout, attention_dropout=self.attention_dropout,
-                     fused_attention=self.fused_attention, dtype=self.dtype)
-        x = layers.Encoder(depth, block, name="encoder")(x, train=train)
+        x = layers.Encoder(depth, layers.block_kwargs(self), name="encoder")(x, train=train)
         if self.output_layer is None:
             x = layers.make_norm(self.norm, self.dtype, self.norm_eps, name="final_norm")(x)
 
@@ -87,7 +83,5 @@ class ViT(nn.Module):
         if self.pool == "gap":
             return jnp.mean(x[:, int(class_token):], axis=1)
         if self.pool == "map":
-            return layers.MAPHead(self.num_heads, self.mlp_dim or 4 * self.width, self.activation,
-                                  self.norm_eps, self.fused_attention, self.dtype,
-                                  name="map_head")(x)
+            return layers.map_head(self)(x)
         return x
