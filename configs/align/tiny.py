@@ -21,7 +21,7 @@ from vlmjax.config import load_config, parse_preset_args
 
 
 def get_config(arg=None):
-    args = parse_preset_args(arg, runlocal=False, steps=1500, batch=128, filter=True)
+    args = parse_preset_args(arg, runlocal=False, steps=500, batch=128, filter=True)
     here = os.path.dirname(os.path.abspath(__file__))
     base_args = f"steps={args.steps},batch={args.batch}" + (",runlocal" if args.runlocal else "")
     c = load_config(os.path.join(here, "..", "siglip", "tiny.py") + ":" + base_args)

@@ -13,7 +13,7 @@ from vlmjax.config import parse_preset_args
 
 
 def get_config(arg=None):
-    args = parse_preset_args(arg, runlocal=False, steps=1500, batch=128, loss="siglip")
+    args = parse_preset_args(arg, runlocal=False, steps=500, batch=128)
     c = ml_collections.ConfigDict()
     c.task = "contrastive"
     c.seed = 0
@@ -26,7 +26,7 @@ def get_config(arg=None):
         embed_dim=64, image_projection=True, text_projection=True,
         temperature_init=10.0, bias_init=-10.0, dtype="float32")
     c.model_init = ""
-    c.loss = dict(name=args.loss, impl="ppermute")
+    c.loss = dict(name="siglip", impl="ppermute")
     c.data = dict(source="vlm_shapes", split="train", config="64px",
                   data_dir=placeholder(str))  # None: TFDS's default data dir
     c.input = dict(global_batch_size=args.batch, image_size=64,
@@ -34,7 +34,7 @@ def get_config(arg=None):
                    crop_area_min=0.05,
                    shuffle_buffer=10_000, seed=0, tokenizer="vlm_shapes", max_text_len=24,
                    add_bos=False, eos="sticky", prefetch_batches=4)
-    c.optim = dict(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=100, end_lr=1e-5,
+    c.optim = dict(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=50, end_lr=1e-5,
                    weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0)
     c.evals = dict(every=0, batch_size=512,
                    zero_shot=dict(splits=["test", "test_novel"], templates="vlm_shapes"),
