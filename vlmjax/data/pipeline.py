@@ -6,6 +6,7 @@
     state = pipeline.get_state()     # JSON-able; make_pipeline(..., state=state) resumes exactly
     pipeline.skip_counts             # {"corrupt_image": 3, ...} bad data skipped so far
     global_batch = to_global_arrays(batch, mesh)
+    pipeline.close()                 # or `with make_pipeline(...) as pipeline:`
 
 B is input.global_batch_size / process_count. Training batches drop the remainder and repeat
 forever; evaluation (`training=False`) reads the split once, without shuffling, and pads the last
@@ -37,7 +38,8 @@ config.input (`pipeline_config.default_input_config()`):
   preprocess         op string, see preprocess.py, e.g. "caption_random|resize_crop|value_range"
   crop_area_min      smallest crop area fraction for inception_crop
   shuffle_buffer     examples in the shuffle buffer (training)
-  seed               shuffling, mixture sampling and random ops (also the stateless op seeds)
+  seed               shuffling, mixture sampling and random ops; each host and each use
+                     derives its own seed from it (random ops: stateless, keyed by position)
   tokenizer          "vlm_shapes" (the model built with the dataset) or a .model / tokenizer.json
   max_text_len, add_bos, eos ("none" | "append" | "sticky")   see tokenizers.py
   prefetch_batches   batches prepared ahead
@@ -46,7 +48,8 @@ Bad data is skipped and counted, never fatal: placeholders from the sources carr
 images that fail to decode are dropped (tf.data `ignore_errors`) and recognised by the gap they
 leave in the running example index. A `scan` counts both at the one place where examples are
 dropped, and every batch carries the counts up to its last example, so `skip_counts` and the
-saved position always agree.
+saved position always agree. Resuming re-reads (without decoding) all records before the saved
+position, earlier epochs included.
 """
 from __future__ import annotations
 
