@@ -2,7 +2,7 @@
 
     python -m vlmjax.train --config configs/clip/tiny.py --workdir /tmp/clip_tiny
 
-Expected: >= 90% zero-shot top-1 on vlm_shapes test (see README for the measured figures).
+Measured (README): ~19% zero-shot top-1 / 81% top-5 on vlm_shapes test after 500 steps.
 Presets: those of configs/siglip/tiny.py.
 """
 import os

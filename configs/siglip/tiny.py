@@ -3,7 +3,8 @@
     python -m vlmjax.train --config configs/siglip/tiny.py --workdir /tmp/siglip_tiny
     python -m vlmjax.train --config configs/siglip/tiny.py:runlocal --workdir /tmp/t  # seconds
 
-Expected: >= 90% zero-shot top-1 on vlm_shapes test (see README for the measured figures).
+Measured (README): ~18% zero-shot top-1 / 79% top-5 on vlm_shapes test after the default 500
+steps (about 10 min on a 2-core CPU); colour is learned, shape mostly not (see README).
 Presets: runlocal (a few steps, tiny data, for tests), steps=N, batch=N.
 """
 import ml_collections
