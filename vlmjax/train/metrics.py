@@ -74,8 +74,8 @@ class Progress:
                   f"ETA {format_duration(step_time * (self.total - step))}"]
         if "perf/mfu" in rates:
             parts.append(f"MFU {rates['perf/mfu']:.1%}")
-        skipped = {k: v for k, v in metrics.items() if k.startswith("data/skipped")}
-        if any(skipped.values()):
+        skipped = {k: v for k, v in metrics.items() if k.startswith("data/skipped") and v}
+        if skipped:
             parts.append("skipped " + ",".join(f"{k.split('/')[-1]}={int(v)}"
                                                for k, v in skipped.items()))
         return " | ".join(parts), rates
