@@ -8,7 +8,8 @@ from vlmjax import plot
 def test_plot_writes_one_png_per_metric(tmp_path):
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for step in (1, 2, 3):
-            f.write(json.dumps({"step": step, "train/loss": 1.0 / step}) + "\n")
+            f.write(json.dumps({"step": step, "train/loss": 1.0 / step,
+                                "train/data/skipped/corrupt_image": 0.0}) + "\n")
         f.write(json.dumps({"step": 3, "zero_shot/test/top1": 0.5}) + "\n")
     files = plot.plot_metrics(str(tmp_path))
     assert sorted(p.split("/")[-1] for p in files) == ["train_loss.png", "zero_shot_test_top1.png"]

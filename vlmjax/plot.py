@@ -1,5 +1,7 @@
 """python -m vlmjax.plot WORKDIR [--out DIR]: a PNG curve per metric in WORKDIR/metrics.jsonl.
 
+Metrics that are zero throughout (skip counters of reasons that never occurred) are left out.
+
 Writes DIR/<metric with '/' replaced by '_'>.png (default DIR: WORKDIR/plots) and prints the paths.
 """
 from __future__ import annotations
@@ -30,6 +32,8 @@ def plot_metrics(workdir: str, out_dir: str | None = None) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     written = []
     for key, (steps, values) in sorted(series.items()):
+        if not any(values):  # e.g. the skip counter of a reason that never happened
+            continue
         figure, axis = plt.subplots(figsize=(6, 3.5))
         axis.plot(steps, values, marker="o" if len(steps) < 20 else None)
         axis.set_xlabel("step")
