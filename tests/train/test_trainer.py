@@ -124,3 +124,25 @@ def test_checkpoint_restores_into_a_different_mesh(data_dir, tmp_path):
     assert int(resumed.state.step) == 4
     kernel = resumed.state.params["text_tower"]["encoder"]["block0"]["mlp"]["fc1"]["kernel"]
     assert "fsdp" in str(kernel.sharding.spec)  # embed dim sharded over fsdp on the new mesh
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_at_a_step_boundary_and_exits_zero(data_dir, tmp_path):
+    workdir = tmp_path / "preempted"
+    command = [sys.executable, "-m", "vlmjax.train", "--config",
+               "configs/siglip/tiny.py:runlocal", f"--workdir={workdir}",
+               f"--config.data.data_dir={data_dir}", "--config.total_steps=400",
+               "--config.checkpoint.every=1000", "--config.log_every=1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    for line in process.stdout:  # wait until training is under way
+        if line.startswith("step 3/"):
+            break
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-2000:]
+    steps = [int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()]
+    assert len(steps) == 1 and 3 <= steps[0] < 400  # saved where it stopped, not at `every`
+    resumed = trainer.train(tiny_config(data_dir, "total_steps=400", "checkpoint.every=1000",
+                                        "log_every=1"), str(workdir), stop_after=1)
+    assert int(resumed.state.step) == steps[0] + 1

@@ -20,16 +20,18 @@ class Checkpointer:
             save_interval_steps=max(int(every), 1), max_to_keep=max(int(keep), 1),
             keep_period=int(keep_period) or None, enable_async_checkpointing=async_save,
             create=True)
+        self.every = max(int(every), 1)
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+    def save(self, step: int, state, data_state: dict) -> bool:
+        """Saves now (the trainer decides when: every `every` steps, at the end, on SIGTERM)."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(data_state))
-        return self.manager.save(step, args=args, force=force)
+        return self.manager.save(step, args=args, force=True)
 
     def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
         restored = self.manager.restore(step, args=ocp.args.Composite(

@@ -214,11 +214,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                     results = evaluators.run(state.params, step)
                     writer.write(step, results)
                     _print_results(step, results)
-                if checkpointer.manager.should_save(step) or last or stopping:
+                if step % checkpointer.every == 0 or last or stopping:
                     if policy == "stop" and int(jax.device_get(state.nonfinite_steps)) > 0:
                         raise NonFiniteError(f"non-finite loss or gradient before step {step}")
-                    checkpointer.save(step, state, {process_key: train_input.get_state()},
-                                      force=last or stopping)
+                    checkpointer.save(step, state, {process_key: train_input.get_state()})
                 if stopping:
                     break
     finally:
