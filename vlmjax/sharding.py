@@ -97,9 +97,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Each process's numpy batch (its share of the global batch) -> global `jax.Array`s sharded
-    over the batch axes."""
-    sharding = batch_sharding(mesh)
+def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
+                         batch_axes: Sequence[str] = BATCH_AXES) -> dict[str, jax.Array]:
+    """Each process's numpy batch (its share of the global batch) -> global `jax.Array`s split
+    over the batch axes the mesh has (leading dim; replicated if it has none)."""
+    axes = tuple(axis for axis in batch_axes if axis in mesh.axis_names)
+    sharding = NamedSharding(mesh, P(axes if axes else None))
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}

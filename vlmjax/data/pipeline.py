@@ -384,10 +384,5 @@ def make_pipeline(data_config, input_config, *, training: bool, process_index: i
 
 def to_global_arrays(batch: dict[str, np.ndarray], mesh, batch_axes=("data", "fsdp")) -> dict:
     """Host-local batch -> global jax.Arrays split over the mesh's batch axes (leading dim)."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    axes = tuple(axis for axis in batch_axes if axis in mesh.axis_names)
-    sharding = NamedSharding(mesh, PartitionSpec(axes if axes else None))
-    return {key: jax.make_array_from_process_local_data(sharding, value)
-            for key, value in batch.items()}
+    from vlmjax.sharding import host_batch_to_global
+    return host_batch_to_global(batch, mesh, batch_axes)
