@@ -178,7 +178,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
     writer = metrics_lib.MetricsWriter(workdir)
-    peak = float(config.get("peak_flops", 0)) or metrics_lib_peak(mesh)
+    peak = float(config.get("peak_flops", 0)) or _measured_peak_flops()
     progress = metrics_lib.Progress(total_steps, start_step, batch_size,
                                     task.flops_per_example(batch_size), peak * mesh.size)
     log_every = int(config.get("log_every", 50))
@@ -226,7 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     return TrainResult(results, state)
 
 
-def metrics_lib_peak(mesh) -> float:
+def _measured_peak_flops() -> float:
     """Per-device peak: measured float32 matmul rate of one device (CPU: the whole host)."""
     from vlmjax.train.flops import measure_matmul_flops
     per_host = measure_matmul_flops(1024)
