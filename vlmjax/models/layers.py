@@ -98,7 +98,7 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None, 
         if dropout_rate > 0.0 and dropout_rng is not None:
             raise ValueError("fused attention has no attention dropout: set attention_dropout=0 "
                              "or fused_attention=False")
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return _fused_attention(q, k, v, mask)
     scale = 1.0 / np.sqrt(q.shape[-1])
     logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:
@@ -110,6 +110,23 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None, 
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     return jnp.einsum("bhqs,bshk->bqhk", probs.astype(v.dtype), v)
+
+
+def _cudnn_applies(q, k) -> bool:
+    """cuDNN flash attention: GPU, half precision, head dim a multiple of 8 up to 128."""
+    return (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+            and k.dtype == q.dtype and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128)
+
+
+def _fused_attention(q, k, v, mask):
+    # jax.nn.dot_product_attention's default (implementation=None) is XLA everywhere, so cuDNN
+    # is asked for explicitly; shapes or versions it rejects at trace time fall back to XLA.
+    if _cudnn_applies(q, k):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        except (ValueError, NotImplementedError, RuntimeError):
+            pass
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
 class MultiHeadAttention(nn.Module):
@@ -191,7 +208,7 @@ class EncoderBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None, *, train: bool = False):
+    def __call__(self, x, mask=None, train: bool = False):  # train positional: remat's static arg
         h = make_norm(self.norm, self.dtype, self.norm_eps, name="norm1")(x)
         h = MultiHeadAttention(self.num_heads, dropout=self.attention_dropout,
                                fused=self.fused_attention, dtype=self.dtype, name="attn")(
@@ -212,23 +229,66 @@ def block_kwargs(tower) -> dict:
                 fused_attention=tower.fused_attention, dtype=tower.dtype)
 
 
+def encoder(tower, depth: int | None = None, name: str = "encoder") -> "Encoder":
+    """The tower's Encoder with its block arguments and efficiency switches (remat, scan)."""
+    return Encoder(tower.depth if depth is None else depth, block_kwargs(tower),
+                   remat=tower.remat, scan_layers=tower.scan_layers, name=name)
+
+
 def map_head(tower, name: str = "map_head") -> "MAPHead":
     return MAPHead(tower.num_heads, tower.mlp_dim or 4 * tower.width, tower.activation,
                    tower.norm_eps, tower.fused_attention, tower.dtype, name=name)
 
 
-class Encoder(nn.Module):
-    """A stack of `depth` EncoderBlocks, named block0..block{depth-1}.
+REMAT_POLICIES = ("none", "full", "save-dots")
 
-    `block_kwargs` are passed to every EncoderBlock. Returns the output of the last block built.
+
+def remat_policy(name: str):
+    """`jax.checkpoint` policy of a remat setting: what the backward pass may keep from the
+    forward pass of a block instead of recomputing it."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat {name!r} is not one of {REMAT_POLICIES}")
+    if name == "save-dots":
+        # Keep the weight matmuls' outputs (projections, MLP); recompute the attention scores
+        # (dots with batch dims: [B, H, L, L], the largest activations), norms and activations.
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return jax.checkpoint_policies.nothing_saveable  # "full": keep only the block's input
+
+
+class Encoder(nn.Module):
+    """A stack of `depth` EncoderBlocks.
+
+    Unrolled (default), the blocks are named block0..block{depth-1}, the layout the converters
+    use. `scan_layers=True` runs one block under `nn.scan` (name `blocks`, every parameter with a
+    leading [depth] axis): compile time stays flat in depth; `vlmjax.models.scan_layout`
+    converts between the two layouts. `remat` (none | full | save-dots) wraps each block in
+    `jax.checkpoint` with that policy. Returns the output of the last block.
     """
     depth: int
     block_kwargs: dict
+    remat: str = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x, mask=None, *, train: bool = False):
-        for i in range(self.depth):
-            x = EncoderBlock(**self.block_kwargs, name=f"block{i}")(x, mask, train=train)
+        block_cls = EncoderBlock
+        if self.remat != "none":
+            # Under scan, the loop already keeps XLA from merging recomputation into the forward
+            # pass, so CSE prevention would only cost (jax.checkpoint docs).
+            block_cls = nn.remat(EncoderBlock, policy=remat_policy(self.remat),
+                                 prevent_cse=not self.scan_layers, static_argnums=(3,))
+        if not self.scan_layers:
+            for i in range(self.depth):
+                x = block_cls(**self.block_kwargs, name=f"block{i}")(x, mask, train)
+            return x
+
+        def body(block, carry, _):
+            return block(carry, mask, train), None
+
+        scanned = nn.scan(body, variable_axes={"params": 0}, length=self.depth,
+                          split_rngs={"params": True, "dropout": True},
+                          metadata_params={nn.PARTITION_NAME: None})  # layer axis: unsharded
+        x, _ = scanned(block_cls(**self.block_kwargs, name="blocks"), x, None)
         return x
 
 

@@ -38,6 +38,8 @@ class TextTransformer(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     fused_attention: bool = False
+    remat: str = "none"          # none | full | save-dots (layers.REMAT_POLICIES)
+    scan_layers: bool = False    # nn.scan over the blocks (layers.Encoder)
     dtype: layers.Dtype = jnp.float32
 
     @nn.compact
@@ -66,8 +68,7 @@ class TextTransformer(nn.Module):
         mask = layers.padding_mask(text_mask)
         if self.causal:
             mask = mask & layers.causal_mask(length)
-        encoder = layers.Encoder(self.depth, layers.block_kwargs(self), name="encoder")
-        x = encoder(x, mask, train=train)
+        x = layers.encoder(self)(x, mask, train=train)
         x = layers.make_norm(self.norm, self.dtype, self.norm_eps, name="final_norm")(x)
 
         rows = jnp.arange(batch)

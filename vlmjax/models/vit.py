@@ -36,6 +36,8 @@ class ViT(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     fused_attention: bool = False
+    remat: str = "none"          # none | full | save-dots (layers.REMAT_POLICIES)
+    scan_layers: bool = False    # nn.scan over the blocks (layers.Encoder)
     dtype: layers.Dtype = jnp.float32
 
     def _check(self):
@@ -74,7 +76,7 @@ class ViT(nn.Module):
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
         depth = self.depth if self.output_layer is None else self.output_layer % self.depth + 1
-        x = layers.Encoder(depth, layers.block_kwargs(self), name="encoder")(x, train=train)
+        x = layers.encoder(self, depth)(x, train=train)
         if self.output_layer is None:
             x = layers.make_norm(self.norm, self.dtype, self.norm_eps, name="final_norm")(x)
 
