@@ -23,13 +23,32 @@ def map_head_flops(tokens: int, width: int, mlp_dim: int) -> float:
     return tokens * 4 * width * width + 4 * width * width + 4 * tokens * width + 4 * width * mlp_dim
 
 
+def conv_stem_flops(image_size: int, patch: int, width: int) -> float:
+    """vit.ConvStem: stride-2 3x3 convolutions (channels doubling up to `width`), then a 1x1
+    projection, on the patch grid."""
+    num_convs = patch.bit_length() - 1
+    flops, channels_in, side = 0.0, 3, image_size
+    for i in range(num_convs):
+        channels = max(width >> (num_convs - 1 - i), 8)
+        side = (side + 1) // 2  # padding 1, stride 2
+        flops += 2 * side * side * 9 * channels_in * channels
+        channels_in = channels
+    return flops + 2 * side * side * channels_in * width
+
+
 def vit_flops(cfg: dict, image_size: int) -> float:
     patch, width = cfg.get("patch_size", 16), cfg.get("width", 768)
     mlp_dim = cfg.get("mlp_dim") or 4 * width
     patches = (image_size // patch) ** 2
     tokens = patches + int(cfg.get("class_token") or cfg.get("pool", "map") == "cls")
-    flops = 2 * patches * patch * patch * 3 * width
-    flops += encoder_flops(tokens, width, cfg.get("depth", 12), mlp_dim)
+    if cfg.get("stem", "patch") == "conv":
+        flops = conv_stem_flops(image_size, patch, width)
+    else:
+        flops = 2 * patches * patch * patch * 3 * width
+    depth = cfg.get("depth", 12)
+    if cfg.get("output_layer") is not None:  # later blocks are not built
+        depth = cfg["output_layer"] % depth + 1
+    flops += encoder_flops(tokens, width, depth, mlp_dim)
     if cfg.get("pool", "map") == "map":
         flops += map_head_flops(tokens, width, mlp_dim)
     return flops
@@ -54,6 +73,28 @@ def two_towers_train_flops_per_example(model: dict, image_size: int, text_length
             forward += 2 * model[tower].get("width", 768) * embed
     forward += 2 * batch_size * embed  # this example's row of the B x B logits
     return 3 * forward
+
+
+# Dense bf16 matmul peaks per chip (vendor data sheets; no sparsity), by device_kind substring,
+# most specific first. The MFU denominator on accelerators.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+    ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
+    ("TPU v4", 275e12), ("TPU v3", 123e12),
+)
+
+
+def device_peak_flops(device=None) -> float | None:
+    """Data-sheet bf16 peak FLOP/s of `device` (default: the first device); None if unknown
+    (CPUs, unlisted chips): measure instead with `measure_matmul_flops`."""
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return None
+    for name, peak in PEAK_BF16_FLOPS:
+        if name.lower() in device.device_kind.lower():
+            return peak
+    return None
 
 
 def measure_matmul_flops(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:
