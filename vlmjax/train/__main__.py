@@ -1,7 +1,14 @@
 """python -m vlmjax.train --config configs/siglip/tiny.py[:PRESETS] --workdir DIR [--config.KEY=VALUE ...]
 
 Trains (or resumes) the config in DIR: progress lines on stdout, metrics.jsonl, TensorBoard
-events, config.json and orbax checkpoints in DIR. SIGTERM saves a checkpoint and exits 0.
+events, config.json and orbax checkpoints in DIR (a local or gs:// path). SIGTERM saves a
+checkpoint and exits 0.
+
+Multi-process runs (see vlmjax/distributed.py): on Cloud TPU, under SLURM (srun) and Open MPI
+(mpirun) every process runs this same command and finds the others itself; elsewhere pass
+--coordinator_address HOST:PORT --num_processes N --process_id I (or the JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables; launch/local.sh does this). A plain
+single-host run starts no coordinator.
 """
 from __future__ import annotations
 
@@ -20,6 +27,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "config file[:presets]
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints and logs")
 _ALLOW_CHANGE = flags.DEFINE_bool("allow_config_change", False,
                                   "resume a workdir whose saved config differs from this one")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "HOST:PORT of process 0's coordinator (multi-process runs)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in a multi-process run")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index, 0..N-1")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "multi-process: seconds without a heartbeat from a process after "
+    "which every process stops with an error")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -43,10 +57,21 @@ def validate_overrides(argv: list[str]):
 def main(argv):
     del argv
     logging.set_verbosity(logging.ERROR)  # orbax and tfds INFO/WARNING lines drown the progress
+    from vlmjax import distributed  # before anything starts a jax backend
+    try:
+        cluster = distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                         _PROCESS_ID.value,
+                                         heartbeat_timeout_s=_HEARTBEAT.value)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    if cluster is not None:
+        import jax
+        print(f"process {jax.process_index()} of {jax.process_count()} ({cluster.kind}): "
+              f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
     from vlmjax.train import trainer  # after flag parsing: jax/TensorFlow import is slow
     result = trainer.train(_CONFIG.value, _WORKDIR.value,
                            allow_config_change=_ALLOW_CHANGE.value)
-    if result.metrics:
+    if result.metrics and (cluster is None or jax.process_index() == 0):
         print("final evaluation:")
         for key, value in sorted(result.metrics.items()):
             if key.startswith(("zero_shot/", "retrieval/")):

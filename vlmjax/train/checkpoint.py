@@ -1,16 +1,58 @@
-"""Orbax checkpoints of the train state and the data-iterator position.
+"""Orbax checkpoints of the train state and the data-iterator positions.
 
-Layout: WORKDIR/checkpoints/<step>/{state, data}. Saves are asynchronous; `every` steps and at the
-end; the last `keep` are kept, plus every step that is a multiple of `keep_period` (if > 0).
-Restoring takes abstract arrays carrying the *target* shardings, so a checkpoint written on one
-mesh restores into another.
+Layout: WORKDIR/checkpoints/<step>/{state, data}. `state` is written by all processes together
+(each its shards of the arrays); `data/process_<i>.json` by process i alone: the positions of the
+data shards it reads. Saves are asynchronous; `every` steps and at the end; the last `keep` are
+kept, plus every step that is a multiple of `keep_period` (if > 0). Restoring takes abstract
+arrays carrying the *target* shardings, so a checkpoint written on one mesh, or by another number
+of processes, restores into another. WORKDIR may be a gs:// path.
 """
 from __future__ import annotations
 
-import os
+import dataclasses
+import json
+import re
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_args
+
+from vlmjax import gfile
+
+
+class ProcessJsonHandler(ocp.handlers.CheckpointHandler):
+    """Every process writes its own JSON file; restore returns all of them by process index."""
+
+    def save(self, directory, args: "ProcessJsonSave"):
+        path = directory / f"process_{jax.process_index()}.json"
+        path.write_text(json.dumps(args.item))
+
+    def restore(self, directory, args: "ProcessJsonRestore | None" = None) -> dict[int, Any]:
+        found = {}
+        for path in directory.iterdir():
+            match = re.fullmatch(r"process_(\d+)\.json", path.name)
+            if match:
+                found[int(match.group(1))] = json.loads(path.read_text())
+        legacy = directory / "metadata"  # older checkpoints: one file {"process_<i>": state}
+        if not found and legacy.exists():
+            states = json.loads(legacy.read_text())
+            for key, value in states.items():  # one data stream per process then
+                index = int(key.rsplit("_", 1)[1])
+                found[index] = {"num_shards": len(states), "shards": {str(index): value}}
+        return found
+
+
+@checkpoint_args.register_with_handler(ProcessJsonHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessJsonSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@checkpoint_args.register_with_handler(ProcessJsonHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessJsonRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 class Checkpointer:
@@ -21,21 +63,23 @@ class Checkpointer:
             keep_period=int(keep_period) or None, enable_async_checkpointing=async_save,
             create=True)
         self.every = max(int(every), 1)
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = gfile.join(gfile.absolute(workdir), "checkpoints")
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_state: dict) -> bool:
-        """Saves now (the trainer decides when: every `every` steps, at the end, on SIGTERM)."""
+        """Saves now (the trainer decides when: every `every` steps, at the end, on SIGTERM).
+        `data_state`: this process's JSON-able input position."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=ocp.args.JsonSave(data_state))
+                                  data=ProcessJsonSave(data_state))
         return self.manager.save(step, args=args, force=True)
 
-    def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
+    def restore(self, step: int, abstract_state) -> tuple[Any, dict[int, Any]]:
+        """(state, {process index: the data state it saved})."""
         restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+            state=ocp.args.StandardRestore(abstract_state), data=ProcessJsonRestore()))
         return restored["state"], dict(restored["data"])
 
     def wait(self):
@@ -48,7 +92,7 @@ class Checkpointer:
 
 def restore_params(workdir: str, abstract_params, step: int | None = None):
     """Only the params of a trainer checkpoint (for evaluation, export or model_init)."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    directory = gfile.join(gfile.absolute(workdir), "checkpoints")
     with ocp.CheckpointManager(directory) as manager:
         step = manager.latest_step() if step is None else step
         if step is None:

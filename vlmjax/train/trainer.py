@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import time
 
 import flax.linen as nn
 import jax
@@ -22,8 +19,8 @@ import numpy as np
 import optax
 
 from vlmjax import config as config_lib
-from vlmjax import sharding
-from vlmjax.train import checkpoint, metrics as metrics_lib, optim, step as step_lib
+from vlmjax import distributed, gfile, sharding
+from vlmjax.train import checkpoint, input_shards, metrics as metrics_lib, optim, step as step_lib
 from vlmjax.train.tasks import get_task
 
 TRAINER_KEYS = {
@@ -43,6 +40,9 @@ TRAINER_KEYS = {
     "checkpoint": "every, keep, keep_period, async",
     "nonfinite": "'skip' (count and skip the update) or 'stop' on non-finite loss/gradient",
     "peak_flops": "per-device peak FLOP/s for MFU (0 = measure a float32 matmul at start)",
+    "data_shards": "training input streams the global batch is made of, split over the "
+                   "processes (0 = the checkpoint's, else the process count); see "
+                   "vlmjax/train/input_shards.py",
 }
 CHECKPOINT_KEYS = ("every", "keep", "keep_period", "async_save")
 
@@ -61,6 +61,9 @@ def check_config(config: ml_collections.ConfigDict):
     if config.get("nonfinite", "skip") not in step_lib.NONFINITE_POLICIES:
         raise config_lib.ConfigError(f"config.nonfinite {config.nonfinite!r} is not one of "
                                      f"{step_lib.NONFINITE_POLICIES}")
+    if int(config.get("data_shards", 0)) < 0:
+        raise config_lib.ConfigError(f"config.data_shards must be >= 0 (0 = the default), got "
+                                     f"{config.get('data_shards')}")
     if int(config.get("total_steps", 0)) < 1:
         raise config_lib.ConfigError(f"config.total_steps must be >= 1, got "
                                      f"{config.get('total_steps')}")
@@ -68,11 +71,10 @@ def check_config(config: ml_collections.ConfigDict):
 
 def _check_saved_config(workdir: str, config, allow_config_change: bool):
     """Refuse to resume a workdir with a different config unless told to."""
-    path = os.path.join(workdir, "config.json")
+    path = gfile.join(workdir, "config.json")
     new = json.loads(config_lib.to_json(config))
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if gfile.exists(path):
+        old = json.loads(gfile.read_text(path))
         if old != new and not allow_config_change:
             changed = sorted(k for k in set(config_lib.flat_keys(old)) | set(
                 config_lib.flat_keys(new)) if _lookup(old, k) != _lookup(new, k))
@@ -80,9 +82,11 @@ def _check_saved_config(workdir: str, config, allow_config_change: bool):
                 f"workdir {workdir} holds a run with a different config (changed: "
                 f"{', '.join(changed[:10])}); use another workdir or pass "
                 "--allow_config_change to resume with the new config")
+    if jax.process_count() > 1:  # every process has read it before process 0 rewrites it
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("vlmjax: config checked")
     if jax.process_index() == 0:
-        with open(path, "w") as f:
-            json.dump(new, f, indent=2, sort_keys=True)
+        gfile.write_text(path, json.dumps(new, indent=2, sort_keys=True))
 
 
 def _lookup(tree, dotted):
@@ -91,28 +95,6 @@ def _lookup(tree, dotted):
             return None
         tree = tree[key]
     return tree if not isinstance(tree, dict) else "<dict>"
-
-
-class _StopRequested:
-    """SIGTERM/SIGINT -> finish the current step, checkpoint, exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM,):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        print(f"received signal {signum}: saving a checkpoint at the next step boundary",
-              flush=True)
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @dataclasses.dataclass
@@ -126,7 +108,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     """Train (or resume) `config` in `workdir`; returns the last eval metrics and the state.
     `stop_after`: stop (with a checkpoint) after this many steps of this call, for tests."""
     check_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    gfile.makedirs(workdir)
     _check_saved_config(workdir, config, allow_config_change)
     mesh = sharding.make_mesh(config.get("mesh", {"data": -1}))
     rules = sharding.logical_rules(config.get("sharding_rules", None))
@@ -154,13 +136,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_shardings)
         state, data_state = checkpointer.restore(latest, abstract)
-        print(f"resumed from {checkpointer.directory} at step {latest}", flush=True)
+        _log(f"resumed from {checkpointer.directory} at step {latest}")
     else:
         with jax.set_mesh(mesh):
             if config.get("model_init"):
                 params = task.pretrained_params(config.model_init, abstract_params,
                                                 param_shardings)
-                print(f"initialised params from {config.model_init}", flush=True)
+                _log(f"initialised params from {config.model_init}")
             else:
                 params = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)),
                                  out_shardings=param_shardings)(init_rng)
@@ -169,8 +151,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         data_state = {}
 
     start_step = int(jax.device_get(state.step))
-    process_key = f"process_{jax.process_index()}"
-    train_input = task.train_input(data_state.get(process_key))
+    train_input = _train_input(task, config, data_state)
     train_step = jax.jit(
         step_lib.make_train_step(task.loss_fn, tx, schedule,
                                  accum_steps=int(optim_settings["accum_steps"]), mesh=mesh),
@@ -185,18 +166,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     policy = config.get("nonfinite", "skip")
     evaluators = task.evaluators()
     history, results, step = [], {}, start_step
-    print(f"training {config.task} for {total_steps} steps, batch {batch_size}, mesh "
-          f"{dict(mesh.shape)}, {_param_count(abstract_params) / 1e6:.2f}M params", flush=True)
+    _log(f"training {config.task} for {total_steps} steps, batch {batch_size}, mesh "
+         f"{dict(mesh.shape)} over {jax.process_count()} process(es), {train_input.num_shards} "
+         f"data shard(s), {_param_count(abstract_params) / 1e6:.2f}M params")
     try:
-        with _StopRequested() as stop, jax.set_mesh(mesh):
+        with distributed.StopSignal() as stop, jax.set_mesh(mesh):
             while step < total_steps:
                 batch = sharding.host_batch_to_global(next(train_input), mesh)
                 state, step_metrics = train_step(state, batch)
                 step += 1
                 history.append(step_metrics)
                 last = step == total_steps
-                stopping = stop.requested or (stop_after is not None and step - start_step
-                                              >= stop_after)
+                # Every process calls should_stop each step: it is where they agree on a
+                # preemption step.
+                stopping = stop.should_stop(step) or (stop_after is not None
+                                                      and step - start_step >= stop_after)
                 if step % log_every == 0 or last or stopping:
                     fetched = metrics_lib.mean_metrics(jax.device_get(history))
                     fetched.update({f"data/skipped/{k}": v
@@ -212,18 +196,58 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                             f"'stop'); the last checkpoint in {checkpointer.directory} is intact")
                 if evaluators.due(step, last):
                     results = evaluators.run(state.params, step)
+                    _check_processes_agree(results)
                     writer.write(step, results)
                     _print_results(step, results)
                 if step % checkpointer.every == 0 or last or stopping:
                     if policy == "stop" and int(jax.device_get(state.nonfinite_steps)) > 0:
                         raise NonFiniteError(f"non-finite loss or gradient before step {step}")
-                    checkpointer.save(step, state, {process_key: train_input.get_state()})
+                    checkpointer.save(step, state, {
+                        "num_shards": train_input.num_shards,
+                        "shards": {str(k): v for k, v in train_input.get_state().items()}})
                 if stopping:
                     break
     finally:
         checkpointer.close()  # waits for the async save in flight
         writer.close()
+        train_input.close()
     return TrainResult(results, state)
+
+
+def _log(message: str):
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _train_input(task, config, saved: dict[int, dict]) -> input_shards.ShardedInput:
+    """This process's data shards, at the positions the checkpoint's processes saved."""
+    saved_states, saved_count = {}, None
+    for process_state in saved.values():
+        saved_count = int(process_state["num_shards"])
+        saved_states.update({int(k): v for k, v in process_state["shards"].items()})
+    num_shards, note = input_shards.choose_num_shards(
+        int(config.get("data_shards", 0)), saved_count, jax.process_count())
+    if note:
+        _log(f"warning: {note}")
+    if num_shards != saved_count:
+        saved_states = {}
+    elif saved_count is not None and len(saved_states) != saved_count:
+        raise ValueError(f"the checkpoint holds the data positions of shards "
+                         f"{sorted(saved_states)}, but {saved_count} were saved; was a process's "
+                         "data file lost?")
+    return input_shards.ShardedInput(
+        lambda shard, count, state: task.train_input(state, shard, count), num_shards,
+        jax.process_index(), jax.process_count(), saved_states)
+
+
+def _check_processes_agree(results: dict):
+    """Evaluations must give every process the same numbers (they all log, checkpoint, stop)."""
+    if jax.process_count() == 1 or not results:
+        return
+    from jax.experimental import multihost_utils
+    values = np.asarray([v for k, v in sorted(results.items()) if k != "eval/seconds"],
+                        np.float32)  # what the collective carries (float64 would be cast)
+    multihost_utils.assert_equal(values, "evaluation results differ between processes")
 
 
 def _measured_peak_flops() -> float:

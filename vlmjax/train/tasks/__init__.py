@@ -3,8 +3,9 @@
 A task class is built as `Task(config, mesh)` and provides:
   init_params(rng) -> boxed params (nn.LogicallyPartitioned leaves)
   loss_fn(params, batch, rng) -> (loss, metrics)     (pure; jitted by the trainer)
-  train_input(batch_size, data_state) -> iterator of host-local numpy batches with .state() and
-                                         .counters() (see vlmjax/train/input.py)
+  train_input(data_state, shard, num_shards) -> iterator of numpy batches of data shard `shard`
+                                         of `num_shards`, with .get_state() and .skip_counts
+                                         (see vlmjax/train/input_shards.py)
   evaluators() -> vlmjax.train.evaluation.Schedule
   flops_per_example(batch_size) -> float
 """

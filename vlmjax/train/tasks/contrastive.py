@@ -137,10 +137,13 @@ class ContrastiveTask:
             batch_size)
 
     # ------------------------------------------------------------------------------------ data
-    def train_input(self, data_state: dict | None):
-        """This process's training batches, resumed from `data_state` (its saved position)."""
+    def train_input(self, data_state: dict | None, shard: int | None = None,
+                    num_shards: int | None = None):
+        """Training batches of data shard `shard` of `num_shards` (default: this process of
+        all), resumed from `data_state` (its saved position)."""
         from vlmjax.data import pipeline
         return pipeline.make_pipeline(self.config.data, self.config.input, training=True,
+                                      process_index=shard, process_count=num_shards,
                                       state=data_state or None)
 
     # ----------------------------------------------------------------------------------- evals
