@@ -8,6 +8,35 @@ from vlmjax.models import layers
 
 POOLS = ("cls", "gap", "map", "none")
 POSEMBS = ("learn", "sincos2d")
+STEMS = ("patch", "conv")
+
+
+class ConvStem(nn.Module):
+    """Stride-2 3x3 convolutions down to the patch grid, then a 1x1 projection to `width`.
+
+    Xiao et al. 2021 ("Early convolutions help transformers see better"): a few convolutions
+    instead of one patchify layer give the ViT a locality prior, which small models on small
+    objects need (see README, tiny configs). Channels double per layer and end at `width`.
+    """
+    patch_size: int
+    width: int
+    dtype: layers.Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images):
+        num_convs = self.patch_size.bit_length() - 1
+        x = images
+        for i in range(num_convs):
+            channels = max(self.width >> (num_convs - 1 - i), 8)
+            x = nn.Conv(channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                        dtype=self.dtype, param_dtype=jnp.float32, name=f"conv{i}",
+                        kernel_init=layers.partitioned(nn.initializers.he_normal(),
+                                                       (None, None, None, None)))(x)
+            x = nn.gelu(layers.make_norm("layernorm", self.dtype, 1e-6, name=f"norm{i}")(x))
+        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, name="proj",
+                        kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
+                                                       (None, "embed")),
+                        bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))(x)
 
 
 class ViT(nn.Module):
@@ -29,6 +58,7 @@ class ViT(nn.Module):
     class_token: bool | None = None
     pre_norm: bool = False       # CLIP's ln_pre on the embedded tokens
     patch_bias: bool = True      # CLIP's patch embedding has no bias
+    stem: str = "patch"          # "conv": ConvStem (patch_size must be a power of two)
     output_layer: int | None = None
     activation: str = "gelu"
     norm: str = "layernorm"
@@ -45,6 +75,11 @@ class ViT(nn.Module):
             raise ValueError(f"ViT pool {self.pool!r} is not one of {POOLS}")
         if self.posemb not in POSEMBS:
             raise ValueError(f"ViT posemb {self.posemb!r} is not one of {POSEMBS}")
+        if self.stem not in STEMS:
+            raise ValueError(f"ViT stem {self.stem!r} is not one of {STEMS}")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"ViT stem 'conv' needs a power-of-two patch_size >= 2, got "
+                             f"{self.patch_size}")
         if self.output_layer is not None and not -self.depth <= self.output_layer < self.depth:
             raise ValueError(f"ViT output_layer {self.output_layer} is outside [-{self.depth}, "
                              f"{self.depth - 1}] for depth {self.depth}")
@@ -53,13 +88,17 @@ class ViT(nn.Module):
     def __call__(self, images, *, train: bool = False):
         self._check()
         class_token = self.pool == "cls" if self.class_token is None else self.class_token
-        x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
-                    padding="VALID", use_bias=self.patch_bias, dtype=self.dtype,
-                    param_dtype=jnp.float32, name="patch_embed",
-                    kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
-                                                   (None, None, None, "embed")),
-                    bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))(
-            images.astype(self.dtype))
+        if self.stem == "conv":
+            x = ConvStem(self.patch_size, self.width, self.dtype, name="conv_stem")(
+                images.astype(self.dtype))
+        else:
+            x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2,
+                        padding="VALID", use_bias=self.patch_bias, dtype=self.dtype,
+                        param_dtype=jnp.float32, name="patch_embed",
+                        kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
+                                                       (None, None, None, "embed")),
+                        bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))(
+                images.astype(self.dtype))
         batch, grid_h, grid_w, _ = x.shape
         x = x.reshape(batch, grid_h * grid_w, self.width)
         if self.posemb == "sincos2d":
