@@ -160,6 +160,10 @@ def test_processes_train_like_one_and_survive_preemption_and_death(tmp_path):
         assert_params_match(saved_state(wd["A"], STEPS), final_b, rtol=1e-6)
         assert evals(wd["A"]) == evals(wd["B"])  # the 2-process run also checked both agree
         assert "2 data shard(s)" in a.output() and "over 2 process(es)" in a.output()
+        data = wd["A"] / "checkpoints" / str(STEPS) / "data"  # each process saved its position
+        assert {p.name: sorted(json.loads(p.read_text())["shards"])
+                for p in data.glob("process_*.json")} == {"process_0.json": ["0"],
+                                                          "process_1.json": ["1"]}
 
         # D: B's step-4 checkpoint (1 process) resumes on 2; SIGTERM reaches process 1 only.
         resume_from(wd["B"], EVERY, wd["D"])

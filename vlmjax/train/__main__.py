@@ -64,13 +64,21 @@ def main(argv):
                                          heartbeat_timeout_s=_HEARTBEAT.value)
     except ValueError as error:
         sys.exit(f"error: {error}")
+    import jax
     if cluster is not None:
-        import jax
         print(f"process {jax.process_index()} of {jax.process_count()} ({cluster.kind}): "
               f"{jax.local_device_count()} local of {jax.device_count()} devices", flush=True)
     from vlmjax.train import trainer  # after flag parsing: jax/TensorFlow import is slow
-    result = trainer.train(_CONFIG.value, _WORKDIR.value,
-                           allow_config_change=_ALLOW_CHANGE.value)
+    try:
+        result = trainer.train(_CONFIG.value, _WORKDIR.value,
+                               allow_config_change=_ALLOW_CHANGE.value)
+    except jax.errors.JaxRuntimeError as error:
+        if cluster is None:
+            raise
+        sys.exit(f"error: process {jax.process_index()} of {jax.process_count()} stopped: "
+                 f"{str(error).splitlines()[0]}\nAnother process has probably died (see its "
+                 "log); rerun the same command on all processes to resume from the last "
+                 "complete checkpoint.")
     if result.metrics and (cluster is None or jax.process_index() == 0):
         print("final evaluation:")
         for key, value in sorted(result.metrics.items()):
