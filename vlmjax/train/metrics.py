@@ -1,5 +1,5 @@
 """Training logs: one progress line per interval on stdout, `metrics.jsonl` and TensorBoard
-event files in the workdir (written by process 0 only)."""
+event files in the workdir (written by process 0 only; the workdir may be a gs:// path)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,8 @@ from typing import Mapping
 
 import jax
 import numpy as np
+
+from vlmjax import gfile
 
 
 def format_duration(seconds: float) -> str:
@@ -20,6 +22,10 @@ class MetricsWriter:
     def __init__(self, workdir: str, *, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self._remote_lines = None  # gs:// and co. cannot append: keep the lines, rewrite
+        if self.enabled and gfile.is_remote(self.path):
+            self._remote_lines = (gfile.read_text(self.path).splitlines(keepends=True)
+                                  if gfile.exists(self.path) else [])
         self._tb = None
         if self.enabled and tensorboard:
             from vlmjax.data.tf_cpu import tf  # tensorflow without accelerators
@@ -29,8 +35,12 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self._remote_lines is not None:
+            self._remote_lines.append(json.dumps(record) + "\n")
+            gfile.write_text(self.path, "".join(self._remote_lines))
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         if self._tb is not None:
             from vlmjax.data.tf_cpu import tf
             with self._tb.as_default(step=int(step)):
