@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import importlib.util
+import inspect
 import os
 import signal
 from typing import Mapping
@@ -94,10 +95,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     cluster = detect_cluster(coordinator_address, num_processes, process_id)
     if cluster is None or jax.distributed.is_initialized():
         return cluster
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-        # CPU collectives across processes (the default on jax 0.10, explicit for other versions).
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = dict(heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+    if not jax.config.jax_platforms or "cpu" in str(jax.config.jax_platforms):
+        try:  # CPU collectives across processes: gloo (jax 0.10's default; explicit elsewhere)
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        except (AttributeError, ValueError):
+            pass
+    kwargs = {}
+    if "heartbeat_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+        kwargs["heartbeat_timeout_seconds"] = int(heartbeat_timeout_s)
     if cluster.kind == "explicit":
         kwargs.update(coordinator_address=cluster.coordinator_address,
                       num_processes=cluster.num_processes, process_id=cluster.process_id)
@@ -153,5 +158,8 @@ class StopSignal:
 
 
 def _sync_manager_running() -> bool:
-    from jax._src import distributed as jax_distributed  # no public accessor for it
-    return getattr(jax_distributed.global_state, "preemption_sync_manager", None) is not None
+    try:
+        from jax._src import distributed as jax_distributed  # no public accessor for it
+        return getattr(jax_distributed.global_state, "preemption_sync_manager", None) is not None
+    except ImportError:  # jax moved it: the service is on by default (jax_enable_preemption_service)
+        return bool(getattr(jax.config, "jax_enable_preemption_service", True))

@@ -37,6 +37,8 @@ def test_loss_trajectory_is_the_same_on_every_mesh(data_dir, tmp_path):  # noqa:
     assert len(reference) == 20 and reference[-1] < reference[0]
     for name, trajectory in trajectories.items():
         np.testing.assert_allclose(trajectory, reference, rtol=1e-5, err_msg=name)
+        print(f"MESH {name}: max relative loss difference to data=8 over 20 steps "
+              f"{np.max(np.abs(np.subtract(trajectory, reference)) / np.abs(reference)):.1e}")
 
     state = {name: result.state for name, result in results.items()}
     fc1 = lambda s: s.params["text_tower"]["encoder"]["block0"]["mlp"]["fc1"]["kernel"]  # noqa
