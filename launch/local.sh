@@ -9,6 +9,7 @@
 # process (as a scheduler's preemption would). If a process fails, the others are stopped by
 # JAX's coordination service (heartbeat timeout); this script kills any that are still alive
 # KILL_AFTER_S (default 180) seconds later. The exit status is the first non-zero one, else 0.
+# PYTHON picks the interpreter (default: python).
 set -u
 
 usage() {
