@@ -99,6 +99,7 @@ def get_config(arg=None):
     c.optim = dict(name="adamw", lr=1e-5, schedule="cosine",
                    warmup_steps=min(500, args.steps // 10), end_lr=0.0, weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0)
     c.evals = dict(every=0, batch_size=512, **evals)
+    c.data_shards = 0  # input streams; 0 = the process count of the first run (see README)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every = 50
     c.checkpoint = dict(every=1000, keep=2)

@@ -20,8 +20,8 @@ def get_config(arg=None):
     c.seed = 0
     c.total_steps = args.steps
     c.model = dict(
-        image=dict(patch_size=8, width=96, depth=3, num_heads=4, mlp_dim=384, pool="map",
-                   posemb="learn"),
+        image=dict(patch_size=8, stem="patch", width=96, depth=3, num_heads=4, mlp_dim=384,
+                   pool="map", posemb="learn"),
         text=dict(vocab_size=1000, max_len=24, width=64, depth=2, num_heads=2, mlp_dim=256,
                   pool="last"),
         embed_dim=64, image_projection=True, text_projection=True,
@@ -40,6 +40,7 @@ def get_config(arg=None):
     c.evals = dict(every=0, batch_size=512,
                    zero_shot=dict(splits=["test", "test_novel"], templates="vlm_shapes"),
                    retrieval=dict(splits=["test"], max_images=1000))
+    c.data_shards = 0  # input streams; 0 = the process count of the first run (see README)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every = 50
     c.checkpoint = dict(every=500, keep=2)
