@@ -59,13 +59,17 @@ class Shape:
 
 SHAPES = {s.name: s for s in (
     Shape("tiny", tiny_model, 64, 24, 128, 2048),
-    Shape("vit_s16", lambda: siglip_towers(384, 12, 6, 1536), 224, 64, 32, 512),
-    Shape("vit_b16", lambda: siglip_towers(768, 12, 12, 3072), 224, 64, 16, 256),
+    Shape("vit_s16", lambda: siglip_towers(384, 12, 6, 1536), 224, 64, 8, 512),
+    Shape("vit_b16", lambda: siglip_towers(768, 12, 12, 3072), 224, 64, 4, 256),
     # --large (accelerators): ViT-L/16 and SoViT-400m/14 two-towers.
     Shape("vit_l16", lambda: siglip_towers(1024, 24, 16, 4096), 224, 64, 4, 128),
     Shape("so400m14", lambda: siglip_towers(1152, 27, 16, 4304, patch=14), 224, 64, 4, 64),
 )}
 DEFAULT_SHAPES = ("tiny", "vit_s16", "vit_b16")
+# --quick (CI): one block per tower at 32 px, compiles in seconds.
+MICRO = Shape("micro", lambda: siglip_towers(32, 1, 2, 64, patch=8, text_len=8, vocab=100),
+              32, 8, 8, 8)
+SHAPES[MICRO.name] = MICRO
 LARGE_SHAPES = ("vit_l16", "so400m14")
 
 

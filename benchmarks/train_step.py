@@ -26,8 +26,8 @@ import jax  # noqa: E402
 
 import common  # noqa: E402
 
-SWITCH_VARIANTS = ("base", "scan", "scan+remat=full", "scan+remat=save-dots", "remat=full",
-                   "fused", "dtype=bfloat16", "data=host", "data=prefetch")
+SWITCH_VARIANTS = ("base", "scan", "scan+remat=full", "scan+remat=save-dots", "fused",
+                   "dtype=bfloat16", "data=host", "data=prefetch")
 QUICK_VARIANTS = ("base", "scan+remat=save-dots+fused", "data=prefetch")
 HEADER = ("| shape | dtype | batch | params | GFLOP/example | compile s | step ms | examples/s | "
           "TFLOP/s | MFU |")
@@ -97,15 +97,16 @@ def main(argv=None):
     parser.add_argument("--switch_shape", default="vit_s16",
                         help="shape of the switch table ('' = no switch table)")
     parser.add_argument("--switch_batch", type=int, default=0,
-                        help="per-device batch of the switch table (0: CPU 16, else default)")
+                        help="per-device batch of the switch table (0: CPU 4, else default)")
     parser.add_argument("--variants", default=",".join(SWITCH_VARIANTS),
                         help="switch-table rows, e.g. 'base,scan+remat=full,data=prefetch'")
     parser.add_argument("--quick", action="store_true",
-                        help="CI: tiny shape at batch 16, 3 steps, a few switch rows")
+                        help="CI: the tiny shape at batch 16, 3 steps; a few switch rows on a "
+                             "micro shape")
     args = parser.parse_args(argv)
     if args.quick:
         args.shapes, args.batch, args.steps, args.warmup = "tiny", 16, 3, 1
-        args.switch_shape, args.switch_batch = "tiny", 16
+        args.switch_shape, args.switch_batch = "micro", 16
         args.variants = ",".join(QUICK_VARIANTS)
     names = [n for n in args.shapes.split(",") if n] + (
         list(common.LARGE_SHAPES) if args.large else [])
@@ -138,7 +139,7 @@ def main(argv=None):
     if not args.switch_shape:
         return
     shape = common.SHAPES[args.switch_shape]
-    batch = args.switch_batch or (16 if not accelerator else default_batch(shape))
+    batch = args.switch_batch or (4 if not accelerator else default_batch(shape))
     print(f"\n# switches on {args.switch_shape}, per-device batch {batch}")
     print(SWITCH_HEADER)
     print("|" + "---|" * (SWITCH_HEADER.count("|") - 1))
