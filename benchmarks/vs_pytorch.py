@@ -111,7 +111,7 @@ def profile_summary(jax_side: JaxSide, directory: str, steps: int = 3, top: int 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="vit_s16", help=f"one of {sorted(common.SHAPES)}")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per side per round")
     parser.add_argument("--threads", type=int, default=0,

@@ -67,3 +67,13 @@ def test_close_stops_the_thread_with_batches_pending():
     prefetcher.close()
     assert not any(t.name == "device-prefetch" and t.is_alive() and t is prefetcher._thread
                    for t in threading.enumerate())
+
+
+def test_other_attributes_are_the_sources():
+    source = Source(3)
+    source.num_shards = 4
+    prefetcher = DevicePrefetcher(source, lambda b: b)
+    assert prefetcher.num_shards == 4
+    with pytest.raises(AttributeError):
+        prefetcher.no_such_thing
+    prefetcher.close()

@@ -79,6 +79,13 @@ class DevicePrefetcher:
         """The source's state after the last batch returned by `next`."""
         return self._state
 
+    def __getattr__(self, name):
+        # Other attributes (e.g. ShardedInput.num_shards) are the source's: read them for
+        # settings fixed at construction, not for positions (those run ahead).
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
     @property
     def skip_counts(self) -> dict:
         return self._skips

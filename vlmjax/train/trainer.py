@@ -21,6 +21,7 @@ import optax
 from vlmjax import config as config_lib
 from vlmjax import distributed, gfile, sharding
 from vlmjax.train import checkpoint, input_shards, metrics as metrics_lib, optim, step as step_lib
+from vlmjax.train import prefetch
 from vlmjax.train.tasks import get_task
 
 TRAINER_KEYS = {
@@ -151,7 +152,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         data_state = {}
 
     start_step = int(jax.device_get(state.step))
-    train_input = _train_input(task, config, data_state)
+    train_input = prefetch.DevicePrefetcher(  # the next batch goes to the devices while
+        _train_input(task, config, data_state),  # the step runs (issue #7)
+        lambda host_batch: sharding.host_batch_to_global(host_batch, mesh))
     train_step = jax.jit(
         step_lib.make_train_step(task.loss_fn, tx, schedule,
                                  accum_steps=int(optim_settings["accum_steps"]), mesh=mesh),
@@ -172,7 +175,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     try:
         with distributed.StopSignal() as stop, jax.set_mesh(mesh):
             while step < total_steps:
-                batch = sharding.host_batch_to_global(next(train_input), mesh)
+                batch = next(train_input)
                 state, step_metrics = train_step(state, batch)
                 step += 1
                 history.append(step_metrics)
