@@ -222,3 +222,29 @@ def test_export_needs_a_checkpoint_of_a_trainer_workdir(siglip_hf, tmp_path, cap
     with pytest.raises(SystemExit):
         cli_main(["export", "--to", "hf", str(not_a_run), str(tmp_path / "out2")])
     assert "trainer workdir" in capsys.readouterr().err
+
+
+def test_model_init_into_scanned_layers_with_remat(siglip_hf):
+    import flax.linen as nn
+
+    from vlmjax import sharding
+    from vlmjax.models import scan_layout
+    from vlmjax.train.tasks.contrastive import ContrastiveTask
+
+    config = finetune_config(siglip_hf[0])
+    mesh = sharding.make_mesh(config.mesh)
+
+    def load(config):
+        task = ContrastiveTask(config, mesh)
+        boxed = jax.eval_shape(task.init_params, jax.random.key(0))
+        shardings = sharding.param_shardings(boxed, mesh, sharding.logical_rules())
+        return task.pretrained_params(config.model_init, nn.meta.unbox(boxed), shardings)
+
+    unrolled = load(config)
+    with config.unlocked():  # compute switches, not architecture: the same weights load
+        for tower in ("image", "text"):
+            config.model[tower].scan_layers = True
+            config.model[tower].remat = "full"
+    scanned = load(config)
+    assert scan_layout.is_scanned(scanned) and not scan_layout.is_scanned(unrolled)
+    assert_same_params(scan_layout.to_unrolled(scanned), unrolled)

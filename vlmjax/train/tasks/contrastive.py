@@ -23,6 +23,7 @@ from vlmjax import sharding
 from vlmjax.config import ConfigError, check_keys
 from vlmjax.evals import retrieval, zero_shot
 from vlmjax.losses import contrastive
+from vlmjax.models import scan_layout
 from vlmjax.models.text import TextTransformer
 from vlmjax.models.two_towers import TwoTowers
 from vlmjax.models.vit import ViT
@@ -44,6 +45,9 @@ def model_kwargs(model_config) -> dict:
 
 
 IGNORED_IN_ARCHITECTURE = ("temperature_init", "bias_init", "dtype", "use_text_mask")
+# Tower fields that change how, not what, a tower computes: pretrained weights load under any.
+COMPUTE_SWITCHES = ("dtype", "remat", "scan_layers", "fused_attention", "dropout",
+                    "attention_dropout")
 
 
 def _check_architecture(src: str, model_config):
@@ -61,7 +65,7 @@ def _check_architecture(src: str, model_config):
     for tower, module in (("image", ViT), ("text", TextTransformer)):
         theirs, mine = with_defaults(module, pretrained.get(tower)), with_defaults(
             module, ours.get(tower))
-        for key in sorted(set(theirs) - {"dtype"}):
+        for key in sorted(set(theirs) - set(COMPUTE_SWITCHES)):
             if theirs[key] != mine[key]:
                 diffs.append(f"model.{tower}.{key}: config {mine[key]!r}, pretrained "
                              f"{theirs[key]!r}")
@@ -116,7 +120,11 @@ class ContrastiveTask:
         if source_kind(src) != "big_vision":  # an .npz has no config to compare against
             _check_architecture(src, self.config.model)
         size = (self.data.image_size, self.data.image_size)
-        _, params, _ = load_pretrained(src, image_size=size, shardings=shardings)
+        scanned = scan_layout.is_scanned(abstract_params)
+        _, params, _ = load_pretrained(src, image_size=size,
+                                       shardings=None if scanned else shardings)
+        if scanned:  # converters write the unrolled block{i} layout
+            params = jax.device_put(scan_layout.to_scanned(params), shardings)
         expected = {jax.tree_util.keystr(p): x.shape
                     for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
         loaded = {jax.tree_util.keystr(p): x.shape
