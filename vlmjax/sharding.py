@@ -89,8 +89,10 @@ def param_shardings(boxed_params, mesh: Mesh, rules) -> Any:
     return jax.tree.map(fit, mesh_specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
+    """Leading dim split over the batch axes the mesh has (replicated if it has none)."""
+    axes = tuple(axis for axis in batch_axes if axis in mesh.axis_names)
+    return NamedSharding(mesh, P(axes if axes else None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -101,7 +103,6 @@ def host_batch_to_global(batch: Mapping[str, np.ndarray], mesh: Mesh,
                          batch_axes: Sequence[str] = BATCH_AXES) -> dict[str, jax.Array]:
     """Each process's numpy batch (its share of the global batch) -> global `jax.Array`s split
     over the batch axes the mesh has (leading dim; replicated if it has none)."""
-    axes = tuple(axis for axis in batch_axes if axis in mesh.axis_names)
-    sharding = NamedSharding(mesh, P(axes if axes else None))
+    sharding = batch_sharding(mesh, batch_axes)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}

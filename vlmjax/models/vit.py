@@ -11,6 +11,12 @@ POSEMBS = ("learn", "sincos2d")
 STEMS = ("patch", "conv")
 
 
+def conv_stem_channels(patch_size: int, width: int) -> list[int]:
+    """Output channels of ConvStem's stride-2 convolutions: doubling, ending at `width`."""
+    num_convs = patch_size.bit_length() - 1
+    return [max(width >> (num_convs - 1 - i), 8) for i in range(num_convs)]
+
+
 class ConvStem(nn.Module):
     """Stride-2 3x3 convolutions down to the patch grid, then a 1x1 projection to `width`.
 
@@ -24,10 +30,8 @@ class ConvStem(nn.Module):
 
     @nn.compact
     def __call__(self, images):
-        num_convs = self.patch_size.bit_length() - 1
         x = images
-        for i in range(num_convs):
-            channels = max(self.width >> (num_convs - 1 - i), 8)
+        for i, channels in enumerate(conv_stem_channels(self.patch_size, self.width)):
             x = nn.Conv(channels, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
                         dtype=self.dtype, param_dtype=jnp.float32, name=f"conv{i}",
                         kernel_init=layers.partitioned(nn.initializers.he_normal(),

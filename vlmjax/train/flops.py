@@ -12,6 +12,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from vlmjax.models.vit import conv_stem_channels
+
 
 def encoder_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
     per_layer = tokens * (8 * width * width + 4 * width * mlp_dim) + 4 * tokens * tokens * width
@@ -26,10 +28,8 @@ def map_head_flops(tokens: int, width: int, mlp_dim: int) -> float:
 def conv_stem_flops(image_size: int, patch: int, width: int) -> float:
     """vit.ConvStem: stride-2 3x3 convolutions (channels doubling up to `width`), then a 1x1
     projection, on the patch grid."""
-    num_convs = patch.bit_length() - 1
     flops, channels_in, side = 0.0, 3, image_size
-    for i in range(num_convs):
-        channels = max(width >> (num_convs - 1 - i), 8)
+    for channels in conv_stem_channels(patch, width):
         side = (side + 1) // 2  # padding 1, stride 2
         flops += 2 * side * side * 9 * channels_in * channels
         channels_in = channels
