@@ -15,9 +15,13 @@ def xla_flops(fn, *args) -> float:
     return (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
-@pytest.mark.parametrize("stem", ["patch", "conv"])
-def test_two_towers_forward_flops_match_xla(stem):
-    model_cfg = dict(image=dict(IMAGE, stem=stem), text=TEXT, embed_dim=128,
+CNN = dict(channels=(32, 64, 128))
+
+
+@pytest.mark.parametrize("arch,image", [("vit", dict(IMAGE, stem="patch")),
+                                        ("vit", dict(IMAGE, stem="conv")), ("cnn", CNN)])
+def test_two_towers_forward_flops_match_xla(arch, image):
+    model_cfg = dict(image=image, image_arch=arch, text=TEXT, embed_dim=128,
                      image_projection=False, bias_init=-10.0)
     model = TwoTowers(**model_cfg)
     batch = 4
@@ -29,8 +33,9 @@ def test_two_towers_forward_flops_match_xla(stem):
         return zimg @ ztxt.T  # the logits the loss counts
 
     counted = flops.two_towers_train_flops_per_example(model_cfg, 64, 16, batch) / 3 * batch
-    # XLA also counts norms, softmax and activations (a few percent at this width).
-    assert 1.0 <= xla_flops(forward, params, images, tokens) / counted < 1.12
+    # XLA also counts norms, softmax and activations (a few percent at this width) and skips
+    # the multiplies with a 3x3 convolution's zero border (3% for the small CNN maps).
+    assert 0.96 <= xla_flops(forward, params, images, tokens) / counted < 1.12
 
 
 def test_conv_stem_flops_match_xla():

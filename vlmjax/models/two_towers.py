@@ -14,8 +14,11 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.models import layers
+from vlmjax.models.convnet import ConvNet
 from vlmjax.models.text import TextTransformer
 from vlmjax.models.vit import ViT
+
+IMAGE_TOWERS = {"vit": ViT, "cnn": ConvNet}  # model.image_arch -> module
 
 CLIP_TEMPERATURE_INIT = 1 / 0.07   # CLIP: t' = log(1/0.07)
 SIGLIP_TEMPERATURE_INIT = 10.0     # SigLIP: t' = log 10
@@ -45,8 +48,19 @@ class Projection(nn.Module):
                         bias_init=layers.partitioned(nn.initializers.zeros, (None,)))(x)
 
 
+def build_tower(module, kwargs: Mapping[str, Any], what: str):
+    """`module(**kwargs)`, with an unknown keyword named in the error with the valid ones."""
+    fields = sorted(k for k in module.__dataclass_fields__ if k not in ("parent", "name"))
+    unknown = sorted(set(kwargs) - set(fields))
+    if unknown:
+        raise ValueError(f"{what}: unknown key(s) {unknown} for {module.__name__}; valid keys: "
+                         f"{fields}")
+    return module(**kwargs)
+
+
 class TwoTowers(nn.Module):
-    """`image` / `text`: keyword arguments of ViT / TextTransformer (None: no such tower).
+    """`image` / `text`: keyword arguments of the image tower / TextTransformer (None: no such
+    tower). `image_arch` picks the image tower: "vit" (ViT) or "cnn" (convnet.ConvNet).
 
     `embed_dim`: shared embedding width; `image_projection` / `text_projection` say whether a
     tower gets a linear projection to it (with `*_projection_bias`). `temperature_init` is t
@@ -55,6 +69,7 @@ class TwoTowers(nn.Module):
     """
     image: Mapping[str, Any] | None = None
     text: Mapping[str, Any] | None = None
+    image_arch: str = "vit"
     embed_dim: int | None = None
     image_projection: bool = True
     image_projection_bias: bool = False
@@ -67,11 +82,17 @@ class TwoTowers(nn.Module):
 
     def setup(self):
         if self.image is not None:
-            self.image_tower = ViT(**{"dtype": self.dtype, **dict(self.image)})
+            if self.image_arch not in IMAGE_TOWERS:
+                raise ValueError(f"image_arch {self.image_arch!r} is not one of "
+                                 f"{sorted(IMAGE_TOWERS)}")
+            self.image_tower = build_tower(IMAGE_TOWERS[self.image_arch],
+                                           {"dtype": self.dtype, **dict(self.image)},
+                                           "model.image")
             self.image_proj = Projection(self.embed_dim if self.image_projection else None,
                                          self.image_projection_bias, self.dtype)
         if self.text is not None:
-            self.text_tower = TextTransformer(**{"dtype": self.dtype, **dict(self.text)})
+            self.text_tower = build_tower(TextTransformer, {"dtype": self.dtype, **dict(self.text)},
+                                          "model.text")
             self.text_proj = Projection(self.embed_dim if self.text_projection else None,
                                         self.text_projection_bias, self.dtype)
         if self.temperature_init <= 0:

@@ -54,6 +54,28 @@ def vit_flops(cfg: dict, image_size: int) -> float:
     return flops
 
 
+def convnet_flops(cfg: dict, image_size: int) -> float:
+    """convnet.ConvNet: per stage a 3x3 convolution at the current resolution, then a 2x2 pool."""
+    side = image_size // cfg.get("patch_size", 2)
+    channels_in, flops = 3 * cfg.get("patch_size", 2) ** 2, 0.0
+    for channels in cfg.get("channels", (32, 64, 96)):
+        flops += 2 * side * side * 9 * channels_in * channels
+        channels_in, side = channels, side // 2
+    return flops
+
+
+def image_tower_flops(model: dict, image_size: int) -> float:
+    if model.get("image_arch", "vit") == "cnn":
+        return convnet_flops(model["image"], image_size)
+    return vit_flops(model["image"], image_size)
+
+
+def image_tower_width(model: dict) -> int:
+    if model.get("image_arch", "vit") == "cnn":
+        return list(model["image"].get("channels", (32, 64, 96)))[-1]
+    return model["image"].get("width", 768)
+
+
 def text_flops(cfg: dict, length: int) -> float:
     width = cfg.get("width", 512)
     mlp_dim = cfg.get("mlp_dim") or 4 * width
@@ -66,11 +88,12 @@ def text_flops(cfg: dict, length: int) -> float:
 def two_towers_train_flops_per_example(model: dict, image_size: int, text_length: int,
                                        batch_size: int) -> float:
     """Forward + backward FLOPs per example of a TwoTowers model with a contrastive loss."""
-    embed = model.get("embed_dim") or model["image"].get("width", 768)
-    forward = vit_flops(model["image"], image_size) + text_flops(model["text"], text_length)
+    widths = {"image": image_tower_width(model), "text": model["text"].get("width", 512)}
+    embed = model.get("embed_dim") or widths["image"]
+    forward = image_tower_flops(model, image_size) + text_flops(model["text"], text_length)
     for tower in ("image", "text"):
         if model.get(f"{tower}_projection", True) and model.get("embed_dim"):
-            forward += 2 * model[tower].get("width", 768) * embed
+            forward += 2 * widths[tower] * embed
     forward += 2 * batch_size * embed  # this example's row of the B x B logits
     return 3 * forward
 

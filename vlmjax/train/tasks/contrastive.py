@@ -1,8 +1,8 @@
 """Contrastive task (CLIP, ALIGN, SigLIP, LiT): a TwoTowers model and a contrastive loss.
 
 Config keys read here:
-  model        TwoTowers keyword arguments (image: ViT kwargs, text: TextTransformer kwargs,
-               embed_dim, *_projection[_bias], temperature_init, bias_init) plus `dtype`
+  model        TwoTowers keyword arguments (image_arch: 'vit' | 'cnn'; image: ViT or ConvNet
+               kwargs, text: TextTransformer kwargs, embed_dim, *_projection[_bias], temperature_init, bias_init) plus `dtype`
                ('float32' | 'bfloat16': the compute dtype; parameters stay float32)
   model_init   '' or a pretrained source for vlmjax.convert.load_pretrained (HF dir, .npz,
                converted dir)
@@ -25,8 +25,7 @@ from vlmjax.evals import retrieval, zero_shot
 from vlmjax.losses import contrastive
 from vlmjax.models import scan_layout
 from vlmjax.models.text import TextTransformer
-from vlmjax.models.two_towers import TwoTowers
-from vlmjax.models.vit import ViT
+from vlmjax.models.two_towers import IMAGE_TOWERS, TwoTowers
 from vlmjax.train import evaluation, flops
 
 LOSSES = ("clip", "siglip")
@@ -61,8 +60,12 @@ def _check_architecture(src: str, model_config):
 
     pretrained = pretrained_recipe(src).model_config
     ours = model_kwargs(model_config)
+    arch, their_arch = ours.get("image_arch", "vit"), pretrained.get("image_arch", "vit")
+    if arch != their_arch:
+        raise ConfigError(f"config.model.image_arch {arch!r} differs from the image tower of "
+                          f"model_init {src} ({their_arch!r})")
     diffs = []
-    for tower, module in (("image", ViT), ("text", TextTransformer)):
+    for tower, module in (("image", IMAGE_TOWERS[arch]), ("text", TextTransformer)):
         theirs, mine = with_defaults(module, pretrained.get(tower)), with_defaults(
             module, ours.get(tower))
         for key in sorted(set(theirs) - set(COMPUTE_SWITCHES)):
