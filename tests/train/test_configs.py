@@ -7,7 +7,8 @@ import pytest
 from vlmjax import config as config_lib
 from vlmjax.train import trainer
 
-RUNLOCAL = ["configs/clip/tiny.py", "configs/align/tiny.py", "configs/siglip/vit_b16.py", "configs/clip/vit_b16.py"]
+RUNLOCAL = ["configs/clip/tiny.py", "configs/align/tiny.py", "configs/siglip/vit_b16.py",
+            "configs/clip/vit_b16.py", "configs/siglip/tiny.py:image=cnn"]
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/*/*.py")))
@@ -22,10 +23,13 @@ def test_every_config_loads_and_passes_key_checks(path):
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RUNLOCAL)
 def test_runlocal_preset_trains(path, tmp_path_factory):
-    config = config_lib.load_config(f"{path}:runlocal")
+    path, _, presets = path.partition(":")
+    config = config_lib.load_config(f"{path}:runlocal" + (f",{presets}" if presets else ""))
     data_dir = str(tmp_path_factory.getbasetemp() / "runlocal_tfds")
     config_lib.apply_overrides(config, [f"data.data_dir={data_dir}"])
     result = trainer.train(config, str(tmp_path_factory.mktemp("workdir")))
     assert int(result.state.step) == config.total_steps
     assert np.isfinite(float(result.state.params["log_temperature"]))
     assert "zero_shot/test/top1" in result.metrics
+    if presets == "image=cnn":
+        assert "conv1" in result.state.params["image_tower"]
