@@ -26,7 +26,7 @@ def _torch_reference(params, images, block, pool):
             kernel = kernel.reshape(3, 3, block, block, c, -1).transpose(0, 1, 4, 2, 3, 5)
             kernel = kernel.reshape(3, 3, block * block * c, -1)
         weight = torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1)))
-        bias = torch.from_numpy(np.asarray(params[f"conv{i}"]["bias"]))
+        bias = torch.from_numpy(np.array(params[f"conv{i}"]["bias"]))
         x = torch.nn.functional.conv2d(x, weight, bias, padding=1)
         x = torch.nn.functional.max_pool2d(torch.relu(x), 2)
     return (x.amax(dim=(2, 3)) if pool == "max" else x.mean(dim=(2, 3))).numpy()
