@@ -7,7 +7,6 @@ mask) is refused with the reason, rather than exported into something that compu
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from typing import Any, Mapping
@@ -18,15 +17,10 @@ from vlmjax.convert import hf_io
 from vlmjax.convert.hf_names import pack_attention, weight_map
 from vlmjax.convert.params import flatten
 from vlmjax.models.text import TextTransformer
+from vlmjax.models.two_towers import with_defaults
 from vlmjax.models.vit import ViT
 
 HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
-
-
-def _with_defaults(module_cls, kwargs: Mapping[str, Any]) -> dict:
-    defaults = {f.name: f.default for f in dataclasses.fields(module_cls)
-                if f.default is not dataclasses.MISSING and f.name not in ("parent", "name")}
-    return {**defaults, **dict(kwargs)}
 
 
 def _full_config(model_config: Mapping[str, Any]) -> dict:
@@ -34,8 +28,8 @@ def _full_config(model_config: Mapping[str, Any]) -> dict:
         raise ValueError("HF export needs both an image and a text tower")
     full = {"image_projection": True, "image_projection_bias": False, "text_projection": True,
             "text_projection_bias": False, "bias_init": None, **dict(model_config)}
-    full["image"] = _with_defaults(ViT, model_config["image"])
-    full["text"] = _with_defaults(TextTransformer, model_config["text"])
+    full["image"] = with_defaults(ViT, model_config["image"])
+    full["text"] = with_defaults(TextTransformer, model_config["text"])
     for tower in (full["image"], full["text"]):
         tower["mlp_dim"] = tower["mlp_dim"] or 4 * tower["width"]
     return full

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from vlmjax.models import layers
 
-POOLS = ("max", "gap")
+POOLS = ("max", "gap", "none")
 
 
 def space_to_depth(images, block: int):
@@ -44,8 +44,8 @@ class ConvNet(nn.Module):
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
-        if self.pool not in POOLS + ("none",):
-            raise ValueError(f"ConvNet pool {self.pool!r} is not one of {POOLS + ('none',)}")
+        if self.pool not in POOLS:
+            raise ValueError(f"ConvNet pool {self.pool!r} is not one of {POOLS}")
         if not self.channels:
             raise ValueError("ConvNet channels must list at least one stage")
         x = space_to_depth(images.astype(self.dtype), self.patch_size)

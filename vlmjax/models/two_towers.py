@@ -6,6 +6,7 @@ and, for SigLIP, the learnable logit bias b.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping
 
@@ -48,9 +49,17 @@ class Projection(nn.Module):
                         bias_init=layers.partitioned(nn.initializers.zeros, (None,)))(x)
 
 
+def with_defaults(module, kwargs: Mapping[str, Any] | None) -> dict:
+    """A module's constructor fields (without flax's parent and name) with their defaults,
+    updated by `kwargs`: what a config that leaves fields unset means."""
+    defaults = {f.name: f.default for f in dataclasses.fields(module)
+                if f.default is not dataclasses.MISSING and f.name not in ("parent", "name")}
+    return {**defaults, **dict(kwargs or {})}
+
+
 def build_tower(module, kwargs: Mapping[str, Any], what: str):
     """`module(**kwargs)`, with an unknown keyword named in the error with the valid ones."""
-    fields = sorted(k for k in module.__dataclass_fields__ if k not in ("parent", "name"))
+    fields = sorted(with_defaults(module, None))
     unknown = sorted(set(kwargs) - set(fields))
     if unknown:
         raise ValueError(f"{what}: unknown key(s) {unknown} for {module.__name__}; valid keys: "

@@ -12,6 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from vlmjax.models.convnet import ConvNet
 from vlmjax.models.vit import conv_stem_channels
 
 
@@ -56,9 +57,10 @@ def vit_flops(cfg: dict, image_size: int) -> float:
 
 def convnet_flops(cfg: dict, image_size: int) -> float:
     """convnet.ConvNet: per stage a 3x3 convolution at the current resolution, then a 2x2 pool."""
-    side = image_size // cfg.get("patch_size", 2)
-    channels_in, flops = 3 * cfg.get("patch_size", 2) ** 2, 0.0
-    for channels in cfg.get("channels", (32, 64, 96)):
+    net = ConvNet(**cfg)
+    side = image_size // net.patch_size
+    channels_in, flops = 3 * net.patch_size ** 2, 0.0
+    for channels in net.channels:
         flops += 2 * side * side * 9 * channels_in * channels
         channels_in, side = channels, side // 2
     return flops
@@ -72,7 +74,7 @@ def image_tower_flops(model: dict, image_size: int) -> float:
 
 def image_tower_width(model: dict) -> int:
     if model.get("image_arch", "vit") == "cnn":
-        return list(model["image"].get("channels", (32, 64, 96)))[-1]
+        return ConvNet(**model["image"]).width
     return model["image"].get("width", 768)
 
 

@@ -2,7 +2,8 @@
 
 Config keys read here:
   model        TwoTowers keyword arguments (image_arch: 'vit' | 'cnn'; image: ViT or ConvNet
-               kwargs, text: TextTransformer kwargs, embed_dim, *_projection[_bias], temperature_init, bias_init) plus `dtype`
+               kwargs; text: TextTransformer kwargs; embed_dim, *_projection[_bias],
+               temperature_init, bias_init) plus `dtype`
                ('float32' | 'bfloat16': the compute dtype; parameters stay float32)
   model_init   '' or a pretrained source for vlmjax.convert.load_pretrained (HF dir, .npz,
                converted dir)
@@ -25,7 +26,7 @@ from vlmjax.evals import retrieval, zero_shot
 from vlmjax.losses import contrastive
 from vlmjax.models import scan_layout
 from vlmjax.models.text import TextTransformer
-from vlmjax.models.two_towers import IMAGE_TOWERS, TwoTowers
+from vlmjax.models.two_towers import IMAGE_TOWERS, TwoTowers, with_defaults
 from vlmjax.train import evaluation, flops
 
 LOSSES = ("clip", "siglip")
@@ -53,11 +54,6 @@ def _check_architecture(src: str, model_config):
     """Shapes alone miss e.g. another activation or pooling: compare every field that defines
     the function the pretrained weights compute."""
     from vlmjax.convert.recipe import pretrained_recipe
-    def with_defaults(module, values):  # unset fields mean the module's defaults
-        fields = {k: f.default for k, f in module.__dataclass_fields__.items()
-                  if k not in ("parent", "name")}
-        return {**fields, **dict(values or {})}
-
     pretrained = pretrained_recipe(src).model_config
     ours = model_kwargs(model_config)
     arch, their_arch = ours.get("image_arch", "vit"), pretrained.get("image_arch", "vit")
