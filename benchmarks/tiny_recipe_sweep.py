@@ -6,7 +6,12 @@ top-1 on the test split's single-object images every `--eval_every` steps. Used 
 tiny configs' settings on an accelerator, where a variant takes seconds:
 
     python benchmarks/tiny_recipe_sweep.py --train_size 50000 --steps 3000 --variants base,b512
+    python benchmarks/tiny_recipe_sweep.py --steps 600 --eval_every 100 --variants cnn,cnn_hn7
     python benchmarks/tiny_recipe_sweep.py --quick      # CPU smoke run
+
+Variants change the model, the optimiser, or the training text (class-name or object-list
+captions, single-object subsets, shape-swapped hard negatives): see VARIANTS. They exist to find
+out what limits zero-shot accuracy (README "Measured: tiny models"), not as recipes.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import argparse
 import io
 import multiprocessing
 import os
+import re
 import sys
 import tempfile
 import time
@@ -25,16 +31,25 @@ import optax
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from vlmjax.data import shapes_examples, shapes_scene, tokenizers  # noqa: E402
+from vlmjax.data import shapes_examples, shapes_scene, shapes_text, tokenizers  # noqa: E402
 from vlmjax.evals import zero_shot  # noqa: E402
 from vlmjax.losses import contrastive  # noqa: E402
 from vlmjax.models.two_towers import TwoTowers  # noqa: E402
 from vlmjax.train import step as step_lib  # noqa: E402
 
+MAX_TEXT_LEN = 24
 BASE = dict(image=dict(patch_size=8, width=96, depth=3, num_heads=4, mlp_dim=384, pool="map"),
             text=dict(vocab_size=1000, max_len=24, width=64, depth=2, num_heads=2, mlp_dim=256,
                       pool="last"),
             embed_dim=64, temperature_init=10.0, bias_init=-10.0)
+CNN = {"image_arch": "cnn", "image": dict(channels=(32, 64, 96), patch_size=2, pool="max")}
+# Besides model and optimiser changes, a variant may set
+#   subset="single"         train on the single-object images only;
+#   captions="class"|"tags" with probability `caption_mix` replace the caption by the class name
+#                           ("red star", single-object images only) or by the list of the objects'
+#                           colour + shape names ("blue circle and red star");
+#   hard_negatives=K        K extra SigLIP negatives per image: its caption with the shape words
+#                           swapped (NegCLIP-style; single objects get K distinct other shapes).
 VARIANTS = {
     "base": {},
     "b512": {"batch": 512},
@@ -46,42 +61,112 @@ VARIANTS = {
     "p4": {"image": dict(patch_size=4)},
     "deep": {"image": dict(depth=6)},
     "t30": {"temperature_init": 30.0},
+    "cnn": CNN,
+    "cnn_t100": {**CNN, "temperature_init": 100.0},
+    "cnn_hn1": {**CNN, "hard_negatives": 1},
+    "cnn_hn7": {**CNN, "hard_negatives": 7},
+    "cnn_single": {**CNN, "subset": "single"},
+    "cnn_single_class": {**CNN, "subset": "single", "captions": "class"},
+    "cnn_single_tags50": {**CNN, "subset": "single", "captions": "tags", "caption_mix": 0.5},
+    "cnn_tags": {**CNN, "captions": "tags"},
+    "cnn_tags50": {**CNN, "captions": "tags", "caption_mix": 0.5},
 }
+SHAPE_WORDS = {word: shape for shape in shapes_scene.SHAPES
+               for word in shapes_text.SHAPE_WORDS.get(shape, (shape,))}
+SHAPE_PATTERN = re.compile(r"\b(" + "|".join(sorted(SHAPE_WORDS, key=len, reverse=True)) + r")\b")
 
 
 def _example(args):
     spec, index = args
     example = shapes_examples.make_example(spec, index)
     image = np.asarray(Image.open(io.BytesIO(example["image"])).convert("RGB"))
-    return image, list(example["captions"]), int(example["label"])
+    objects = example["objects"]
+    tags = " and ".join(f"{c} {s}" for c, s in zip(objects["colour"], objects["shape"]))
+    return image, list(example["captions"]), int(example["label"]), tags
 
 
 def generate(split: str, size: int, image_size: int, workers: int):
     spec = shapes_examples.ExampleSpec(split=split, image_size=image_size, seed=0)
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         out = pool.map(_example, [(spec, i) for i in range(size)], chunksize=256)
-    images = np.stack([o[0] for o in out])
-    return images, [o[1] for o in out], np.array([o[2] for o in out])
+    images, captions, labels, tags = zip(*out)
+    return np.stack(images), list(captions), np.array(labels), list(tags)
 
 
 def merge(base: dict, change: dict) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    if change.get("image_arch", "vit") != "vit":
+        out["image"] = {}  # the ViT keys mean nothing to another tower
     for key, value in change.items():
         if isinstance(value, dict):
             out[key].update(value)
-        elif key in out:
+        elif key in out or key == "image_arch":
             out[key] = value
     return out
 
 
-def run_variant(name, change, data, tokenizer, args):
+def swapped_shapes(caption: str, count: int, rng: np.random.Generator) -> list[str]:
+    """`count` copies of the caption with every shape word replaced by another shape."""
+    found = [SHAPE_WORDS[w] for w in SHAPE_PATTERN.findall(caption)]
+    if len(found) == 1:  # a single object: distinct wrong shapes
+        others = [s for s in shapes_scene.SHAPES if s != found[0]]
+        return [SHAPE_PATTERN.sub(s, caption) for s in rng.permutation(others)[:count]]
+    def other(match):
+        options = [s for s in shapes_scene.SHAPES if s != SHAPE_WORDS[match.group(1)]]
+        return options[int(rng.integers(len(options)))]
+    return [SHAPE_PATTERN.sub(other, caption) for _ in range(count)]
+
+
+def variant_texts(change: dict, corpus: dict, tokenizer) -> dict:
+    """The train-set arrays a variant needs beyond images and captions: the pool of example
+    indices, the replacement captions and the hard negatives."""
+    labels = corpus["labels"]
+    single = np.flatnonzero(labels >= 0)
+    out = {"pool": jnp.asarray(single if change.get("subset") == "single" else
+                               np.arange(len(labels)))}
+    kind = change.get("captions")
+    if kind:
+        if kind == "class" and change.get("subset") != "single":
+            raise ValueError("captions='class' needs subset='single' (multi-object images have "
+                             "no class)")
+        alt = ([shapes_scene.CLASS_NAMES[max(label, 0)] for label in labels] if kind == "class"
+               else corpus["tags"])
+        ids, mask = tokenizer.encode_batch(alt, MAX_TEXT_LEN, eos="sticky")
+        out.update(alt=jnp.asarray(ids), alt_mask=jnp.asarray(mask))
+    k = change.get("hard_negatives", 0)
+    if k:
+        rng = np.random.default_rng(0)
+        negs = [n for caps in corpus["captions"] for c in caps for n in swapped_shapes(c, k, rng)]
+        ids, mask = tokenizer.encode_batch(negs, MAX_TEXT_LEN, eos="sticky")
+        shape = (len(labels), corpus["texts"].shape[1], k, MAX_TEXT_LEN)
+        out.update(neg=jnp.asarray(ids.reshape(shape)), neg_mask=jnp.asarray(mask.reshape(shape)))
+    return out
+
+
+def sample_batch(train: dict, change: dict, batch: int, key) -> dict:
+    k_idx, k_cap, k_mix = jax.random.split(key, 3)
+    idx = train["pool"][jax.random.randint(k_idx, (batch,), 0, train["pool"].shape[0])]
+    cap = jax.random.randint(k_cap, (batch,), 0, train["texts"].shape[1])
+    text, mask = train["texts"][idx, cap], train["mask"][idx, cap]
+    if "alt" in train:
+        use = jax.random.uniform(k_mix, (batch, 1)) < change.get("caption_mix", 1.0)
+        text = jnp.where(use, train["alt"][idx], text)
+        mask = jnp.where(use, train["alt_mask"][idx], mask)
+    out = {"image": train["images"][idx], "text": text, "text_mask": mask}
+    if "neg" in train:
+        out.update(neg=train["neg"][idx, cap], neg_mask=train["neg_mask"][idx, cap])
+    return out
+
+
+def run_variant(name, change, corpus, test, tokenizer, args):
     model_cfg = merge(BASE, change)
     if change.get("loss") == "clip":
         model_cfg.update(temperature_init=1 / 0.07, bias_init=None)
     model = TwoTowers(**model_cfg)
     batch, lr = change.get("batch", args.batch), change.get("lr", args.lr)
-    images, texts, text_mask, test_images, test_labels = data
-    params = model.init(jax.random.PRNGKey(0), images[:1], texts[:1, 0])["params"]
+    train = {k: corpus[k] for k in ("images", "texts", "mask")}
+    train.update(variant_texts(change, corpus, tokenizer))
+    params = model.init(jax.random.PRNGKey(0), train["images"][:1], train["texts"][:1, 0])["params"]
     params = jax.tree.map(lambda x: getattr(x, "value", x), params,
                           is_leaf=lambda x: hasattr(x, "value"))
     schedule = optax.join_schedules([optax.linear_schedule(0, lr, args.warmup),
@@ -95,23 +180,28 @@ def run_variant(name, change, data, tokenizer, args):
         zimg, ztxt, out = model.apply({"params": p}, b["image"], b["text"], b["text_mask"])
         if change.get("loss") == "clip":
             return contrastive.clip_loss(zimg, ztxt, out["temperature"]), {}
-        return contrastive.siglip_loss(zimg, ztxt, out["temperature"], out["bias"]), {}
+        loss = contrastive.siglip_loss(zimg, ztxt, out["temperature"], out["bias"])
+        if "neg" in b:  # each swapped caption is one more negative pair of its image
+            rows, k, length = b["neg"].shape
+            zneg = model.apply({"params": p}, b["neg"].reshape(rows * k, length),
+                               b["neg_mask"].reshape(rows * k, length),
+                               method=model.encode_text).reshape(rows, k, -1)
+            logits = out["temperature"] * jnp.einsum("bd,bkd->bk", zimg, zneg) + out["bias"]
+            loss += jnp.sum(jax.nn.softplus(logits)) / rows
+        return loss, {}
 
     train_step = step_lib.make_train_step(loss_fn, tx, schedule)
 
     @jax.jit
-    def step(state, key):
-        k1, k2 = jax.random.split(key)
-        idx = jax.random.randint(k1, (batch,), 0, images.shape[0])
-        cap = jax.random.randint(k2, (batch,), 0, texts.shape[1])
-        b = {"image": images[idx], "text": texts[idx, cap], "text_mask": text_mask[idx, cap]}
-        return train_step(state, b)
+    def step(state, train, key):
+        return train_step(state, sample_batch(train, change, batch, key))
 
-    class_ids, class_mask = tokenizer_batch(tokenizer, [t.format(n) for n in shapes_scene.CLASS_NAMES
-                                                        for t in zero_shot.VLM_SHAPES_TEMPLATES])
+    prompts = [t.format(n) for n in shapes_scene.CLASS_NAMES for t in zero_shot.VLM_SHAPES_TEMPLATES]
+    class_ids, class_mask = tokenizer_batch(tokenizer, prompts)
     encode_image = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_image))
     encode_text = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m,
                                                       method=model.encode_text))
+    test_images, test_labels = test
 
     def evaluate(p):
         zcls = np.asarray(encode_text(p, class_ids, class_mask)).reshape(
@@ -126,7 +216,7 @@ def run_variant(name, change, data, tokenizer, args):
     curve, start = [], time.perf_counter()
     for i in range(1, args.steps + 1):
         key, sub = jax.random.split(key)
-        state, _ = step(state, sub)
+        state, _ = step(state, train, sub)
         if i % args.eval_every == 0 or i == args.steps:
             curve.append((i, i * batch, evaluate(state.params)))
     seconds = time.perf_counter() - start
@@ -135,7 +225,7 @@ def run_variant(name, change, data, tokenizer, args):
         flush=True)
 
 
-def tokenizer_batch(tokenizer, texts, max_len=24):
+def tokenizer_batch(tokenizer, texts, max_len=MAX_TEXT_LEN):
     ids, mask = tokenizer.encode_batch(texts, max_len, eos="sticky")
     return jnp.asarray(ids), jnp.asarray(mask)
 
@@ -150,35 +240,42 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
-    parser.add_argument("--variants", default="base")
+    parser.add_argument("--variants", default="base",
+                        help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if args.quick:
         args.train_size, args.test_size, args.steps, args.eval_every = 512, 256, 4, 2
         args.batch, args.warmup, args.workers = 32, 1, 2
     start = time.perf_counter()
-    train_images, train_captions, _ = generate("train", args.train_size, args.image_size,
-                                               args.workers)
-    test_images, _, test_labels = generate("test", args.test_size, args.image_size, args.workers)
+    train_images, train_captions, train_labels, train_tags = generate(
+        "train", args.train_size, args.image_size, args.workers)
+    test_images, _, test_labels, _ = generate("test", args.test_size, args.image_size,
+                                              args.workers)
     keep = test_labels >= 0
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = tokenizers.train_sentencepiece(
             [c for caps in train_captions[:20_000] for c in caps], os.path.join(tmp, "sp.model"))
-    ids, mask = tokenizer.encode_batch([c for caps in train_captions for c in caps], 24,
+    ids, mask = tokenizer.encode_batch([c for caps in train_captions for c in caps], MAX_TEXT_LEN,
                                        eos="sticky")
     n_caps = len(train_captions[0])
     to_float = lambda x: jnp.asarray(x, jnp.float32) / 127.5 - 1.0  # noqa: E731
-    data = (to_float(train_images), jnp.asarray(ids.reshape(len(train_captions), n_caps, -1)),
-            jnp.asarray(mask.reshape(len(train_captions), n_caps, -1)),
-            to_float(test_images[keep]), test_labels[keep])
+    corpus = {"images": to_float(train_images), "captions": train_captions,
+              "labels": train_labels, "tags": train_tags,
+              "texts": jnp.asarray(ids.reshape(len(train_captions), n_caps, -1)),
+              "mask": jnp.asarray(mask.reshape(len(train_captions), n_caps, -1))}
+    test = (to_float(test_images[keep]), test_labels[keep])
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; data in "
           f"{time.perf_counter() - start:.0f} s; zero-shot top-1 on {keep.sum()} single-object "
           "test images at step (examples seen)")
     print("| variant | batch | lr | accuracy over training | train time |")
     print("|---|---|---|---|---|")
     for name in args.variants.split(","):
-        run_variant(name, VARIANTS[name], data, tokenizer, args)
+        run_variant(name, VARIANTS[name], corpus, test, tokenizer, args)
 
 
 if __name__ == "__main__":

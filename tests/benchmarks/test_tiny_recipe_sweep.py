@@ -1,0 +1,69 @@
+"""benchmarks/tiny_recipe_sweep.py: the training-text variants say what they claim to."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from tests.benchmarks.test_quick import REPO, run_benchmark, tables
+from vlmjax.data import shapes_scene
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import tiny_recipe_sweep as sweep  # noqa: E402
+
+
+def shape_words(caption: str) -> list[str]:
+    return [sweep.SHAPE_WORDS[w] for w in sweep.SHAPE_PATTERN.findall(caption)]
+
+
+def test_swapped_shapes_single_object_gets_every_other_shape_once():
+    caption = "a small red plus sign on the left"
+    swapped = sweep.swapped_shapes(caption, 7, np.random.default_rng(0))
+    assert sorted(shape_words(s)[0] for s in swapped) == sorted(
+        s for s in shapes_scene.SHAPES if s != "cross")
+    assert all(s.startswith("a small red ") and s.endswith(" on the left") for s in swapped)
+
+
+def test_swapped_shapes_multi_object_changes_every_shape_word():
+    caption = "a red disk and a blue star at the top"
+    for swapped in sweep.swapped_shapes(caption, 5, np.random.default_rng(1)):
+        new = shape_words(swapped)
+        assert len(new) == 2 and new[0] != "circle" and new[1] != "star", swapped
+        assert "red" in swapped and "blue" in swapped and swapped.endswith("at the top")
+
+
+def test_merge_replaces_the_vit_keys_for_the_cnn():
+    cfg = sweep.merge(sweep.BASE, sweep.VARIANTS["cnn_t100"])
+    assert cfg["image_arch"] == "cnn" and cfg["temperature_init"] == 100.0
+    assert cfg["image"] == {"channels": (32, 64, 96), "patch_size": 2, "pool": "max"}
+    assert sweep.merge(sweep.BASE, {"image": {"patch_size": 4}})["image"]["width"] == 96
+
+
+class FakeTokenizer:
+    def encode_batch(self, texts, max_len, eos):
+        ids = np.array([[len(t)] + [0] * (max_len - 1) for t in texts], np.int32)
+        return ids, ids > 0
+
+
+def test_variant_texts_class_captions_name_the_label_and_use_single_objects():
+    labels = np.array([3, -1, 17])
+    corpus = {"labels": labels, "tags": ["x", "y z", "w"], "captions": [], "texts": None}
+    out = sweep.variant_texts({"subset": "single", "captions": "class"}, corpus, FakeTokenizer())
+    assert out["pool"].tolist() == [0, 2]
+    assert out["alt"][0, 0] == len(shapes_scene.CLASS_NAMES[3])
+    assert out["alt"][2, 0] == len(shapes_scene.CLASS_NAMES[17])
+    with pytest.raises(ValueError, match="subset='single'"):
+        sweep.variant_texts({"captions": "class"}, corpus, FakeTokenizer())
+    tags = sweep.variant_texts({"captions": "tags"}, corpus, FakeTokenizer())
+    assert tags["pool"].tolist() == [0, 1, 2] and tags["alt"][:, 0].tolist() == [1, 3, 1]
+
+
+@pytest.mark.slow
+def test_quick_run_prints_a_row_per_variant():
+    (table,) = tables(run_benchmark("tiny_recipe_sweep.py", "--quick", "--variants",
+                                    "cnn,cnn_hn1,cnn_tags50"))
+    assert [r[0] for r in table[1:]] == ["cnn", "cnn_hn1", "cnn_tags50"]
+    for row in table[1:]:
+        # One cell per evaluation (steps 2 and 4 of --quick), then the train time.
+        assert row[3].startswith("2 (0k): ") and row[4].startswith("4 (0k): ")
+        assert row[4].endswith("%") and row[5].endswith(" s")
