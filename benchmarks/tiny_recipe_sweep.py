@@ -196,7 +196,8 @@ def run_variant(name, change, corpus, test, tokenizer, args):
     def step(state, train, key):
         return train_step(state, sample_batch(train, change, batch, key))
 
-    prompts = [t.format(n) for n in shapes_scene.CLASS_NAMES for t in zero_shot.VLM_SHAPES_TEMPLATES]
+    prompts = [template.format(name) for name in shapes_scene.CLASS_NAMES
+               for template in zero_shot.VLM_SHAPES_TEMPLATES]
     class_ids, class_mask = tokenizer_batch(tokenizer, prompts)
     encode_image = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_image))
     encode_text = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m,
