@@ -17,7 +17,8 @@ from vlmjax.models.two_towers import IMAGE_TOWERS
 
 
 def get_config(arg=None):
-    args = parse_preset_args(arg, runlocal=False, steps=500, batch=128, image="vit")
+    args = parse_preset_args(arg, runlocal=False, steps=500, batch=128, image="vit",
+                             negatives=0)
     if args.image not in IMAGE_TOWERS:
         raise ValueError(f"preset image={args.image!r} is not one of {sorted(IMAGE_TOWERS)}")
     c = ml_collections.ConfigDict()
@@ -43,6 +44,8 @@ def get_config(arg=None):
                    crop_area_min=0.05,
                    shuffle_buffer=10_000, seed=0, tokenizer="vlm_shapes", max_text_len=24,
                    add_bos=False, eos="sticky", prefetch_batches=4)
+    if args.negatives:  # NegCLIP-style: captions with the shape word swapped, per image
+        c.input.hard_negatives = dict(count=args.negatives, vocabulary="vlm_shapes")
     c.optim = dict(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=50, end_lr=1e-5,
                    weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0)
     c.evals = dict(every=0, batch_size=512,

@@ -175,3 +175,26 @@ def test_ppermute_memory_flat_in_devices_unlike_all_gather():
     assert usage["ppermute", 8] <= 1.1 * usage["ppermute", 2], usage
     assert usage["ppermute", 8] <= 0.3 * usage["all_gather", 8], usage
     assert usage["all_gather", 8] > 2 * usage["all_gather", 2], usage
+
+
+def test_hard_negative_loss_matches_per_pair_formulas_and_ignores_invalid():
+    rng = np.random.default_rng(7)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    zimg, ztxt = unit(rng.normal(size=(4, 6))), unit(rng.normal(size=(4, 6)))
+    zneg = unit(rng.normal(size=(4, 3, 6)))
+    valid = np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0]], bool)
+    t, b = 5.0, -2.0
+    sig = sum(np.log1p(np.exp(t * zimg[i] @ zneg[i, k] + b))
+              for i in range(4) for k in range(3) if valid[i, k]) / 4
+    got = contrastive.hard_negative_loss(zimg, ztxt, zneg, valid, t, b)
+    np.testing.assert_allclose(got, sig, rtol=1e-5)
+    ce = []
+    for i in range(4):
+        logits = [t * zimg[i] @ ztxt[i]] + [t * zimg[i] @ zneg[i, k] for k in range(3)
+                                            if valid[i, k]]
+        ce.append(np.log(np.sum(np.exp(logits))) - logits[0])
+    got = contrastive.hard_negative_loss(zimg, ztxt, zneg, valid, t)
+    np.testing.assert_allclose(got, np.mean(ce), rtol=1e-5)
+    assert ce[2] == 0  # no valid negative: nothing to push away
+    grads = jax.grad(lambda z: contrastive.hard_negative_loss(zimg, ztxt, z, valid, t))(zneg)
+    assert np.all(np.asarray(grads)[~valid] == 0) and np.all(np.isfinite(grads))

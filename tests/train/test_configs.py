@@ -8,7 +8,8 @@ from vlmjax import config as config_lib
 from vlmjax.train import trainer
 
 RUNLOCAL = ["configs/clip/tiny.py", "configs/align/tiny.py", "configs/siglip/vit_b16.py",
-            "configs/clip/vit_b16.py", "configs/siglip/tiny.py:image=cnn"]
+            "configs/clip/vit_b16.py", "configs/siglip/tiny.py:image=cnn",
+            "configs/clip/tiny.py:image=cnn,negatives=2"]
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/*/*.py")))
@@ -31,5 +32,39 @@ def test_runlocal_preset_trains(path, tmp_path_factory):
     assert int(result.state.step) == config.total_steps
     assert np.isfinite(float(result.state.params["log_temperature"]))
     assert "zero_shot/test/top1" in result.metrics
-    if presets == "image=cnn":
+    if presets.startswith("image=cnn"):
         assert "conv1" in result.state.params["image_tower"]
+    if "negatives" in presets:
+        assert config.input.hard_negatives.count == 2
+
+
+def test_hard_negatives_add_one_negative_pair_per_swapped_caption(tmp_path_factory):
+    """With the positive caption itself as each of K 'negatives', the task's SigLIP loss grows by
+    exactly K * sum_i softplus(t x_i.y_i + b) / B."""
+    import jax
+    import jax.numpy as jnp
+    from vlmjax.sharding import make_mesh
+    from vlmjax.train.tasks.contrastive import ContrastiveTask
+    config = config_lib.load_config("configs/siglip/tiny.py:runlocal,negatives=3")
+    data_dir = str(tmp_path_factory.getbasetemp() / "runlocal_tfds")
+    # t = 1, b = 0: the extra terms are O(1), not lost under float32 round-off of the loss.
+    config_lib.apply_overrides(config, [f"data.data_dir={data_dir}", "model.bias_init=0.0",
+                                        "model.temperature_init=1.0"])
+    task = ContrastiveTask(config, make_mesh(config.mesh))
+    params = task.init_params(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    size, length = config.input.image_size, config.input.max_text_len
+    batch = {"image": jnp.asarray(rng.normal(size=(8, size, size, 3)), jnp.float32),
+             "text": jnp.asarray(rng.integers(1, 100, (8, length)), jnp.int32),
+             "text_mask": jnp.ones((8, length), bool)}
+    plain, out = task.loss_fn(params, batch, jax.random.PRNGKey(1))
+    with_negatives = dict(batch, neg_text=jnp.repeat(batch["text"][:, None], 3, 1),
+                          neg_text_mask=jnp.repeat(batch["text_mask"][:, None], 3, 1),
+                          neg_valid=jnp.ones((8, 3), bool))
+    loss, _ = task.loss_fn(params, with_negatives, jax.random.PRNGKey(1))
+    zimg, ztxt, _ = task.model.apply({"params": params}, batch["image"], batch["text"],
+                                     batch["text_mask"])
+    diag = np.sum(np.asarray(zimg) * np.asarray(ztxt), axis=-1)
+    extra = 3 * np.sum(np.log1p(np.exp(float(out["temperature"]) * diag
+                                       + float(out["bias"])))) / 8
+    np.testing.assert_allclose(float(loss) - float(plain), extra, rtol=1e-4)

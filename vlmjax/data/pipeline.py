@@ -43,6 +43,9 @@ config.input (`pipeline_config.default_input_config()`):
   tokenizer          "vlm_shapes" (the model built with the dataset) or a .model / tokenizer.json
   max_text_len, add_bos, eos ("none" | "append" | "sticky")   see tokenizers.py
   prefetch_batches   batches prepared ahead
+  hard_negatives     optional {count, vocabulary}: per training caption `count` word-swapped
+                     negatives (data/hard_negatives.py), as `neg_text`, `neg_text_mask`
+                     [B, count, L] and `neg_valid` [B, count]
 
 Bad data is skipped and counted, never fatal: placeholders from the sources carry a reason;
 images that fail to decode are dropped (tf.data `ignore_errors`) and recognised by the gap they
@@ -62,7 +65,7 @@ import weakref
 
 import numpy as np
 
-from vlmjax.data import filters, pipeline_config, preprocess, skips
+from vlmjax.data import filters, hard_negatives, pipeline_config, preprocess, skips
 from vlmjax.data.pipeline_config import default_data_config, default_input_config  # noqa: F401
 from vlmjax.data.tf_cpu import tf
 
@@ -144,6 +147,8 @@ class InputPipeline:
         self._skips = skip_offset.copy()
         self._build_sources()
         self.tokenizer = pipeline_config.resolve_tokenizer(input_config, self._sources)
+        self.swapper = (hard_negatives.make_swapper(input_config.get("hard_negatives"))
+                        if training else None)
         self.num_batches = None if training else self._eval_num_batches()
         self.dataset = self._build_dataset(start=self.position)
         self._iterator = None
@@ -318,7 +323,27 @@ class InputPipeline:
                                       stateful=False)
         ids.set_shape([None, config.max_text_len])
         mask.set_shape([None, config.max_text_len])
-        return {**batch, "text": ids, "text_mask": mask}
+        out = {**batch, "text": ids, "text_mask": mask}
+        if self.swapper is not None:
+            out.update(self._negatives(batch))
+        return out
+
+    def _negatives(self, batch):
+        config, count, seed = self.input_config, self.swapper.count, self._seed("negatives")
+
+        def make(texts, indices):
+            negatives, valid = hard_negatives.batch_negatives(
+                self.swapper, [t.decode() for t in texts], indices, seed)
+            ids, mask = self.tokenizer.encode_batch(negatives, config.max_text_len,
+                                                    config.add_bos, config.eos)
+            shape = (len(texts), count, config.max_text_len)
+            return ids.reshape(shape), mask.reshape(shape), valid
+        ids, mask, valid = tf.numpy_function(make, [batch["text"], batch["_index"]],
+                                             [tf.int32, tf.bool, tf.bool], stateful=False)
+        ids.set_shape([None, count, config.max_text_len])
+        mask.set_shape([None, count, config.max_text_len])
+        valid.set_shape([None, count])
+        return {"neg_text": ids, "neg_text_mask": mask, "neg_valid": valid}
 
     # ---- iteration and state -----------------------------------------------------------------
     def __iter__(self):
@@ -349,6 +374,8 @@ class InputPipeline:
             output["label"] = batch["label"].astype(np.int32)
         if not self.training:
             output["_mask"] = batch["_mask"]
+        if self.swapper is not None:
+            output.update({k: batch[k] for k in ("neg_text", "neg_text_mask", "neg_valid")})
         return output
 
     def close(self) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from vlmjax.data import filters, preprocess, shapes, sources, tokenizers
+from vlmjax.data import filters, hard_negatives, preprocess, shapes, sources, tokenizers
 
 SOURCE_KEYS = {  # the keys each source reads, besides `source`, `split` and `filters`
     "vlm_shapes": ("config", "data_dir", "train_size", "eval_size", "novel_size",
@@ -27,6 +27,8 @@ INPUT_DEFAULTS = dict(
     shuffle_buffer=10_000, seed=0, tokenizer="vlm_shapes", max_text_len=32, add_bos=False,
     eos="sticky", prefetch_batches=2,
 )
+# May be absent (= off): hard_negatives = {count, vocabulary}, see data/hard_negatives.py.
+OPTIONAL_INPUT_KEYS = ("hard_negatives",)
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -77,9 +79,10 @@ def validate_data_config(config, path: str = "data", allow_mixture: bool = True)
 
 
 def validate_input_config(config) -> None:
-    unknown = sorted(set(config.keys()) - set(INPUT_DEFAULTS))
+    valid = set(INPUT_DEFAULTS) | set(OPTIONAL_INPUT_KEYS)
+    unknown = sorted(set(config.keys()) - valid)
     if unknown:
-        raise _error("input", f"unknown key(s) {unknown}; valid keys: {sorted(INPUT_DEFAULTS)}")
+        raise _error("input", f"unknown key(s) {unknown}; valid keys: {sorted(valid)}")
     missing = sorted(set(INPUT_DEFAULTS) - set(config.keys()))
     if missing:
         raise _error("input", f"missing key(s) {missing} (start from default_input_config())")
@@ -96,6 +99,7 @@ def validate_input_config(config) -> None:
         preprocess.parse_ops(config.preprocess)
     except ValueError as error:
         raise _error("input.preprocess", str(error)) from None
+    hard_negatives.make_swapper(config.get("hard_negatives"))  # raises on a bad value
 
 
 def _get(config, key, default=None):

@@ -55,6 +55,25 @@ def siglip_loss_dense(zimg, ztxt, temperature, bias):
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits)) / zimg.shape[0]
 
 
+def hard_negative_loss(zimg, ztxt, zneg, valid, temperature, bias=None):
+    """Each image against K hard-negative captions of its own (NegCLIP): zneg [B, K, D] with
+    valid [B, K] (False: no negative, ignored).
+
+    With a bias (SigLIP) every valid negative is one more negative pair of the sigmoid loss,
+    sum softplus(t x.n + b) / B, on the same scale as `siglip_loss`. Without (CLIP) it is the
+    cross-entropy of the true caption against its negatives, mean over images: a term added to
+    `clip_loss` (NegCLIP instead widens the batch softmax; this keeps the mesh impls untouched).
+    """
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    zimg, ztxt, zneg = f32(zimg), f32(ztxt), f32(zneg)
+    neg = temperature * jnp.einsum("bd,bkd->bk", zimg, zneg)
+    if bias is not None:
+        return jnp.sum(jnp.where(valid, jax.nn.softplus(neg + bias), 0.0)) / zimg.shape[0]
+    pos = temperature * jnp.sum(zimg * ztxt, axis=-1, keepdims=True)
+    candidates = jnp.concatenate([pos, jnp.where(valid, neg, -jnp.inf)], axis=1)
+    return jnp.mean(jax.nn.logsumexp(candidates, axis=1) - pos[:, 0])
+
+
 # ------------------------------------------------------------------------------------ mesh plumbing
 def _mesh_batch_axes(mesh: Mesh, batch_axes: Sequence[str], batch: int) -> tuple[tuple[str, ...], int]:
     """The batch axes present in the mesh and the number of batch shards they make."""

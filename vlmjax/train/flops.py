@@ -88,15 +88,19 @@ def text_flops(cfg: dict, length: int) -> float:
 
 
 def two_towers_train_flops_per_example(model: dict, image_size: int, text_length: int,
-                                       batch_size: int) -> float:
-    """Forward + backward FLOPs per example of a TwoTowers model with a contrastive loss."""
+                                       batch_size: int, hard_negatives: int = 0) -> float:
+    """Forward + backward FLOPs per example of a TwoTowers model with a contrastive loss, with
+    `hard_negatives` extra captions per example encoded and scored."""
     widths = {"image": image_tower_width(model), "text": model["text"].get("width", 512)}
     embed = model.get("embed_dim") or widths["image"]
-    forward = image_tower_flops(model, image_size) + text_flops(model["text"], text_length)
-    for tower in ("image", "text"):
-        if model.get(f"{tower}_projection", True) and model.get("embed_dim"):
-            forward += 2 * widths[tower] * embed
-    forward += 2 * batch_size * embed  # this example's row of the B x B logits
+    projects = {tower: model.get(f"{tower}_projection", True) and bool(model.get("embed_dim"))
+                for tower in ("image", "text")}
+    text = text_flops(model["text"], text_length) + (
+        2 * widths["text"] * embed if projects["text"] else 0)
+    forward = image_tower_flops(model, image_size) + text * (1 + hard_negatives)
+    if projects["image"]:
+        forward += 2 * widths["image"] * embed
+    forward += 2 * (batch_size + hard_negatives) * embed  # this example's logits
     return 3 * forward
 
 

@@ -9,7 +9,9 @@ Config keys read here:
                converted dir)
   loss         name: 'clip' | 'siglip'; impl: 'dense' | 'all_gather' | 'ppermute' (siglip)
   data, input  the training data and its preprocessing (vlmjax.data.pipeline); evaluation
-               reads `evals.*.splits` of the same source, without random ops
+               reads `evals.*.splits` of the same source, without random ops;
+               input.hard_negatives adds word-swapped negative captions to the loss
+               (losses.contrastive.hard_negative_loss)
   evals        every (steps, 0 = only at the end), batch_size, zero_shot (splits, templates:
                'clip' | 'name' | 'vlm_shapes'), retrieval (splits, max_images); see `evaluators`
 """
@@ -110,6 +112,15 @@ class ContrastiveTask:
         else:
             loss = contrastive.siglip_loss(zimg, ztxt, out["temperature"], out["bias"],
                                            mesh=self.mesh, impl=self.impl)
+        if "neg_text" in batch:  # input.hard_negatives: K swapped captions per image
+            rows, count, length = batch["neg_text"].shape
+            zneg = self.model.apply(
+                {"params": params}, batch["neg_text"].reshape(rows * count, length),
+                batch["neg_text_mask"].reshape(rows * count, length), train=True,
+                rngs={"dropout": rng}, method=self.model.encode_text).reshape(rows, count, -1)
+            loss += contrastive.hard_negative_loss(
+                zimg, ztxt, zneg, batch["neg_valid"], out["temperature"],
+                out["bias"] if self.loss_name == "siglip" else None)
         return loss, dict(out)
 
     def pretrained_params(self, src: str, abstract_params, shardings):
@@ -139,9 +150,10 @@ class ContrastiveTask:
         return params
 
     def flops_per_example(self, batch_size: int) -> float:
+        negatives = self.config.input.get("hard_negatives") or {}
         return flops.two_towers_train_flops_per_example(
             model_kwargs(self.config.model), self.data.image_size, self.data.text_length,
-            batch_size)
+            batch_size, hard_negatives=negatives.get("count", 0))
 
     # ------------------------------------------------------------------------------------ data
     def train_input(self, data_state: dict | None, shard: int | None = None,
