@@ -6,8 +6,10 @@
 Measured (README): ~18% zero-shot top-1 / 79% top-5 on vlm_shapes test after the default 500
 steps (240-290 examples/s on a 2-core CPU); colour is learned, shape mostly not (see README).
 With `:image=cnn`: 20% top-1 and 44% image->text R@1, the whole run in under 3 min.
+With `:image=cnn,negatives=7,steps=1300`: 84.5% top-1, about 11.5 min of training.
 Presets: runlocal (a few steps, tiny data, for tests), steps=N, batch=N, image=vit|cnn (cnn: the
-small CNN image tower of models/convnet.py; README "Measured: tiny models").
+small CNN image tower of models/convnet.py), negatives=N (N shape-swapped hard-negative captions
+per image, input.hard_negatives; 0 = off); README "Measured: tiny models".
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
