@@ -58,3 +58,23 @@ def test_device_peak_flops_table():
     assert flops.device_peak_flops(Fake()) == 989e12
     Fake.device_kind = "TPU v5 lite"
     assert flops.device_peak_flops(Fake()) == 197e12
+
+
+def test_hard_negative_captions_are_counted():
+    model_cfg = dict(image=dict(IMAGE, stem="patch"), text=TEXT, embed_dim=128, bias_init=-10.0)
+    model = TwoTowers(**model_cfg)
+    batch, count = 4, 3
+    images, tokens = jnp.zeros((batch, 64, 64, 3)), jnp.zeros((batch, 16), jnp.int32)
+    negatives = jnp.zeros((batch * count, 16), jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(0), images, tokens)
+
+    def forward(p, x, t, n):
+        zimg, ztxt, _ = model.apply(p, x, t)
+        zneg = model.apply(p, n, method=model.encode_text).reshape(batch, count, -1)
+        return zimg @ ztxt.T, jnp.einsum("bd,bkd->bk", zimg, zneg)
+
+    counted = flops.two_towers_train_flops_per_example(
+        model_cfg, 64, 16, batch, hard_negatives=count) / 3 * batch
+    plain = flops.two_towers_train_flops_per_example(model_cfg, 64, 16, batch) / 3 * batch
+    assert counted > 1.5 * plain  # 3 more captions per image cost about as much as the image
+    assert 0.98 <= xla_flops(forward, params, images, tokens, negatives) / counted < 1.12
