@@ -3,6 +3,7 @@
     python -m vlmjax.train --config configs/clip/tiny.py --workdir /tmp/clip_tiny
 
 Measured (README): ~19% zero-shot top-1 / 81% top-5 on vlm_shapes test after 500 steps.
+With `:image=cnn,negatives=7,steps=1300` (CNN tower, hard negatives): 81.9% top-1.
 Presets: those of configs/siglip/tiny.py.
 """
 import os
