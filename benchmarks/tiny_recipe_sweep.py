@@ -19,7 +19,6 @@ import argparse
 import io
 import multiprocessing
 import os
-import re
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ import optax
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from vlmjax.data import shapes_examples, shapes_scene, shapes_text, tokenizers  # noqa: E402
+from vlmjax.data import hard_negatives, shapes_examples, shapes_scene, tokenizers  # noqa: E402
 from vlmjax.evals import zero_shot  # noqa: E402
 from vlmjax.losses import contrastive  # noqa: E402
 from vlmjax.models.two_towers import TwoTowers  # noqa: E402
@@ -48,8 +47,8 @@ CNN = {"image_arch": "cnn", "image": dict(channels=(32, 64, 96), patch_size=2, p
 #   captions="class"|"tags" with probability `caption_mix` replace the caption by the class name
 #                           ("red star", single-object images only) or by the list of the objects'
 #                           colour + shape names ("blue circle and red star");
-#   hard_negatives=K        K extra SigLIP negatives per image: its caption with the shape words
-#                           swapped (NegCLIP-style; single objects get K distinct other shapes).
+#   hard_negatives=K        K negatives per image: its caption with the shape words swapped
+#                           (vlmjax.data.hard_negatives, losses.contrastive.hard_negative_loss).
 VARIANTS = {
     "base": {},
     "b512": {"batch": 512},
@@ -71,11 +70,6 @@ VARIANTS = {
     "cnn_tags": {**CNN, "captions": "tags"},
     "cnn_tags50": {**CNN, "captions": "tags", "caption_mix": 0.5},
 }
-SHAPE_WORDS = {word: shape for shape in shapes_scene.SHAPES
-               for word in shapes_text.SHAPE_WORDS.get(shape, (shape,))}
-SHAPE_PATTERN = re.compile(r"\b(" + "|".join(sorted(SHAPE_WORDS, key=len, reverse=True)) + r")\b")
-
-
 def _example(args):
     spec, index = args
     example = shapes_examples.make_example(spec, index)
@@ -105,18 +99,6 @@ def merge(base: dict, change: dict) -> dict:
     return out
 
 
-def swapped_shapes(caption: str, count: int, rng: np.random.Generator) -> list[str]:
-    """`count` copies of the caption with every shape word replaced by another shape."""
-    found = [SHAPE_WORDS[w] for w in SHAPE_PATTERN.findall(caption)]
-    if len(found) == 1:  # a single object: distinct wrong shapes
-        others = [s for s in shapes_scene.SHAPES if s != found[0]]
-        return [SHAPE_PATTERN.sub(s, caption) for s in rng.permutation(others)[:count]]
-    def other(match):
-        options = [s for s in shapes_scene.SHAPES if s != SHAPE_WORDS[match.group(1)]]
-        return options[int(rng.integers(len(options)))]
-    return [SHAPE_PATTERN.sub(other, caption) for _ in range(count)]
-
-
 def variant_texts(change: dict, corpus: dict, tokenizer) -> dict:
     """The train-set arrays a variant needs beyond images and captions: the pool of example
     indices, the replacement captions and the hard negatives."""
@@ -134,12 +116,16 @@ def variant_texts(change: dict, corpus: dict, tokenizer) -> dict:
         ids, mask = tokenizer.encode_batch(alt, MAX_TEXT_LEN, eos="sticky")
         out.update(alt=jnp.asarray(ids), alt_mask=jnp.asarray(mask))
     k = change.get("hard_negatives", 0)
-    if k:
-        rng = np.random.default_rng(0)
-        negs = [n for caps in corpus["captions"] for c in caps for n in swapped_shapes(c, k, rng)]
-        ids, mask = tokenizer.encode_batch(negs, MAX_TEXT_LEN, eos="sticky")
-        shape = (len(labels), corpus["texts"].shape[1], k, MAX_TEXT_LEN)
-        out.update(neg=jnp.asarray(ids.reshape(shape)), neg_mask=jnp.asarray(mask.reshape(shape)))
+    if k:  # drawn once per caption (the trainer draws afresh every epoch)
+        swapper = hard_negatives.WordSwapper(hard_negatives.VOCABULARIES["vlm_shapes"], k)
+        captions = [c for caps in corpus["captions"] for c in caps]
+        negatives, valid = hard_negatives.batch_negatives(swapper, captions,
+                                                          range(len(captions)), seed=0)
+        ids, mask = tokenizer.encode_batch(negatives, MAX_TEXT_LEN, eos="sticky")
+        shape = (len(labels), corpus["texts"].shape[1], k)
+        out.update(neg=jnp.asarray(ids.reshape(*shape, MAX_TEXT_LEN)),
+                   neg_mask=jnp.asarray(mask.reshape(*shape, MAX_TEXT_LEN)),
+                   neg_valid=jnp.asarray(valid.reshape(shape)))
     return out
 
 
@@ -154,7 +140,7 @@ def sample_batch(train: dict, change: dict, batch: int, key) -> dict:
         mask = jnp.where(use, train["alt_mask"][idx], mask)
     out = {"image": train["images"][idx], "text": text, "text_mask": mask}
     if "neg" in train:
-        out.update(neg=train["neg"][idx, cap], neg_mask=train["neg_mask"][idx, cap])
+        out.update({k: train[k][idx, cap] for k in ("neg", "neg_mask", "neg_valid")})
     return out
 
 
@@ -179,15 +165,16 @@ def run_variant(name, change, corpus, test, tokenizer, args):
     def loss_fn(p, b, rng):
         zimg, ztxt, out = model.apply({"params": p}, b["image"], b["text"], b["text_mask"])
         if change.get("loss") == "clip":
-            return contrastive.clip_loss(zimg, ztxt, out["temperature"]), {}
-        loss = contrastive.siglip_loss(zimg, ztxt, out["temperature"], out["bias"])
-        if "neg" in b:  # each swapped caption is one more negative pair of its image
+            loss = contrastive.clip_loss(zimg, ztxt, out["temperature"])
+        else:
+            loss = contrastive.siglip_loss(zimg, ztxt, out["temperature"], out["bias"])
+        if "neg" in b:
             rows, k, length = b["neg"].shape
             zneg = model.apply({"params": p}, b["neg"].reshape(rows * k, length),
                                b["neg_mask"].reshape(rows * k, length),
                                method=model.encode_text).reshape(rows, k, -1)
-            logits = out["temperature"] * jnp.einsum("bd,bkd->bk", zimg, zneg) + out["bias"]
-            loss += jnp.sum(jax.nn.softplus(logits)) / rows
+            loss += contrastive.hard_negative_loss(zimg, ztxt, zneg, b["neg_valid"],
+                                                   out["temperature"], out.get("bias"))
         return loss, {}
 
     train_step = step_lib.make_train_step(loss_fn, tx, schedule)

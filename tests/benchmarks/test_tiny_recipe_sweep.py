@@ -12,26 +12,6 @@ sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import tiny_recipe_sweep as sweep  # noqa: E402
 
 
-def shape_words(caption: str) -> list[str]:
-    return [sweep.SHAPE_WORDS[w] for w in sweep.SHAPE_PATTERN.findall(caption)]
-
-
-def test_swapped_shapes_single_object_gets_every_other_shape_once():
-    caption = "a small red plus sign on the left"
-    swapped = sweep.swapped_shapes(caption, 7, np.random.default_rng(0))
-    assert sorted(shape_words(s)[0] for s in swapped) == sorted(
-        s for s in shapes_scene.SHAPES if s != "cross")
-    assert all(s.startswith("a small red ") and s.endswith(" on the left") for s in swapped)
-
-
-def test_swapped_shapes_multi_object_changes_every_shape_word():
-    caption = "a red disk and a blue star at the top"
-    for swapped in sweep.swapped_shapes(caption, 5, np.random.default_rng(1)):
-        new = shape_words(swapped)
-        assert len(new) == 2 and new[0] != "circle" and new[1] != "star", swapped
-        assert "red" in swapped and "blue" in swapped and swapped.endswith("at the top")
-
-
 def test_merge_replaces_the_vit_keys_for_the_cnn():
     cfg = sweep.merge(sweep.BASE, sweep.VARIANTS["cnn_t100"])
     assert cfg["image_arch"] == "cnn" and cfg["temperature_init"] == 100.0
@@ -56,6 +36,17 @@ def test_variant_texts_class_captions_name_the_label_and_use_single_objects():
         sweep.variant_texts({"captions": "class"}, corpus, FakeTokenizer())
     tags = sweep.variant_texts({"captions": "tags"}, corpus, FakeTokenizer())
     assert tags["pool"].tolist() == [0, 1, 2] and tags["alt"][:, 0].tolist() == [1, 3, 1]
+
+
+def test_variant_texts_hard_negatives_per_caption_with_validity():
+    corpus = {"labels": np.array([0, -1]), "tags": [], "texts": np.zeros((2, 2, 4)),
+              "captions": [["a red star", "a big red star"], ["hello there", "a disk and a star"]]}
+    out = sweep.variant_texts({"hard_negatives": 3}, corpus, FakeTokenizer())
+    assert out["neg"].shape == (2, 2, 3, sweep.MAX_TEXT_LEN)
+    assert out["neg_valid"].tolist() == [[[True] * 3, [True] * 3], [[False] * 3, [True] * 3]]
+    # FakeTokenizer encodes the length: "a red star" -> "a red circle" etc.
+    lengths = {len(f"a red {s}") for s in shapes_scene.SHAPES if s != "star"}
+    assert set(np.asarray(out["neg"])[0, 0, :, 0].tolist()) <= lengths
 
 
 @pytest.mark.slow

@@ -64,6 +64,10 @@ def test_caption_without_a_vocabulary_word_is_masked_out():
     ({"count": 2, "vocabulary": "colours"}, "is not one of"),
     ({"count": 2, "vocabulary": {"a": ["x"]}}, "at least 2 classes"),
     ({"count": 2, "vocabulary": {"a": "x", "b": ["y"]}}, "list of words"),
+    ({"count": 2, "vocabulary": {"a": ["x"], "b": ["x", "y"]}}, "in both classes"),
+    ({"count": 2, "vocabulary": {"a": [""], "b": ["y"]}}, "non-empty strings"),
+    ({"count": 2, "vocabulary": {"a": [3], "b": ["y"]}}, "non-empty strings"),
+    ({"count": True}, "count"),
 ])
 def test_bad_config_names_the_key(config, message):
     with pytest.raises(ValueError, match=message):

@@ -38,18 +38,21 @@ def test_runlocal_preset_trains(path, tmp_path_factory):
         assert config.input.hard_negatives.count == 2
 
 
-def test_hard_negatives_add_one_negative_pair_per_swapped_caption(tmp_path_factory):
-    """With the positive caption itself as each of K 'negatives', the task's SigLIP loss grows by
-    exactly K * sum_i softplus(t x_i.y_i + b) / B."""
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+def test_hard_negatives_term_in_the_task_loss(loss, tmp_path_factory):
+    """With the positive caption itself as each valid 'negative' (k_i of them for image i), the
+    task's loss grows by exactly sum_i k_i softplus(t x_i.y_i + b) / B (SigLIP), or by
+    mean_i log(1 + k_i) (CLIP: k_i + 1 equal logits); masked negatives add nothing."""
     import jax
     import jax.numpy as jnp
     from vlmjax.sharding import make_mesh
     from vlmjax.train.tasks.contrastive import ContrastiveTask
-    config = config_lib.load_config("configs/siglip/tiny.py:runlocal,negatives=3")
+    config = config_lib.load_config(f"configs/{loss}/tiny.py:runlocal,negatives=3")
     data_dir = str(tmp_path_factory.getbasetemp() / "runlocal_tfds")
-    # t = 1, b = 0: the extra terms are O(1), not lost under float32 round-off of the loss.
-    config_lib.apply_overrides(config, [f"data.data_dir={data_dir}", "model.bias_init=0.0",
-                                        "model.temperature_init=1.0"])
+    overrides = [f"data.data_dir={data_dir}", "model.temperature_init=1.0"]
+    if loss == "siglip":  # t = 1, b = 0: the extra terms are O(1), above float32 round-off
+        overrides.append("model.bias_init=0.0")
+    config_lib.apply_overrides(config, overrides)
     task = ContrastiveTask(config, make_mesh(config.mesh))
     params = task.init_params(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
@@ -57,14 +60,19 @@ def test_hard_negatives_add_one_negative_pair_per_swapped_caption(tmp_path_facto
     batch = {"image": jnp.asarray(rng.normal(size=(8, size, size, 3)), jnp.float32),
              "text": jnp.asarray(rng.integers(1, 100, (8, length)), jnp.int32),
              "text_mask": jnp.ones((8, length), bool)}
+    valid = np.arange(3)[None, :] < np.array([3, 2, 1, 0, 3, 2, 1, 0])[:, None]
     plain, out = task.loss_fn(params, batch, jax.random.PRNGKey(1))
     with_negatives = dict(batch, neg_text=jnp.repeat(batch["text"][:, None], 3, 1),
                           neg_text_mask=jnp.repeat(batch["text_mask"][:, None], 3, 1),
-                          neg_valid=jnp.ones((8, 3), bool))
-    loss, _ = task.loss_fn(params, with_negatives, jax.random.PRNGKey(1))
-    zimg, ztxt, _ = task.model.apply({"params": params}, batch["image"], batch["text"],
-                                     batch["text_mask"])
-    diag = np.sum(np.asarray(zimg) * np.asarray(ztxt), axis=-1)
-    extra = 3 * np.sum(np.log1p(np.exp(float(out["temperature"]) * diag
-                                       + float(out["bias"])))) / 8
-    np.testing.assert_allclose(float(loss) - float(plain), extra, rtol=1e-4)
+                          neg_valid=jnp.asarray(valid))
+    loss_value, _ = task.loss_fn(params, with_negatives, jax.random.PRNGKey(1))
+    k = valid.sum(1)
+    if loss == "siglip":
+        zimg, ztxt, _ = task.model.apply({"params": params}, batch["image"], batch["text"],
+                                         batch["text_mask"])
+        diag = np.sum(np.asarray(zimg) * np.asarray(ztxt), axis=-1)
+        extra = np.sum(k * np.log1p(np.exp(float(out["temperature"]) * diag
+                                           + float(out["bias"])))) / 8
+    else:
+        extra = np.mean(np.log1p(k))
+    np.testing.assert_allclose(float(loss_value) - float(plain), extra, rtol=1e-4)

@@ -8,7 +8,9 @@ isolate (README "Measured: tiny models").
 
 A vocabulary maps class -> words (the first word is the one written into negatives); it is named
 (`VOCABULARIES`) or given inline in `input.hard_negatives.vocabulary`. Negatives are a pure
-function of (caption, seed, example index), so a resumed run sees the same ones.
+function of (caption, seed, example index), so a resumed run sees the same ones. With several
+objects the K negatives are drawn independently, so two may coincide, and rarely a swap may be
+true of the image too (two objects of one colour): both are accepted as noise.
 """
 from __future__ import annotations
 
@@ -45,6 +47,12 @@ class WordSwapper:
                 raise ValueError(f"hard negatives: vocabulary class {name!r} needs a non-empty "
                                  f"list of words, got {words!r}")
             for word in words:
+                if not isinstance(word, str) or not word.strip():
+                    raise ValueError(f"hard negatives: vocabulary class {name!r} has the word "
+                                     f"{word!r}; words must be non-empty strings")
+                if word.lower() in self.class_of:  # a swap could leave the caption unchanged
+                    raise ValueError(f"hard negatives: the word {word!r} is in both classes "
+                                     f"{self.class_of[word.lower()]!r} and {name!r}")
                 self.class_of[word.lower()] = name
         self.written = {name: words[0] for name, words in vocabulary.items()}
         # Longest first, so "plus sign" wins over a class word "plus".
@@ -79,7 +87,7 @@ def make_swapper(config) -> WordSwapper | None:
         raise ValueError(f"input.hard_negatives: unknown key(s) {unknown}; valid: "
                          f"{list(CONFIG_KEYS)}")
     count = config.get("count", 0)
-    if not isinstance(count, int) or count < 0:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"input.hard_negatives.count: {count!r} must be an integer >= 0")
     if count == 0:
         return None

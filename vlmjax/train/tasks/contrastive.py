@@ -117,7 +117,8 @@ class ContrastiveTask:
             zneg = self.model.apply(
                 {"params": params}, batch["neg_text"].reshape(rows * count, length),
                 batch["neg_text_mask"].reshape(rows * count, length), train=True,
-                rngs={"dropout": rng}, method=self.model.encode_text).reshape(rows, count, -1)
+                rngs={"dropout": jax.random.fold_in(rng, 1)},  # not the captions' dropout
+                method=self.model.encode_text).reshape(rows, count, -1)
             loss += contrastive.hard_negative_loss(
                 zimg, ztxt, zneg, batch["neg_valid"], out["temperature"],
                 out["bias"] if self.loss_name == "siglip" else None)
