@@ -70,6 +70,8 @@ VARIANTS = {
     "cnn_tags": {**CNN, "captions": "tags"},
     "cnn_tags50": {**CNN, "captions": "tags", "caption_mix": 0.5},
 }
+
+
 def _example(args):
     spec, index = args
     example = shapes_examples.make_example(spec, index)

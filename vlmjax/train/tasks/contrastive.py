@@ -17,7 +17,6 @@ Config keys read here:
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
