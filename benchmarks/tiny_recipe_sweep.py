@@ -19,6 +19,7 @@ import argparse
 import io
 import multiprocessing
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -48,7 +49,10 @@ CNN = {"image_arch": "cnn", "image": dict(channels=(32, 64, 96), patch_size=2, p
 #                           ("red star", single-object images only) or by the list of the objects'
 #                           colour + shape names ("blue circle and red star");
 #   hard_negatives=K        K negatives per image: its caption with the shape words swapped
-#                           (vlmjax.data.hard_negatives, losses.contrastive.hard_negative_loss).
+#                           (vlmjax.data.hard_negatives, losses.contrastive.hard_negative_loss);
+#   hn_form="sigmoid"|"both" with a SigLIP loss, "both" adds the softmax (CLIP) form of the
+#                           hard-negative term to the sigmoid one; hn_weight scales the term;
+#   steps_scale=s           train s times --steps (e.g. half the batch for the same examples).
 VARIANTS = {
     "base": {},
     "b512": {"batch": 512},
@@ -70,6 +74,37 @@ VARIANTS = {
     "cnn_tags": {**CNN, "captions": "tags"},
     "cnn_tags50": {**CNN, "captions": "tags", "caption_mix": 0.5},
 }
+HN7 = {**CNN, "hard_negatives": 7}
+VARIANTS.update({
+    "cnn_hn7_td1": {**HN7, "text": dict(depth=1)},
+    "cnn_hn7_lr2e-3": {**HN7, "lr": 2e-3},
+    "cnn_hn7_lr3e-3": {**HN7, "lr": 3e-3},
+    "cnn_hn7_b64": {**HN7, "batch": 64, "steps_scale": 2},
+    "cnn_hn7_both": {**HN7, "hn_form": "both"},
+    "cnn_hn7_w3": {**HN7, "hn_weight": 3.0},
+    "cnn_hn7_clip": {**HN7, "loss": "clip"},
+    "cnn_hn7_single": {**HN7, "subset": "single"},
+    "cnn_hn7_wide": {**HN7, "image": dict(channels=(48, 96, 128))},
+    "cnn_hn7_t30": {**HN7, "temperature_init": 30.0},
+    "cnn_hn7_td0": {**HN7, "text": dict(depth=0, pool="map")},
+})
+# Variants on the cheaper text towers get the steps that the same CPU time buys (2-core CPU,
+# batch 128: hn7 281-285 examples/s, text depth 1 401-407, depth 0 + MAP pooling 679).
+TD1 = {**HN7, "text": dict(depth=1), "steps_scale": 1.45}
+VARIANTS.update({
+    "cnn_hn7_td1_long": TD1,
+    "cnn_hn7_td1_long_lr2e-3": {**TD1, "lr": 2e-3},
+    "cnn_hn7_td1_long_both_lr2e-3": {**TD1, "hn_form": "both", "lr": 2e-3},
+    "cnn_hn7_td1_long_b64": {**TD1, "batch": 64, "steps_scale": 2.9},
+    "cnn_hn7_td1_long_clip": {**TD1, "loss": "clip"},
+})
+TD0 = {**HN7, "text": dict(depth=0, pool="map"), "steps_scale": 2.4}
+VARIANTS.update({
+    "cnn_hn7_td0_long": TD0,
+    "cnn_hn7_td0_long_lr2e-3": {**TD0, "lr": 2e-3},
+    "cnn_hn7_td0_long_both": {**TD0, "hn_form": "both"},
+    "cnn_hn7_td0_long_clip": {**TD0, "loss": "clip"},
+})
 
 
 def _example(args):
@@ -87,6 +122,26 @@ def generate(split: str, size: int, image_size: int, workers: int):
         out = pool.map(_example, [(spec, i) for i in range(size)], chunksize=256)
     images, captions, labels, tags = zip(*out)
     return np.stack(images), list(captions), np.array(labels), list(tags)
+
+
+def load_or_generate(args):
+    """(train, test) data; with --cache, read from or written to that file, so that several
+    sweeps (e.g. parallel processes on one accelerator) share one generation."""
+    sizes = (args.train_size, args.test_size, args.image_size)
+    if args.cache and os.path.exists(args.cache):
+        with open(args.cache, "rb") as f:
+            cached_sizes, data = pickle.load(f)
+        if cached_sizes != sizes:
+            raise SystemExit(f"--cache {args.cache} holds (train_size, test_size, image_size) = "
+                             f"{cached_sizes}, not {sizes}; delete it or name another file")
+        return data
+    data = (generate("train", args.train_size, args.image_size, args.workers),
+            generate("test", args.test_size, args.image_size, args.workers))
+    if args.cache:
+        with open(args.cache + ".tmp", "wb") as f:
+            pickle.dump((sizes, data), f)
+        os.replace(args.cache + ".tmp", args.cache)
+    return data
 
 
 def merge(base: dict, change: dict) -> dict:
@@ -152,13 +207,15 @@ def run_variant(name, change, corpus, test, tokenizer, args):
         model_cfg.update(temperature_init=1 / 0.07, bias_init=None)
     model = TwoTowers(**model_cfg)
     batch, lr = change.get("batch", args.batch), change.get("lr", args.lr)
+    steps = round(args.steps * change.get("steps_scale", 1))
+    eval_every = round(args.eval_every * change.get("steps_scale", 1))
     train = {k: corpus[k] for k in ("images", "texts", "mask")}
     train.update(variant_texts(change, corpus, tokenizer))
     params = model.init(jax.random.PRNGKey(0), train["images"][:1], train["texts"][:1, 0])["params"]
     params = jax.tree.map(lambda x: getattr(x, "value", x), params,
                           is_leaf=lambda x: hasattr(x, "value"))
     schedule = optax.join_schedules([optax.linear_schedule(0, lr, args.warmup),
-                                     optax.cosine_decay_schedule(lr, args.steps - args.warmup,
+                                     optax.cosine_decay_schedule(lr, steps - args.warmup,
                                                                  alpha=0.01)], [args.warmup])
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(schedule, b2=0.95, weight_decay=1e-4,
@@ -175,8 +232,12 @@ def run_variant(name, change, corpus, test, tokenizer, args):
             zneg = model.apply({"params": p}, b["neg"].reshape(rows * k, length),
                                b["neg_mask"].reshape(rows * k, length),
                                method=model.encode_text).reshape(rows, k, -1)
-            loss += contrastive.hard_negative_loss(zimg, ztxt, zneg, b["neg_valid"],
-                                                   out["temperature"], out.get("bias"))
+            hn_loss = contrastive.hard_negative_loss(zimg, ztxt, zneg, b["neg_valid"],
+                                                     out["temperature"], out.get("bias"))
+            if change.get("hn_form", "sigmoid") == "both":
+                hn_loss += contrastive.hard_negative_loss(zimg, ztxt, zneg, b["neg_valid"],
+                                                          out["temperature"])
+            loss += change.get("hn_weight", 1.0) * hn_loss
         return loss, {}
 
     train_step = step_lib.make_train_step(loss_fn, tx, schedule)
@@ -203,16 +264,24 @@ def run_variant(name, change, corpus, test, tokenizer, args):
 
     state = step_lib.init_state(params, tx, jax.random.PRNGKey(1))
     key = jax.random.PRNGKey(2)
-    curve, start = [], time.perf_counter()
-    for i in range(1, args.steps + 1):
+    curve, start, other_seconds = [], time.perf_counter(), 0.0
+    for i in range(1, steps + 1):
         key, sub = jax.random.split(key)
         state, _ = step(state, train, sub)
-        if i % args.eval_every == 0 or i == args.steps:
-            curve.append((i, i * batch, evaluate(state.params)))
+        if i == 1 or i % eval_every == 0 or i == steps:
+            tick = time.perf_counter()  # examples/s leaves out the compiling first step and evals
+            jax.block_until_ready(state)
+            if i == 1:
+                other_seconds += time.perf_counter() - start
+            if i % eval_every == 0 or i == steps:
+                tick = time.perf_counter()
+                curve.append((i, i * batch, evaluate(state.params)))
+                other_seconds += time.perf_counter() - tick
     seconds = time.perf_counter() - start
+    speed = f"{(steps - 1) * batch / (seconds - other_seconds):.0f}" if steps > 1 else "-"
     print(f"| {name} | {batch} | {lr:g} | " + " | ".join(
-        f"{s} ({e // 1000}k): {acc:.1%}" for s, e, acc in curve) + f" | {seconds:.0f} s |",
-        flush=True)
+        f"{s} ({e // 1000}k): {acc:.1%}" for s, e, acc in curve) +
+        f" | {seconds:.0f} s | {speed} |", flush=True)
 
 
 def tokenizer_batch(tokenizer, texts, max_len=MAX_TEXT_LEN):
@@ -233,8 +302,14 @@ def main(argv=None):
     parser.add_argument("--variants", default="base",
                         help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--cache", default="",
+                        help="pickle file to read the generated data from, or write it to")
+    parser.add_argument("--cache_only", action="store_true",
+                        help="write the --cache file and stop")
     parser.add_argument("--quick", action="store_true", help="tiny CPU smoke run")
     args = parser.parse_args(argv)
+    if args.cache_only and not args.cache:
+        parser.error("--cache_only needs --cache FILE")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
@@ -242,10 +317,10 @@ def main(argv=None):
         args.train_size, args.test_size, args.steps, args.eval_every = 512, 256, 4, 2
         args.batch, args.warmup, args.workers = 32, 1, 2
     start = time.perf_counter()
-    train_images, train_captions, train_labels, train_tags = generate(
-        "train", args.train_size, args.image_size, args.workers)
-    test_images, _, test_labels, _ = generate("test", args.test_size, args.image_size,
-                                              args.workers)
+    (train_images, train_captions, train_labels, train_tags), (test_images, _, test_labels, _) = (
+        load_or_generate(args))
+    if args.cache_only:
+        return
     keep = test_labels >= 0
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = tokenizers.train_sentencepiece(
@@ -262,8 +337,8 @@ def main(argv=None):
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; data in "
           f"{time.perf_counter() - start:.0f} s; zero-shot top-1 on {keep.sum()} single-object "
           "test images at step (examples seen)")
-    print("| variant | batch | lr | accuracy over training | train time |")
-    print("|---|---|---|---|---|")
+    print("| variant | batch | lr | accuracy over training | train time | train examples/s |")
+    print("|---|---|---|---|---|---|")
     for name in args.variants.split(","):
         run_variant(name, VARIANTS[name], corpus, test, tokenizer, args)
 
