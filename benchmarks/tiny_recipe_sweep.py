@@ -105,6 +105,14 @@ VARIANTS.update({
     "cnn_hn7_td0_long_both": {**TD0, "hn_form": "both"},
     "cnn_hn7_td0_long_clip": {**TD0, "loss": "clip"},
 })
+BOW = {**HN7, "text": dict(depth=0, pool="map")}  # the tiny configs' recipe, at --steps
+VARIANTS.update({
+    "cnn_hn7_td0_lr2e-3": {**BOW, "lr": 2e-3},
+    "cnn_hn7_td0_lr3e-3": {**BOW, "lr": 3e-3},
+    "cnn_hn7_td0_both_lr2e-3": {**BOW, "hn_form": "both", "lr": 2e-3},
+    "cnn_hn7_td0_clip_lr2e-3": {**BOW, "loss": "clip", "lr": 2e-3},
+    "cnn_hn7_td0_clip_lr3e-3": {**BOW, "loss": "clip", "lr": 3e-3},
+})
 
 
 def _example(args):

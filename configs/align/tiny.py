@@ -23,7 +23,9 @@ from vlmjax.config import load_config, parse_preset_args
 def get_config(arg=None):
     args = parse_preset_args(arg, runlocal=False, steps=500, batch=128, filter=True)
     here = os.path.dirname(os.path.abspath(__file__))
-    base_args = f"steps={args.steps},batch={args.batch}" + (",runlocal" if args.runlocal else "")
+    # ALIGN's text encoder is a transformer; its figures were measured with the ViT recipe.
+    base_args = (f"steps={args.steps},batch={args.batch},image=vit,text_depth=2,negatives=0,"
+                 f"lr=1e-3" + (",runlocal" if args.runlocal else ""))
     c = load_config(os.path.join(here, "..", "siglip", "tiny.py") + ":" + base_args)
     c.loss = dict(name="clip")
     c.model.temperature_init = 1 / 0.07

@@ -8,8 +8,8 @@ from vlmjax import config as config_lib
 from vlmjax.train import trainer
 
 RUNLOCAL = ["configs/clip/tiny.py", "configs/align/tiny.py", "configs/siglip/vit_b16.py",
-            "configs/clip/vit_b16.py", "configs/siglip/tiny.py:image=cnn",
-            "configs/clip/tiny.py:image=cnn,negatives=2"]
+            "configs/clip/vit_b16.py", "configs/siglip/tiny.py:image=vit,text_depth=2,negatives=0",
+            "configs/clip/tiny.py:negatives=2"]
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/*/*.py")))
@@ -32,9 +32,11 @@ def test_runlocal_preset_trains(path, tmp_path_factory):
     assert int(result.state.step) == config.total_steps
     assert np.isfinite(float(result.state.params["log_temperature"]))
     assert "zero_shot/test/top1" in result.metrics
-    if presets.startswith("image=cnn"):
-        assert "conv1" in result.state.params["image_tower"]
-    if "negatives" in presets:
+    image_tower = result.state.params["image_tower"]
+    assert ("conv1" in image_tower) == (config.model.get("image_arch") == "cnn")
+    if "negatives=0" in presets:
+        assert "hard_negatives" not in config.input
+    elif "negatives" in presets:
         assert config.input.hard_negatives.count == 2
 
 
