@@ -40,8 +40,10 @@ def siglip_towers(width: int, depth: int, heads: int, mlp: int, patch: int = 16,
 
 
 def tiny_model() -> dict:
-    """The model of configs/siglip/tiny.py (the demo), read from the config file."""
-    config = config_lib.load_config(os.path.join(REPO, "configs/siglip/tiny.py"))
+    """The transformer model of configs/siglip/tiny.py (its ViT preset, the demo's model before
+    the CNN recipe; the scan/remat/attention switches need transformer towers)."""
+    config = config_lib.load_config(os.path.join(REPO, "configs/siglip/tiny.py") +
+                                    ":image=vit,text_depth=2")
     model = config.model.to_dict()
     model.pop("dtype", None)
     return model

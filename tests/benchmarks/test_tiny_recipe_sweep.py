@@ -58,3 +58,32 @@ def test_quick_run_prints_a_row_per_variant():
         # One cell per evaluation (steps 2 and 4 of --quick), then the train time.
         assert row[3].startswith("2 (0k): ") and row[4].startswith("4 (0k): ")
         assert row[4].endswith("%") and row[5].endswith(" s")
+
+
+def test_cache_is_written_once_read_back_and_checked_against_the_sizes(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_generate(split, size, image_size, workers):
+        calls.append(split)
+        return np.full((size, image_size, image_size, 3), len(calls), np.uint8), [], [], []
+
+    monkeypatch.setattr(sweep, "generate", fake_generate)
+    args = sweep.argparse.Namespace(train_size=4, test_size=2, image_size=8, workers=1,
+                                    cache=str(tmp_path / "data.pkl"))
+    first = sweep.load_or_generate(args)
+    again = sweep.load_or_generate(args)
+    assert calls == ["train", "test"]  # the second call read the file
+    np.testing.assert_array_equal(first[0][0], again[0][0])
+    assert again[1][0].shape == (2, 8, 8, 3) and again[1][0][0, 0, 0, 0] == 2
+    args.train_size = 5
+    with pytest.raises(SystemExit, match="train_size"):
+        sweep.load_or_generate(args)
+
+
+def test_cheaper_text_variants_get_the_steps_of_the_same_cpu_time():
+    # The 2-core CPU's examples/s (hn7: ~283, 1 text layer: ~404, none: 679) set the scales.
+    assert sweep.VARIANTS["cnn_hn7_td1_long"]["steps_scale"] == pytest.approx(404 / 283, rel=0.02)
+    assert sweep.VARIANTS["cnn_hn7_td0_long"]["steps_scale"] == pytest.approx(679 / 283, rel=0.02)
+    cfg = sweep.merge(sweep.BASE, sweep.VARIANTS["cnn_hn7_td0_lr2e-3"])
+    assert cfg["text"]["depth"] == 0 and cfg["text"]["pool"] == "map"
+    assert "steps_scale" not in cfg and "lr" not in cfg  # run options, not model arguments
