@@ -60,37 +60,10 @@ def test_device_peak_flops_table():
     assert flops.device_peak_flops(Fake()) == 197e12
 
 
-def test_hard_negative_captions_are_counted():
-    model_cfg = dict(image=dict(IMAGE, stem="patch"), text=TEXT, embed_dim=128, bias_init=-10.0)
+def negatives_flops_ratio(model_cfg, size, length, count, batch=4):
+    """(XLA's FLOPs / the analytic count) of a forward pass that scores `count` hard-negative
+    captions per image, and the analytic counts with and without the negatives."""
     model = TwoTowers(**model_cfg)
-    batch, count = 4, 3
-    images, tokens = jnp.zeros((batch, 64, 64, 3)), jnp.zeros((batch, 16), jnp.int32)
-    negatives = jnp.zeros((batch * count, 16), jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(0), images, tokens)
-
-    def forward(p, x, t, n):
-        zimg, ztxt, _ = model.apply(p, x, t)
-        zneg = model.apply(p, n, method=model.encode_text).reshape(batch, count, -1)
-        return zimg @ ztxt.T, jnp.einsum("bd,bkd->bk", zimg, zneg)
-
-    counted = flops.two_towers_train_flops_per_example(
-        model_cfg, 64, 16, batch, hard_negatives=count) / 3 * batch
-    plain = flops.two_towers_train_flops_per_example(model_cfg, 64, 16, batch) / 3 * batch
-    assert counted > 1.5 * plain  # 3 more captions per image cost about as much as the image
-    assert 0.98 <= xla_flops(forward, params, images, tokens, negatives) / counted < 1.12
-
-
-def test_tiny_config_model_flops_match_xla():
-    """The demo's recipe as shipped: CNN image tower, a depth-0 text tower pooled by a MAP head,
-    7 hard-negative captions per image."""
-    from vlmjax.config import load_config
-    config = load_config("configs/siglip/tiny.py")
-    model_cfg = config.model.to_dict()
-    count, size, length = (config.input.hard_negatives.count, config.input.image_size,
-                           config.input.max_text_len)
-    assert model_cfg["text"]["depth"] == 0 and model_cfg["image_arch"] == "cnn"
-    model = TwoTowers(**model_cfg)
-    batch = 4
     images, tokens = jnp.zeros((batch, size, size, 3)), jnp.zeros((batch, length), jnp.int32)
     negatives = jnp.zeros((batch * count, length), jnp.int32)
     params = jax.jit(model.init)(jax.random.key(0), images, tokens)
@@ -100,7 +73,27 @@ def test_tiny_config_model_flops_match_xla():
         zneg = model.apply(p, n, method=model.encode_text).reshape(batch, count, -1)
         return zimg @ ztxt.T, jnp.einsum("bd,bkd->bk", zimg, zneg)
 
-    counted = flops.two_towers_train_flops_per_example(
-        model_cfg, size, length, batch, hard_negatives=count) / 3 * batch
+    counted, plain = (flops.two_towers_train_flops_per_example(
+        model_cfg, size, length, batch, hard_negatives=k) / 3 * batch for k in (count, 0))
+    return xla_flops(forward, params, images, tokens, negatives) / counted, counted, plain
+
+
+def test_hard_negative_captions_are_counted():
+    model_cfg = dict(image=dict(IMAGE, stem="patch"), text=TEXT, embed_dim=128, bias_init=-10.0)
+    ratio, counted, plain = negatives_flops_ratio(model_cfg, 64, 16, count=3)
+    assert counted > 1.5 * plain  # 3 more captions per image cost about as much as the image
+    assert 0.98 <= ratio < 1.12
+
+
+def test_tiny_config_model_flops_match_xla():
+    """The demo's recipe as shipped: CNN image tower, a depth-0 text tower pooled by a MAP head,
+    7 hard-negative captions per image."""
+    from vlmjax.config import load_config
+    config = load_config("configs/siglip/tiny.py")
+    model_cfg = config.model.to_dict()
+    assert model_cfg["text"]["depth"] == 0 and model_cfg["image_arch"] == "cnn"
+    ratio, _, _ = negatives_flops_ratio(model_cfg, config.input.image_size,
+                                        config.input.max_text_len,
+                                        count=config.input.hard_negatives.count)
     # XLA skips the 3x3 taps on the zero border: 4% / 8% / 16% of the 32 / 16 / 8 px maps.
-    assert 0.92 <= xla_flops(forward, params, images, tokens, negatives) / counted < 1.05
+    assert 0.92 <= ratio < 1.05
