@@ -5,7 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from tests.train.test_trainer import data_dir, tiny_config  # noqa: F401  (fixture)
+from tests.train.test_trainer import (TRANSFORMER_PRESETS, data_dir,  # noqa: F401  (fixture)
+                                      tiny_config)
 from vlmjax.train import trainer
 
 MESHES = {"dp": ("mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1"),
@@ -30,7 +31,8 @@ def test_loss_trajectory_is_the_same_on_every_mesh(data_dir, tmp_path):  # noqa:
     for name, mesh in MESHES.items():
         config = tiny_config(data_dir, *mesh, "total_steps=20", "log_every=1",
                              "checkpoint.every=1000", "evals.zero_shot.splits=[]",
-                             "evals.retrieval.splits=[]", "model.dtype='float32'")
+                             "evals.retrieval.splits=[]", "model.dtype='float32'",
+                             presets=TRANSFORMER_PRESETS)
         results[name] = trainer.train(config, str(tmp_path / name))
         trajectories[name] = losses(tmp_path / name)
     reference = trajectories["dp"]

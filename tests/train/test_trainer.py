@@ -19,8 +19,14 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
 
 
-def tiny_config(data_dir, *overrides):
-    config = config_lib.load_config("configs/siglip/tiny.py:runlocal")
+# The tiny config's transformer towers (its recipe before the CNN one), for tests of
+# transformer parameters and their sharding.
+TRANSFORMER_PRESETS = "image=vit,text_depth=2,negatives=0,lr=1e-3"
+
+
+def tiny_config(data_dir, *overrides, presets=""):
+    config = config_lib.load_config("configs/siglip/tiny.py:runlocal" +
+                                    (f",{presets}" if presets else ""))
     config_lib.apply_overrides(config, [f"data.data_dir={data_dir}", *overrides])
     return config
 
