@@ -23,6 +23,15 @@ def test_load_config_with_presets_and_overrides():
         config_lib.load_config("configs/nope.py")
 
 
+def test_tiny_text_depth_preset_picks_the_pooling_and_rejects_bad_values():
+    assert config_lib.load_config("configs/siglip/tiny.py").model.text.pool == "map"
+    deep = config_lib.load_config("configs/siglip/tiny.py:text_depth=2").model.text
+    assert deep.depth == 2 and deep.pool == "last"
+    for bad in ("-1", "1.5", "True"):
+        with pytest.raises(ValueError, match="text_depth"):
+            config_lib.load_config(f"configs/siglip/tiny.py:text_depth={bad}")
+
+
 def test_check_keys_names_unused_key_and_nearest():
     with pytest.raises(config_lib.ConfigError, match=r"optim.warmup is not used.*'warmup_steps'"):
         config_lib.check_keys({"warmup": 3}, ["warmup_steps", "lr"], "optim")

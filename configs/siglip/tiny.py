@@ -28,6 +28,9 @@ def get_config(arg=None):
                              text_depth=0, negatives=7)
     if args.image not in IMAGE_TOWERS:
         raise ValueError(f"preset image={args.image!r} is not one of {sorted(IMAGE_TOWERS)}")
+    if type(args.text_depth) is not int or args.text_depth < 0:  # bool is no depth
+        raise ValueError(f"preset text_depth={args.text_depth!r} must be an integer >= 0 "
+                         "(0: embeddings + MAP pooling, no transformer layers)")
     c = ml_collections.ConfigDict()
     c.task = "contrastive"
     c.seed = 0
