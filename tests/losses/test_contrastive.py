@@ -1,5 +1,7 @@
 """Every contrastive loss impl against the dense reference, and the dense references against a
 brute-force numpy implementation of the papers' formulas."""
+import zlib
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -26,9 +28,11 @@ def make_mesh(shape, names=("data", "fsdp"), axis_type=AxisType.Auto):
 
 
 def assert_close(actual, expected):
+    # The absolute floor is for the scalar gradients w.r.t. t and b: sums over all B^2 pairs of
+    # O(1/B) terms that can cancel to ~1e-5, leaving float32 round-off of ~1e-8 (seen: 1.5e-8).
     for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
         a, e = np.asarray(a), np.asarray(e)
-        np.testing.assert_allclose(a, e, rtol=RTOL, atol=RTOL * np.abs(e).max())
+        np.testing.assert_allclose(a, e, rtol=RTOL, atol=RTOL * max(np.abs(e).max(), 0.1))
 
 
 # ---------------------------------------------------------------- references vs brute force
@@ -87,7 +91,7 @@ def dense_loss_and_grads(name, zimg, ztxt, t, b):
 @pytest.mark.parametrize("name", LOSSES)
 def test_impl_equals_dense_value_and_grads(name, devices, rows_per_device):
     batch = devices * rows_per_device
-    seed = hash((name, devices, rows_per_device)) % 2**31
+    seed = zlib.crc32(f"{name}/{devices}/{rows_per_device}".encode())  # hash() varies by run
     zimg, ztxt = random_embeddings(batch, 16, seed)
     t, b = jnp.float32(np.exp(np.random.default_rng(seed).uniform(0.5, 2.5))), jnp.float32(-3.5)
     mesh = make_mesh(MESHES[devices])
