@@ -90,7 +90,7 @@ VARIANTS.update({
 })
 # Variants on the cheaper text towers get the steps that the same CPU time buys (2-core CPU,
 # batch 128: hn7 281-285 examples/s, text depth 1 401-407, depth 0 + MAP pooling 679).
-TD1 = {**HN7, "text": dict(depth=1), "steps_scale": 1.45}
+TD1 = {**HN7, "text": dict(depth=1), "steps_scale": 1.45}  # text depth 1, 1.45x the steps
 VARIANTS.update({
     "cnn_hn7_td1_long": TD1,
     "cnn_hn7_td1_long_lr2e-3": {**TD1, "lr": 2e-3},
@@ -98,14 +98,15 @@ VARIANTS.update({
     "cnn_hn7_td1_long_b64": {**TD1, "batch": 64, "steps_scale": 2.9},
     "cnn_hn7_td1_long_clip": {**TD1, "loss": "clip"},
 })
-TD0 = {**HN7, "text": dict(depth=0, pool="map"), "steps_scale": 2.4}
+TD0 = {**HN7, "text": dict(depth=0, pool="map"), "steps_scale": 2.4}  # depth 0, 2.4x the steps
 VARIANTS.update({
     "cnn_hn7_td0_long": TD0,
     "cnn_hn7_td0_long_lr2e-3": {**TD0, "lr": 2e-3},
     "cnn_hn7_td0_long_both": {**TD0, "hn_form": "both"},
     "cnn_hn7_td0_long_clip": {**TD0, "loss": "clip"},
 })
-BOW = {**HN7, "text": dict(depth=0, pool="map")}  # the tiny configs' recipe, at --steps
+# The tiny configs' recipe at --steps: no text transformer layers, embeddings + MAP pooling.
+BOW = {**HN7, "text": dict(depth=0, pool="map")}
 VARIANTS.update({
     "cnn_hn7_td0_lr2e-3": {**BOW, "lr": 2e-3},
     "cnn_hn7_td0_lr3e-3": {**BOW, "lr": 3e-3},
@@ -146,9 +147,10 @@ def load_or_generate(args):
     data = (generate("train", args.train_size, args.image_size, args.workers),
             generate("test", args.test_size, args.image_size, args.workers))
     if args.cache:
-        with open(args.cache + ".tmp", "wb") as f:
+        handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.cache)))
+        with os.fdopen(handle, "wb") as f:  # a private temp file: parallel writers never clash
             pickle.dump((sizes, data), f)
-        os.replace(args.cache + ".tmp", args.cache)
+        os.replace(tmp, args.cache)
     return data
 
 
@@ -211,6 +213,10 @@ def sample_batch(train: dict, change: dict, batch: int, key) -> dict:
 
 def run_variant(name, change, corpus, test, tokenizer, args):
     model_cfg = merge(BASE, change)
+    hn_form = change.get("hn_form", "sigmoid")
+    if hn_form not in ("sigmoid", "both") or (hn_form == "both" and change.get("loss") == "clip"):
+        raise ValueError(f"variant {name}: hn_form={hn_form!r} must be 'sigmoid' or, with the "
+                         "SigLIP loss, 'both'")
     if change.get("loss") == "clip":
         model_cfg.update(temperature_init=1 / 0.07, bias_init=None)
     model = TwoTowers(**model_cfg)
@@ -242,7 +248,7 @@ def run_variant(name, change, corpus, test, tokenizer, args):
                                method=model.encode_text).reshape(rows, k, -1)
             hn_loss = contrastive.hard_negative_loss(zimg, ztxt, zneg, b["neg_valid"],
                                                      out["temperature"], out.get("bias"))
-            if change.get("hn_form", "sigmoid") == "both":
+            if hn_form == "both":
                 hn_loss += contrastive.hard_negative_loss(zimg, ztxt, zneg, b["neg_valid"],
                                                           out["temperature"])
             loss += change.get("hn_weight", 1.0) * hn_loss
@@ -276,8 +282,8 @@ def run_variant(name, change, corpus, test, tokenizer, args):
     for i in range(1, steps + 1):
         key, sub = jax.random.split(key)
         state, _ = step(state, train, sub)
+        # examples/s leaves out the compiling first step and the evaluations
         if i == 1 or i % eval_every == 0 or i == steps:
-            tick = time.perf_counter()  # examples/s leaves out the compiling first step and evals
             jax.block_until_ready(state)
             if i == 1:
                 other_seconds += time.perf_counter() - start
@@ -311,7 +317,8 @@ def main(argv=None):
                         help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--cache", default="",
-                        help="pickle file to read the generated data from, or write it to")
+                        help="pickle file to read the generated data from, or write it to "
+                             "(for parallel sweeps, write it first with --cache_only)")
     parser.add_argument("--cache_only", action="store_true",
                         help="write the --cache file and stop")
     parser.add_argument("--quick", action="store_true", help="tiny CPU smoke run")

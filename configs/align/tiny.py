@@ -11,7 +11,8 @@ train/data/skipped/*); the corpus rules (shared captions, rare tokens) need a pa
 whole corpus: `python -m vlmjax.data.filter` on webdataset shards (see README "Data").
 The images are 64 px, so ALIGN's 200 px minimum image side is off. README quotes the zero-shot
 accuracy with the filter on and off at the same number of steps.
-Presets: those of configs/siglip/tiny.py, plus filter (default True).
+Presets: runlocal, steps, batch and filter (default True). The towers, no hard negatives and
+lr 1e-3 are fixed: the ViT / transformer preset of configs/siglip/tiny.py.
 """
 import os
 

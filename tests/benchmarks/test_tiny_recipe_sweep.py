@@ -55,9 +55,9 @@ def test_quick_run_prints_a_row_per_variant():
                                     "cnn,cnn_hn1,cnn_tags50"))
     assert [r[0] for r in table[1:]] == ["cnn", "cnn_hn1", "cnn_tags50"]
     for row in table[1:]:
-        # One cell per evaluation (steps 2 and 4 of --quick), then the train time.
+        # One cell per evaluation (steps 2 and 4 of --quick), the train time, examples/s.
         assert row[3].startswith("2 (0k): ") and row[4].startswith("4 (0k): ")
-        assert row[4].endswith("%") and row[5].endswith(" s")
+        assert row[4].endswith("%") and row[5].endswith(" s") and float(row[6]) > 0
 
 
 def test_cache_is_written_once_read_back_and_checked_against_the_sizes(tmp_path, monkeypatch):

@@ -34,10 +34,12 @@ def test_runlocal_preset_trains(path, tmp_path_factory):
     assert "zero_shot/test/top1" in result.metrics
     image_tower = result.state.params["image_tower"]
     assert ("conv1" in image_tower) == (config.model.get("image_arch") == "cnn")
-    if "negatives=0" in presets:
+    if "negatives=0" in presets or "align" in path or "vit_b16" in path:
         assert "hard_negatives" not in config.input
     elif "negatives" in presets:
         assert config.input.hard_negatives.count == 2
+    else:  # clip/tiny inherits the tiny recipe's 7 negatives
+        assert config.input.hard_negatives.count == 7
 
 
 @pytest.mark.parametrize("loss", ["siglip", "clip"])

@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from vlmjax.config import load_config
 from vlmjax.models.two_towers import TwoTowers
 from vlmjax.train import flops
 
@@ -88,7 +89,6 @@ def test_hard_negative_captions_are_counted():
 def test_tiny_config_model_flops_match_xla():
     """The demo's recipe as shipped: CNN image tower, a depth-0 text tower pooled by a MAP head,
     7 hard-negative captions per image."""
-    from vlmjax.config import load_config
     config = load_config("configs/siglip/tiny.py")
     model_cfg = config.model.to_dict()
     assert model_cfg["text"]["depth"] == 0 and model_cfg["image_arch"] == "cnn"
