@@ -86,8 +86,10 @@ VARIANTS.update({
     "cnn_hn7_single": {**HN7, "subset": "single"},
     "cnn_hn7_wide": {**HN7, "image": dict(channels=(48, 96, 128))},
     "cnn_hn7_t30": {**HN7, "temperature_init": 30.0},
-    "cnn_hn7_td0": {**HN7, "text": dict(depth=0, pool="map")},
 })
+# The tiny configs' recipe at --steps: no text transformer layers, embeddings + MAP pooling.
+BOW = {**HN7, "text": dict(depth=0, pool="map")}
+VARIANTS["cnn_hn7_td0"] = BOW
 # Variants on the cheaper text towers get the steps that the same CPU time buys (2-core CPU,
 # batch 128: hn7 281-285 examples/s, text depth 1 401-407, depth 0 + MAP pooling 679).
 TD1 = {**HN7, "text": dict(depth=1), "steps_scale": 1.45}  # text depth 1, 1.45x the steps
@@ -98,15 +100,13 @@ VARIANTS.update({
     "cnn_hn7_td1_long_b64": {**TD1, "batch": 64, "steps_scale": 2.9},
     "cnn_hn7_td1_long_clip": {**TD1, "loss": "clip"},
 })
-TD0 = {**HN7, "text": dict(depth=0, pool="map"), "steps_scale": 2.4}  # depth 0, 2.4x the steps
+TD0 = {**BOW, "steps_scale": 2.4}  # text depth 0, 2.4x the steps
 VARIANTS.update({
     "cnn_hn7_td0_long": TD0,
     "cnn_hn7_td0_long_lr2e-3": {**TD0, "lr": 2e-3},
     "cnn_hn7_td0_long_both": {**TD0, "hn_form": "both"},
     "cnn_hn7_td0_long_clip": {**TD0, "loss": "clip"},
 })
-# The tiny configs' recipe at --steps: no text transformer layers, embeddings + MAP pooling.
-BOW = {**HN7, "text": dict(depth=0, pool="map")}
 VARIANTS.update({
     "cnn_hn7_td0_lr2e-3": {**BOW, "lr": 2e-3},
     "cnn_hn7_td0_lr3e-3": {**BOW, "lr": 3e-3},
@@ -242,10 +242,7 @@ def run_variant(name, change, corpus, test, tokenizer, args):
         else:
             loss = contrastive.siglip_loss(zimg, ztxt, out["temperature"], out["bias"])
         if "neg" in b:
-            rows, k, length = b["neg"].shape
-            zneg = model.apply({"params": p}, b["neg"].reshape(rows * k, length),
-                               b["neg_mask"].reshape(rows * k, length),
-                               method=model.encode_text).reshape(rows, k, -1)
+            zneg = model.apply({"params": p}, b["neg"], b["neg_mask"], method=model.encode_text)
             hn_loss = contrastive.hard_negative_loss(zimg, ztxt, zneg, b["neg_valid"],
                                                      out["temperature"], out.get("bias"))
             if hn_form == "both":

@@ -108,6 +108,15 @@ def test_two_towers_embeddings_normalised_and_towers_usable_alone():
                                rtol=1e-6)
     zimg_only, ztxt_none, _ = model.apply(variables, IMAGES)
     assert ztxt_none is None and np.allclose(zimg_only, zimg)
+    # Extra leading dims ([B, K, L], e.g. hard negatives) embed each row like a flat batch.
+    mask = jnp.arange(10) < jnp.array([[10, 4], [7, 10]])[..., None]
+    grouped = model.apply(variables, jnp.stack([TOKENS, TOKENS[::-1]]), mask,
+                          method=model.encode_text)
+    flat = model.apply(variables, jnp.concatenate([TOKENS, TOKENS[::-1]]), mask.reshape(4, 10),
+                       method=model.encode_text)
+    assert grouped.shape == (2, 2, 24)
+    np.testing.assert_allclose(grouped.reshape(4, 24), flat, rtol=1e-6)
+    assert not np.allclose(grouped[0, 1], ztxt[1])  # the mask reached the tower
 
     image_only = make_two_towers(text=None)
     image_vars = image_only.init(jax.random.key(0), IMAGES)

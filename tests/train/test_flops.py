@@ -71,7 +71,7 @@ def negatives_flops_ratio(model_cfg, size, length, count, batch=4):
 
     def forward(p, x, t, n):
         zimg, ztxt, _ = model.apply(p, x, t)
-        zneg = model.apply(p, n, method=model.encode_text).reshape(batch, count, -1)
+        zneg = model.apply(p, n.reshape(batch, count, -1), method=model.encode_text)
         return zimg @ ztxt.T, jnp.einsum("bd,bkd->bk", zimg, zneg)
 
     counted, plain = (flops.two_towers_train_flops_per_example(

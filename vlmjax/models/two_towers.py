@@ -121,11 +121,16 @@ class TwoTowers(nn.Module):
         return l2_normalize(self.image_proj(self.image_tower(images, train=train)))
 
     def encode_text(self, tokens, text_mask=None, *, train: bool = False):
-        """[B, L] token ids (+ [B, L] bool mask) -> L2-normalised float32 [B, embed_dim]."""
+        """[..., L] token ids (+ [..., L] bool mask) -> L2-normalised float32 [..., embed_dim];
+        leading dims beyond the batch (e.g. [B, K, L]: K hard negatives per image) are
+        flattened into the tower's batch."""
         if self.text is None:
             raise ValueError("this TwoTowers model has no text tower (text=None)")
-        text_mask = text_mask if self.use_text_mask else None
-        return l2_normalize(self.text_proj(self.text_tower(tokens, text_mask, train=train)))
+        *lead, length = tokens.shape
+        text_mask = text_mask.reshape(-1, length) if self.use_text_mask and (
+            text_mask is not None) else None
+        features = self.text_tower(tokens.reshape(-1, length), text_mask, train=train)
+        return l2_normalize(self.text_proj(features)).reshape(*lead, -1)
 
     def __call__(self, images=None, tokens=None, text_mask=None, *, train: bool = False):
         """Returns (zimg, ztxt, out); either embedding is None when its input is None.

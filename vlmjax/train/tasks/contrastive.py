@@ -112,12 +112,10 @@ class ContrastiveTask:
             loss = contrastive.siglip_loss(zimg, ztxt, out["temperature"], out["bias"],
                                            mesh=self.mesh, impl=self.impl)
         if "neg_text" in batch:  # input.hard_negatives: K swapped captions per image
-            rows, count, length = batch["neg_text"].shape
-            zneg = self.model.apply(
-                {"params": params}, batch["neg_text"].reshape(rows * count, length),
-                batch["neg_text_mask"].reshape(rows * count, length), train=True,
+            zneg = self.model.apply(  # [B, K, D]
+                {"params": params}, batch["neg_text"], batch["neg_text_mask"], train=True,
                 rngs={"dropout": jax.random.fold_in(rng, 1)},  # not the captions' dropout
-                method=self.model.encode_text).reshape(rows, count, -1)
+                method=self.model.encode_text)
             loss += contrastive.hard_negative_loss(
                 zimg, ztxt, zneg, batch["neg_valid"], out["temperature"],
                 out["bias"] if self.loss_name == "siglip" else None)
