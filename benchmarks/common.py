@@ -24,7 +24,7 @@ from vlmjax.losses import contrastive
 from vlmjax.models.two_towers import TwoTowers
 from vlmjax.train import flops, optim, prefetch, step as step_lib
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from vlmjax.models.layers import DTYPES  # one table: config name -> compute dtype
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

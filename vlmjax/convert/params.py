@@ -7,6 +7,7 @@ structure and shapes that `TwoTowers(**model_config).init` gives (unboxed).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -17,6 +18,17 @@ import numpy as np
 from vlmjax.models.two_towers import TwoTowers
 
 SEP = "/"
+
+
+@dataclass
+class Pretrained:
+    """Everything read from a source; `params` is a flat {path: numpy array} dict."""
+    params: dict
+    model_config: dict
+    image: dict                 # size [H, W], mean, std
+    tokenizer: dict | None      # settings (convert.tokenizer), `files` relative to `tokenizer_dir`
+    tokenizer_dir: str | None
+    source: dict
 
 
 def build_model(model_config: Mapping[str, Any], dtype=jnp.float32) -> TwoTowers:
@@ -61,19 +73,30 @@ def abstract_params(model_config: Mapping[str, Any], image_size: Sequence[int]) 
     return nn.unbox(shapes)["params"]
 
 
+def shape_problems(want: Mapping[str, Any], have: Mapping[str, Any],
+                   have_name: str = "pretrained") -> list[str]:
+    """Every missing, unexpected or mis-shaped parameter of the nested trees `have` against
+    `want` (arrays or ShapeDtypeStructs), one line each with the path and both shapes."""
+    want, have = flatten(want), flatten(have)
+    problems = [f"missing {k} {tuple(np.shape(want[k]))}" for k in sorted(set(want) - set(have))]
+    problems += [f"unexpected {k} {tuple(np.shape(have[k]))}"
+                 for k in sorted(set(have) - set(want))]
+    problems += [f"{k}: model {tuple(np.shape(want[k]))}, {have_name} {tuple(np.shape(have[k]))}"
+                 for k in sorted(set(want) & set(have))
+                 if tuple(np.shape(have[k])) != tuple(np.shape(want[k]))]
+    return problems
+
+
+def format_problems(problems: list[str], limit: int = 20) -> str:
+    return "\n  ".join(problems[:limit]) + ("\n  ..." if len(problems) > limit else "")
+
+
 def check_params(params: Mapping[str, Any], model_config: Mapping[str, Any],
                  image_size: Sequence[int], source: str) -> None:
     """Raises naming every missing, unexpected or mis-shaped parameter."""
-    want = flatten(abstract_params(model_config, image_size))
-    have = flatten(params)
-    problems = [f"missing {k} {tuple(want[k].shape)}" for k in sorted(set(want) - set(have))]
-    problems += [f"unexpected {k} {tuple(np.shape(have[k]))}"
-                 for k in sorted(set(have) - set(want))]
-    problems += [f"{k}: shape {tuple(np.shape(have[k]))}, model wants {tuple(want[k].shape)}"
-                 for k in sorted(set(want) & set(have))
-                 if tuple(np.shape(have[k])) != tuple(want[k].shape)]
+    problems = shape_problems(abstract_params(model_config, image_size), params, "converted")
     if problems:
-        shown = "\n  ".join(problems[:20]) + ("\n  ..." if len(problems) > 20 else "")
+        shown = format_problems(problems)
         raise ValueError(f"params converted from {source} do not fit the model config "
                          f"({len(problems)} problems):\n  {shown}")
 

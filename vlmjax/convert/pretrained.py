@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import jax
@@ -22,22 +21,12 @@ import numpy as np
 from vlmjax.convert import hf_io, params as params_lib, posemb, tokenizer as tok
 from vlmjax.convert.big_vision import load_big_vision
 from vlmjax.convert.hf import load_hf, model_config_from_hf
+from vlmjax.convert.params import Pretrained
 from vlmjax.convert.workdir import read_trainer_checkpoint, trainer_checkpoint
 
 FORMAT = "vlmjax.convert/1"
 PARAMS_DIR = "params"
 SOURCES = ("hf", "big_vision", "converted", "trainer")
-
-
-@dataclass
-class Pretrained:
-    """Everything read from a source; `params` is a flat {path: numpy array} dict."""
-    params: dict
-    model_config: dict
-    image: dict                 # size [H, W], mean, std
-    tokenizer: dict | None      # settings (convert.tokenizer), `files` relative to `tokenizer_dir`
-    tokenizer_dir: str | None
-    source: dict
 
 
 def source_kind(src: str) -> str:

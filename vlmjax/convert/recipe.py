@@ -17,15 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from vlmjax.convert import hf_io, tokenizer as tok, workdir as workdir_lib
-from vlmjax.convert.hf import IMAGE_NORMALISATION, image_normalisation, model_config_from_hf
+from vlmjax.convert.hf import image_normalisation, model_config_from_hf
 from vlmjax.convert.hf_export import hf_family
 from vlmjax.convert.pretrained import source_kind
 from vlmjax.data.tokenizers import load_model_tokenizer
 
-# The pipeline's value ops (vlmjax.data.preprocess) and the (mean, std) on [0, 1] pixels that
-# each applies: value_range maps to [-1, 1]; normalize_clip uses CLIP's constants.
-VALUE_OPS = {"value_range": IMAGE_NORMALISATION["siglip"],
-             "normalize_clip": IMAGE_NORMALISATION["clip"]}
 LOSSES = {"siglip": "siglip", "clip": "clip"}
 
 
@@ -44,14 +40,14 @@ class Recipe:
 
     def value_op(self) -> str:
         """The preprocessing op that normalises pixels as this model expects."""
-        for op, (mean, std) in VALUE_OPS.items():
+        for op, (mean, std) in workdir_lib.VALUE_OP_NORMALISATION.items():
             if np.allclose(self.image_mean, mean, atol=1e-6) and np.allclose(
                     self.image_std, std, atol=1e-6):
                 return op
         raise ValueError(f"image mean {self.image_mean} / std {self.image_std} match no "
                          "preprocessing op; supported: " + ", ".join(
                              f"{op} (mean {list(m)}, std {list(s)})"
-                             for op, (m, s) in VALUE_OPS.items()))
+                             for op, (m, s) in workdir_lib.VALUE_OP_NORMALISATION.items()))
 
     def square_image_size(self) -> int:
         height, width = self.image_size

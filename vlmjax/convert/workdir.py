@@ -13,6 +13,8 @@ import numpy as np
 
 from vlmjax.convert import hf_io, params as params_lib, tokenizer as tok
 from vlmjax.convert.hf import IMAGE_NORMALISATION
+from vlmjax.convert.hf_export import hf_family
+from vlmjax.convert.params import Pretrained
 
 CHECKPOINTS = "checkpoints"
 # The pipeline's value ops -> (mean, std) on [0, 1] pixels (see vlmjax.data.preprocess).
@@ -88,10 +90,8 @@ def model_and_image(config: dict, workdir: str) -> tuple[dict, dict]:
 
 
 def read_trainer_checkpoint(path: str):
-    """A trainer workdir or checkpoint directory as a numpy `pretrained.Pretrained`."""
-    from vlmjax.convert.hf_export import hf_family
-    from vlmjax.convert.pretrained import Pretrained
-    from vlmjax.train.checkpoint import restore_params
+    """A trainer workdir or checkpoint directory as a numpy `params.Pretrained`."""
+    from vlmjax.train.checkpoint import restore_params  # late: orbax is slow to import
 
     found = trainer_checkpoint(path)
     if found is None:
@@ -103,11 +103,9 @@ def read_trainer_checkpoint(path: str):
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             params_lib.abstract_params(model_config, image["size"]))
-    try:
+    try:  # a missing checkpoint is a FileNotFoundError that names the directory: not caught
         params = restore_params(workdir, abstract, step)
-    except FileNotFoundError:  # no checkpoint yet: restore_params names the directory
-        raise
-    except Exception as e:  # orbax does not say which checkpoint or which step
+    except (ValueError, KeyError, TypeError) as e:  # orbax does not say which step or workdir
         raise ValueError(f"cannot read the params of step {step or 'latest'} in {workdir}/"
                          f"{CHECKPOINTS} with the model of its config.json: {e}") from e
     flat = {k: np.asarray(v) for k, v in params_lib.flatten(params).items()}

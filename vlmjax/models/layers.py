@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 Dtype = Any
+# Compute dtypes a config may name (`model.dtype`); parameters are always float32.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 partitioned = nn.with_logical_partitioning
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -42,24 +44,6 @@ def padding_mask(q_valid: jax.Array, kv_valid: jax.Array | None = None) -> jax.A
 def causal_mask(length: int) -> jax.Array:
     """[1, 1, L, L]: position i attends to positions <= i."""
     return jnp.tril(jnp.ones((length, length), bool))[None, None]
-
-
-def prefix_mask(prefix_len: jax.Array, length: int) -> jax.Array:
-    """[B, 1, L, L] PrefixLM mask: the first `prefix_len[b]` tokens attend to each other fully,
-    the rest causally (and may see the whole prefix)."""
-    pos = jnp.arange(length)
-    in_prefix = pos[None, None, :] < jnp.asarray(prefix_len).reshape(-1, 1, 1)  # key in prefix
-    return (causal_mask(length)[:, 0] | in_prefix)[:, None]
-
-
-def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
-    masks = [m for m in masks if m is not None]
-    if not masks:
-        return None
-    out = masks[0]
-    for m in masks[1:]:
-        out = out & m
-    return out
 
 
 # ----------------------------------------------------------------------------------------- norms
@@ -167,10 +151,9 @@ class MultiHeadAttention(nn.Module):
 
 # ------------------------------------------------------------------------------------------- MLP
 class MLP(nn.Module):
-    """Dense -> activation -> Dense, or SwiGLU (`gated`): (silu(x W_g) * x W_u) W_d."""
+    """Dense -> activation -> Dense."""
     mlp_dim: int
     activation: str = "gelu"
-    gated: bool = False
     use_bias: bool = True
     dropout: float = 0.0
     dtype: Dtype = jnp.float32
@@ -185,10 +168,7 @@ class MLP(nn.Module):
                             kernel_init=partitioned(nn.initializers.xavier_uniform(), axes),
                             bias_init=partitioned(nn.initializers.normal(1e-6), axes[1:]))
 
-        act = get_activation("silu" if self.gated else self.activation)
-        h = act(dense(self.mlp_dim, ("embed", "mlp"), "fc1")(x))
-        if self.gated:
-            h = h * dense(self.mlp_dim, ("embed", "mlp"), "fc_up")(x)
+        h = get_activation(self.activation)(dense(self.mlp_dim, ("embed", "mlp"), "fc1")(x))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         return dense(width, ("mlp", "embed"), "fc2")(h)
 
@@ -199,7 +179,6 @@ class EncoderBlock(nn.Module):
     num_heads: int
     mlp_dim: int
     activation: str = "gelu"
-    gated_mlp: bool = False
     norm: str = "layernorm"
     norm_eps: float = 1e-6
     dropout: float = 0.0
@@ -215,7 +194,7 @@ class EncoderBlock(nn.Module):
             h, mask=mask, train=train)
         x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
         h = make_norm(self.norm, self.dtype, self.norm_eps, name="norm2")(x)
-        h = MLP(self.mlp_dim, self.activation, self.gated_mlp, dropout=self.dropout,
+        h = MLP(self.mlp_dim, self.activation, dropout=self.dropout,
                 dtype=self.dtype, name="mlp")(h, train=train)
         x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
