@@ -20,6 +20,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from vlmjax.config import parse_preset_args
+from vlmjax.evals import presets as evals_presets
 from vlmjax.models.two_towers import IMAGE_TOWERS
 
 
@@ -58,9 +59,7 @@ def get_config(arg=None):
         c.input.hard_negatives = dict(count=args.negatives, vocabulary="vlm_shapes")
     c.optim = dict(name="adamw", lr=args.lr, schedule="cosine", warmup_steps=50, end_lr=1e-5,
                    weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0)
-    c.evals = dict(every=0, batch_size=512,
-                   zero_shot=dict(splits=["test", "test_novel"], templates="vlm_shapes"),
-                   retrieval=dict(splits=["test"], max_images=1000))
+    c.evals = evals_presets.vlm_shapes(batch_size=512, max_images=1000)
     c.data_shards = 0  # input streams; 0 = the process count of the first run (see README)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every = 50
@@ -80,7 +79,6 @@ def get_config(arg=None):
         c.optim.warmup_steps = 2
         c.log_every = 2
         c.checkpoint.every = 3
-        c.evals.batch_size = 64
-        c.evals.retrieval.max_images = 64
+        c.evals = evals_presets.vlm_shapes(batch_size=64, max_images=64)
         c.peak_flops = 1e11  # skip the matmul measurement
     return c
