@@ -1,7 +1,8 @@
 """The per-host input pipeline: config -> tf.data -> numpy batch dicts (-> global jax.Arrays).
 
-    pipeline = make_pipeline(config.data, config.input, training=True)
-    batch = next(pipeline)           # {"image": f32 [B,H,W,3], "text": i32 [B,L],
+    pipeline = make_pipeline(config.data, config.input, training=True,
+                             transform=task.example_transform(training=True))
+    batch = next(pipeline)           # contrastive: {"image": f32 [B,H,W,3], "text": i32 [B,L],
                                      #  "text_mask": bool [B,L], "label": i32 [B]}
     state = pipeline.get_state()     # JSON-able; make_pipeline(..., state=state) resumes exactly
     pipeline.skip_counts             # {"corrupt_image": 3, ...} bad data skipped so far
@@ -12,6 +13,14 @@ B is input.global_batch_size / process_count. Training batches drop the remainde
 forever; evaluation (`training=False`) reads the split once, without shuffling, and pads the last
 batches with examples whose `_mask` is False so that every host yields `num_batches` batches.
 `label` is present when every source has labels.
+
+Per example, the pipeline decodes the record's image, skips and counts bad records, applies the
+data.filters, then runs the ops (registry: ops.py) of `input.preprocess` (image ops) followed by
+the task's `transform` (its text side: caption choice + tokenisation for contrastive; None: the
+contrastive transform, ops_contrastive.example_transform). Ops see the record's fields (`image`
+decoded, `texts`, `label`, `key`, `conversation`, ...) and a per-example `_seed`; the batch has
+every key the ops produce (and `label`), not the record fields they only read. The transform's
+batched ops (`tokenize`, `hard_negatives`) run on whole batches, after eval padding.
 
 config.data (`pipeline_config.default_data_config()`):
   source        "vlm_shapes" | "tfds" | "webdataset" | "llava_json" | "csv" | "mixture"
@@ -35,7 +44,8 @@ config.data (`pipeline_config.default_data_config()`):
 config.input (`pipeline_config.default_input_config()`):
   global_batch_size  examples per step over all hosts (divisible by process_count)
   image_size         output side S
-  preprocess         op string, see preprocess.py, e.g. "caption_random|resize_crop|value_range"
+  preprocess         per-example op string, see preprocess.py, e.g.
+                     "caption_random|resize_crop|value_range" or "resize(64)|value_range(-1, 1)"
   crop_area_min      smallest crop area fraction for inception_crop
   shuffle_buffer     examples in the shuffle buffer (training)
   seed               shuffling, mixture sampling and random ops; each host and each use
@@ -45,7 +55,8 @@ config.input (`pipeline_config.default_input_config()`):
   prefetch_batches   batches prepared ahead
   hard_negatives     optional {count, vocabulary}: per training caption `count` word-swapped
                      negatives (data/hard_negatives.py), as `neg_text`, `neg_text_mask`
-                     [B, count, L] and `neg_valid` [B, count]
+                     [B, count, L] and `neg_valid` [B, count] (read by the contrastive
+                     transform: its hard_negatives op)
 
 Bad data is skipped and counted, never fatal: placeholders from the sources carry a reason;
 images that fail to decode are dropped (tf.data `ignore_errors`) and recognised by the gap they
@@ -62,10 +73,11 @@ import hashlib
 import json
 import math
 import weakref
+from typing import Sequence
 
 import numpy as np
 
-from vlmjax.data import filters, hard_negatives, pipeline_config, preprocess, skips
+from vlmjax.data import filters, ops, ops_contrastive, ops_image, pipeline_config, skips
 from vlmjax.data.pipeline_config import default_data_config, default_input_config  # noqa: F401
 from vlmjax.data.tf_cpu import tf
 
@@ -104,23 +116,50 @@ def _hash_word(value) -> int:
     return int.from_bytes(hashlib.sha256(str(value).encode()).digest()[:4], "little")
 
 
+def _split_transform(preprocess_spec: str, transform: Sequence[str]):
+    """input.preprocess + the transform's per-example ops, and the transform's batched ops
+    (which must come after every per-example op). input.preprocess is validated already."""
+    try:
+        parsed = ops.parse(transform)
+    except ValueError as error:
+        raise ValueError(f"example transform {list(transform)}: {error}") from None
+    first_batched = next((i for i, op in enumerate(parsed) if op.info.batched), len(parsed))
+    late = [op.text for op in parsed[first_batched:] if not op.info.batched]
+    if late:
+        raise ValueError(f"example transform {list(transform)}: per-example op(s) {late} come "
+                         f"after the batched op {parsed[first_batched].text!r}; batched ops "
+                         "run on whole batches, after every per-example op")
+    return ops.parse(preprocess_spec) + parsed[:first_batched], parsed[first_batched:]
+
+
 def _without(config: dict, keys) -> dict:
     return {k: (_without(v, keys) if isinstance(v, dict) else v) for k, v in config.items()
             if k not in keys}
 
 
-def _fingerprint(data_config, input_config, training, process_index, process_count) -> str:
+def _fingerprint(data_config, input_config, training, process_index, process_count,
+                 transform=None) -> str:
     configs = [_without(c.to_dict(), _NOT_IN_FINGERPRINT) for c in (data_config, input_config)]
-    text = json.dumps([*configs, training, process_index, process_count], sort_keys=True,
-                      default=str)
+    # The default transform is not written: states saved before tasks owned it still resume.
+    extra = [] if transform is None else [transform]
+    text = json.dumps([*configs, training, process_index, process_count, *extra],
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _padding_value(key: str, like: tf.Tensor) -> tf.Tensor:
+    """Padding examples: zeros (empty strings, False), except label and _index, -1."""
+    if key in ("label", "_index"):
+        return tf.fill(tf.shape(like), tf.constant(-1, like.dtype))
+    return tf.zeros_like(like)
 
 
 class InputPipeline:
     """Iterator of numpy batch dicts for this host; see the module docstring."""
 
     def __init__(self, data_config, input_config, *, training: bool, process_index=None,
-                 process_count=None, state: dict | None = None):
+                 process_count=None, state: dict | None = None,
+                 transform: str | Sequence[str] | None = None):
         pipeline_config.validate_data_config(data_config)
         pipeline_config.validate_input_config(input_config)
         if data_config.source == "mixture" and not training:
@@ -134,8 +173,14 @@ class InputPipeline:
         self.training = training
         self.data_config, self.input_config = data_config, input_config
         self.has_labels = pipeline_config.has_labels(data_config)
+        default = ops_contrastive.example_transform(input_config, training)
+        self.transform = default if transform is None else (
+            [transform] if isinstance(transform, str) else list(transform))
+        self._example_ops, self._batch_ops = _split_transform(input_config.preprocess,
+                                                              self.transform)
         self.fingerprint = _fingerprint(data_config, input_config, training, self.process_index,
-                                        self.process_count)
+                                        self.process_count,
+                                        None if self.transform == default else self.transform)
         self.position, skip_offset = 0, np.zeros(skips.NUM_REASONS, np.int64)
         if state is not None:
             if state.get("fingerprint") != self.fingerprint:
@@ -146,9 +191,11 @@ class InputPipeline:
         self._skip_offset = skip_offset
         self._skips = skip_offset.copy()
         self._build_sources()
-        self.tokenizer = pipeline_config.resolve_tokenizer(input_config, self._sources)
-        self.swapper = (hard_negatives.make_swapper(input_config.get("hard_negatives"))
-                        if training else None)
+        self.op_context = ops.OpContext(
+            image_size=input_config.image_size, crop_area_min=input_config.crop_area_min,
+            max_text_len=input_config.max_text_len, add_bos=input_config.add_bos,
+            eos=input_config.eos, seed_fn=self._seed,
+            tokenizer_fn=lambda: pipeline_config.resolve_tokenizer(input_config, self._sources))
         self.num_batches = None if training else self._eval_num_batches()
         self.dataset = self._build_dataset(start=self.position)
         self._iterator = None
@@ -206,9 +253,7 @@ class InputPipeline:
 
     # ---- per-example work ------------------------------------------------------------------
     def _example_fn(self):
-        preprocess_fn = preprocess.make_preprocess_fn(
-            self.input_config.preprocess, self.input_config.image_size,
-            self.input_config.crop_area_min)
+        apply_ops = ops.compose(self._example_ops, self.op_context)
         filter_config = self.data_config.get("filters")  # one for all sources of a mixture
         active_filters = filter_config is not None and any(
             filter_config.get(k) for k in filters.ONLINE_KEYS if k.startswith("filter_"))
@@ -225,7 +270,7 @@ class InputPipeline:
             reason = tf.where((reason == 0) & (tf.size(texts) == 0),
                               skips.reason_id("empty_text"), reason)
             texts = tf.cond(tf.size(texts) > 0, lambda: texts, lambda: tf.constant([""]))
-            image = tf.cond(reason == 0, lambda: preprocess.decode(example["image"]),
+            image = tf.cond(reason == 0, lambda: ops_image.decode_image(example["image"]),
                             lambda: tf.zeros([1, 1, 3], tf.uint8))
             if active_filters:
                 filter_reason, kept_texts = filters.online_skip_reason(tf.shape(image), texts,
@@ -233,10 +278,19 @@ class InputPipeline:
                 reason = tf.where(reason == 0, filter_reason, reason)
                 texts = tf.cond(tf.size(kept_texts) > 0, lambda: kept_texts, lambda: texts)
             op_seed = tf.random.experimental.stateless_fold_in(op_seed_base, example["_index"])
-            out = preprocess_fn({"image": image, "texts": texts, "_seed": op_seed})
-            image = tf.ensure_shape(out["image"], [self.input_config.image_size] * 2 + [3])
-            return {"image": tf.cast(image, tf.float32), "text": out["text"],
-                    "label": example["label"], "_index": example["_index"], "_reason": reason}
+            record = {**{k: v for k, v in example.items() if not k.startswith("_")},
+                      "image": image, "texts": texts}
+            out = apply_ops({**record, "_seed": op_seed})
+            # The batch gets what the ops produce (and the label); record fields the ops only
+            # read (texts, key, conversation, ...) stay behind.
+            out = {k: v for k, v in out.items() if not k.startswith("_")
+                   and (k == "label" or k not in record or v is not record[k])}
+            if "image" in out:
+                image = out["image"]
+                if not image.shape.is_fully_defined():
+                    image = tf.ensure_shape(image, [self.input_config.image_size] * 2 + [3])
+                out["image"] = tf.cast(image, tf.float32)
+            return {**out, "_index": example["_index"], "_reason": reason}
         return example_fn
 
     def _count_skips_fn(self):
@@ -260,8 +314,7 @@ class InputPipeline:
             check = tf.debugging.Assert(sentinels_since_kept < limit, [message])
             with tf.control_dependencies([check]):
                 counts = tf.identity(counts)
-            output = {"image": example["image"], "text": example["text"],
-                      "label": example["label"], "_index": example["_index"], "_skips": counts,
+            output = {**{k: v for k, v in example.items() if k != "_reason"}, "_skips": counts,
                       "_keep": keep, "_end": end}
             return (example["_index"], counts, sentinels_since_kept), output
         return count_skips
@@ -287,8 +340,9 @@ class InputPipeline:
             dataset = dataset.batch(self.local_batch_size, drop_remainder=True)
         else:
             dataset = self._pad_for_eval(dataset)
-        dataset = dataset.map(_plain(self._tokenize_batch), num_parallel_calls=tf.data.AUTOTUNE,
-                              deterministic=True)
+        if self._batch_ops:
+            dataset = dataset.map(_plain(ops.compose(self._batch_ops, self.op_context)),
+                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         options = tf.data.Options()
         options.deterministic = True
         return dataset.with_options(options).prefetch(self.input_config.prefetch_batches)
@@ -299,51 +353,17 @@ class InputPipeline:
         def mark(ex):
             out = {k: v for k, v in ex.items() if k not in ("_keep", "_end")}
             keep = ex["_keep"]  # False only for the sentinel: make it look like padding
-            out["_index"] = tf.where(keep, ex["_index"], tf.constant(-1, tf.int64))
-            out["image"] = tf.where(keep, ex["image"], tf.zeros_like(ex["image"]))
-            out["text"] = tf.where(keep, ex["text"], "")
-            out["label"] = tf.where(keep, ex["label"], -1)
+            for key, value in out.items():
+                if key != "_skips":
+                    out[key] = tf.where(keep, value, _padding_value(key, value))
             return {**out, "_mask": keep}
         dataset = dataset.filter(_plain(lambda ex: ex["_keep"] | ex["_end"])).map(_plain(mark))
-        size = self.input_config.image_size
+        spec = {k: v for k, v in dataset.element_spec.items() if k not in ("_skips", "_mask")}
         padding = tf.data.Dataset.from_tensors({
-            "image": tf.zeros([size, size, 3], tf.float32), "text": tf.constant(""),
-            "label": tf.constant(-1, tf.int32), "_index": tf.constant(-1, tf.int64),
+            **{k: _padding_value(k, tf.zeros(v.shape, v.dtype)) for k, v in spec.items()},
             "_skips": tf.zeros([skips.NUM_REASONS], tf.int64), "_mask": tf.constant(False)})
         total = self.num_batches * self.local_batch_size
         return dataset.concatenate(padding.repeat()).take(total).batch(self.local_batch_size)
-
-    def _tokenize_batch(self, batch):
-        config = self.input_config
-
-        def encode(texts):
-            return self.tokenizer.encode_batch(texts, config.max_text_len, config.add_bos,
-                                               config.eos)
-        ids, mask = tf.numpy_function(encode, [batch["text"]], [tf.int32, tf.bool],
-                                      stateful=False)
-        ids.set_shape([None, config.max_text_len])
-        mask.set_shape([None, config.max_text_len])
-        out = {**batch, "text": ids, "text_mask": mask}
-        if self.swapper is not None:
-            out.update(self._negatives(batch))
-        return out
-
-    def _negatives(self, batch):
-        config, count, seed = self.input_config, self.swapper.count, self._seed("negatives")
-
-        def make(texts, indices):
-            negatives, valid = hard_negatives.batch_negatives(
-                self.swapper, [t.decode() for t in texts], indices, seed)
-            ids, mask = self.tokenizer.encode_batch(negatives, config.max_text_len,
-                                                    config.add_bos, config.eos)
-            shape = (len(texts), count, config.max_text_len)
-            return ids.reshape(shape), mask.reshape(shape), valid
-        ids, mask, valid = tf.numpy_function(make, [batch["text"], batch["_index"]],
-                                             [tf.int32, tf.bool, tf.bool], stateful=False)
-        ids.set_shape([None, count, config.max_text_len])
-        mask.set_shape([None, count, config.max_text_len])
-        valid.set_shape([None, count])
-        return {"neg_text": ids, "neg_text_mask": mask, "neg_valid": valid}
 
     # ---- iteration and state -----------------------------------------------------------------
     def __iter__(self):
@@ -368,14 +388,13 @@ class InputPipeline:
         real_index = batch["_index"][batch["_index"] >= 0]
         if real_index.size:
             self.position = int(real_index.max()) + 1
-        output = {"image": batch["image"], "text": batch["text"],
-                  "text_mask": batch["text_mask"]}
+        output = {k: v for k, v in batch.items() if not k.startswith("_")}
         if self.has_labels:
             output["label"] = batch["label"].astype(np.int32)
+        else:
+            output.pop("label", None)
         if not self.training:
             output["_mask"] = batch["_mask"]
-        if self.swapper is not None:
-            output.update({k: batch[k] for k in ("neg_text", "neg_text_mask", "neg_valid")})
         return output
 
     def close(self) -> None:
@@ -393,6 +412,11 @@ class InputPipeline:
         self.close()
 
     @property
+    def tokenizer(self):
+        """The tokenizer of `input.tokenizer` (resolved when an op first needs it)."""
+        return self.op_context.tokenizer
+
+    @property
     def skip_counts(self) -> dict[str, int]:
         return skips.counts_dict(self._skips)
 
@@ -403,10 +427,14 @@ class InputPipeline:
 
 
 def make_pipeline(data_config, input_config, *, training: bool, process_index: int | None = None,
-                  process_count: int | None = None, state: dict | None = None) -> InputPipeline:
-    """The trainer's entry point; process_index/count default to jax's."""
+                  process_count: int | None = None, state: dict | None = None,
+                  transform: str | Sequence[str] | None = None) -> InputPipeline:
+    """The trainer's entry point; process_index/count default to jax's. `transform`: the task's
+    op specs after input.preprocess (task.example_transform(training)); None: the contrastive
+    one (ops_contrastive.example_transform)."""
     return InputPipeline(data_config, input_config, training=training,
-                         process_index=process_index, process_count=process_count, state=state)
+                         process_index=process_index, process_count=process_count, state=state,
+                         transform=transform)
 
 
 def to_global_arrays(batch: dict[str, np.ndarray], mesh, batch_axes=("data", "fsdp")) -> dict:
