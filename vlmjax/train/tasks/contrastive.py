@@ -154,6 +154,13 @@ class ContrastiveTask:
             batch_size, hard_negatives=negatives.get("count", 0))
 
     # ------------------------------------------------------------------------------------ data
+    def example_transform(self, training: bool) -> list[str]:
+        """The ops after input.preprocess: caption choice (unless input.preprocess has one),
+        the hard negatives (training, input.hard_negatives) and tokenisation; see
+        vlmjax/data/ops_contrastive.py."""
+        from vlmjax.data import ops_contrastive  # late: TensorFlow is slow to import
+        return ops_contrastive.example_transform(self.config.input, training)
+
     def train_input(self, data_state: dict | None, shard: int | None = None,
                     num_shards: int | None = None):
         """Training batches of data shard `shard` of `num_shards` (default: this process of
@@ -161,7 +168,8 @@ class ContrastiveTask:
         from vlmjax.data import pipeline
         return pipeline.make_pipeline(self.config.data, self.config.input, training=True,
                                       process_index=shard, process_count=num_shards,
-                                      state=data_state or None)
+                                      state=data_state or None,
+                                      transform=self.example_transform(training=True))
 
     # ----------------------------------------------------------------------------------- evals
     def _encoders(self):
