@@ -100,3 +100,93 @@ def test_huggingface_explicit_special_tokens(hf_json):
     assert np.all(ids[0][~mask[0]] == tokenizer.eos_id)
     with pytest.raises(ValueError, match="bos_token='<s>' is not in the vocabulary"):
         tokenizers.HuggingFaceTokenizer(hf_json, bos_token="<s>")
+
+
+SPECIALS = ["<image>", "[ENC]", "[DEC]", "<|im_start|>", "<|im_end|>"]
+TEXT = "<|im_start|>user a red <image> star[ENC] on the left<|im_end|>"
+
+
+@pytest.fixture(scope="module")
+def sp_plain_path(tmp_path_factory):
+    """A SentencePiece model without user-defined symbols: '<image>' is no piece of it."""
+    path = tmp_path_factory.mktemp("sp_plain") / "plain.model"
+    tokenizers.train_sentencepiece(CORPUS, str(path), vocab_size=300, user_defined_symbols=())
+    return str(path)
+
+
+def _expected_with_specials(tokenizer, text, specials):
+    """Reference: split on the special tokens by hand, encode the pieces between them."""
+    import re
+    ids = []
+    for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        if part in specials:
+            ids.append(tokenizer.special_tokens[part])
+        elif part:
+            ids += tokenizer.encode_raw([part])[0]
+    return ids
+
+
+def test_sentencepiece_special_tokens_never_split(sp_plain_path):
+    tokenizer = tokenizers.load_tokenizer(sp_plain_path)
+    before = tokenizer.vocab_size
+    assert len(tokenizer.encode_raw(["<image>"])[0]) > 1  # not a piece: it would split
+    ids = tokenizer.add_special_tokens(SPECIALS)
+    assert ids == list(range(before, before + len(SPECIALS)))  # new ids after the vocabulary
+    assert tokenizer.vocab_size == before + len(SPECIALS)
+    assert tokenizer.token_id("<image>") == before
+    raw = tokenizer.encode_raw([TEXT, "no special token here"])
+    assert raw[0] == _expected_with_specials(tokenizer, TEXT, SPECIALS)
+    assert raw[0].count(tokenizer.token_id("<image>")) == 1
+    assert raw[0][0] == tokenizer.token_id("<|im_start|>")
+    assert raw[1] == tokenizers.load_tokenizer(sp_plain_path).encode_raw(
+        ["no special token here"])[0]
+    ids, mask = tokenizer.encode_batch([TEXT], max_len=40, eos="append")
+    assert tokenizer.decode(ids[0], mask[0]) == (
+        "<|im_start|> user a red <image> star [ENC] on the left <|im_end|>")
+    with pytest.raises(ValueError, match=r"'<video>' is not a special token.*add it"):
+        tokenizer.token_id("<video>")
+
+
+def test_sentencepiece_special_token_that_is_a_piece_keeps_its_id(sp_tokenizer):
+    piece = sp_tokenizer.piece_id("<image>")  # a user-defined symbol of the vlm_shapes recipe
+    assert piece != sp_tokenizer.unk_id
+    assert sp_tokenizer.add_special_tokens(["<image>"]) == [piece]
+    assert sp_tokenizer.encode_raw(["a <image> b"])[0].count(piece) == 1
+
+
+def test_sentencepiece_added_tokens_from_hugging_face_files(sp_plain_path, tmp_path):
+    import json
+    import shutil
+    shutil.copy(sp_plain_path, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {
+        "0": {"content": "<pad>", "special": True},  # a framing token: not an added one
+        "320": {"content": "<image>", "special": True}}}))
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"[ENC]": 321}))
+    tokenizer = tokenizers.load_model_tokenizer(str(tmp_path / "tokenizer.model"))
+    assert tokenizer.special_tokens == {"<image>": 320, "[ENC]": 321}
+    assert tokenizer.vocab_size == 322
+    assert tokenizer.encode_raw(["a <image> b"])[0] == _expected_with_specials(
+        tokenizer, "a <image> b", ["<image>"])
+
+
+def test_huggingface_special_tokens_never_split_like_transformers(hf_json, tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = tokenizers.load_tokenizer(hf_json)
+    assert len(tokenizer.encode_raw(["<image>"])[0]) > 1
+    before = tokenizer.vocab_size
+    ids = tokenizer.add_special_tokens(SPECIALS)
+    assert len(set(ids)) == len(SPECIALS) and tokenizer.vocab_size == before + len(SPECIALS)
+    assert {t: tokenizer.special_tokens[t] for t in SPECIALS} == dict(zip(SPECIALS, ids))
+    reference = PreTrainedTokenizerFast(tokenizer_file=hf_json,
+                                        additional_special_tokens=SPECIALS)
+    raw = tokenizer.encode_raw([TEXT])[0]
+    assert raw == reference.encode(TEXT, add_special_tokens=False)
+    assert raw.count(tokenizer.token_id("<image>")) == 1
+    ids, mask = tokenizer.encode_batch([TEXT], max_len=40, add_bos=True, eos="append")
+    assert tokenizer.decode(ids[0], mask[0]) == TEXT
+    # A tokenizer.json that holds added tokens brings them along.
+    tokenizer._tokenizer.save(str(tmp_path / "tokenizer.json"))
+    reloaded = tokenizers.load_tokenizer(str(tmp_path / "tokenizer.json"))
+    assert reloaded.encode_raw([TEXT])[0] == raw
+    assert reloaded.token_id("[DEC]") == tokenizer.token_id("[DEC]")

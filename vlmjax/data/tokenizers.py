@@ -7,7 +7,18 @@
     ids_BL, mask_BL = tokenizer.encode_batch(texts, max_len=16, add_bos=False, eos="sticky")
 
 `encode_batch` returns int32 ids padded with `pad_id` and a bool mask (True on real tokens,
-BOS/EOS included). EOS modes:
+BOS/EOS included).
+
+Special tokens (LLaVA's `<image>`, BLIP's `[ENC]` / `[DEC]`, chat-template markers such as
+`<|im_start|>`) never split: `add_special_tokens(["<image>"])` registers them (a token the
+vocabulary has keeps its id, a new one gets the next free id, so `vocab_size` grows as with
+Hugging Face's added tokens), and then `encode_raw("a <image> b")` holds `<image>` as one id on
+both backends. Hugging Face files bring their own added tokens (`tokenizer.json`'s
+`added_tokens`; for a SentencePiece model, `added_tokens_decoder` of the tokenizer_config.json
+or `added_tokens.json` beside it: `load_model_tokenizer`). SentencePiece encodes the text
+between special tokens as separate pieces, so the whitespace next to a special token is not a
+token (as Llama's tokenizer does); `decode` writes special tokens back as their text, separated
+by a space. EOS modes:
   "none"    no EOS;
   "append"  EOS after the text, then truncate to max_len (a long text loses its EOS);
   "sticky"  EOS after the text and kept when truncating (SigLIP/big_vision): the last position of a
@@ -22,6 +33,7 @@ from __future__ import annotations
 import abc
 import io
 import os
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -48,11 +60,27 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def encode_raw(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids without any special tokens."""
+        """Token ids, without BOS/EOS; registered special tokens are single ids."""
 
     @abc.abstractmethod
     def decode_raw(self, ids: Sequence[int]) -> str:
-        """Text of ids (special tokens dropped)."""
+        """Text of ids (added special tokens written as their text)."""
+
+    @abc.abstractmethod
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Registers tokens that never split (see the module docstring); returns their ids."""
+
+    @property
+    @abc.abstractmethod
+    def special_tokens(self) -> dict[str, int]:
+        """The added special tokens: text -> id."""
+
+    def token_id(self, token: str) -> int:
+        """The id of a special token (e.g. model_config['image_token_id'] for '<image>')."""
+        if token not in self.special_tokens:
+            raise ValueError(f"{token!r} is not a special token of this tokenizer; it has "
+                             f"{sorted(self.special_tokens)} (add it with add_special_tokens)")
+        return self.special_tokens[token]
 
     @property
     def special_ids(self) -> dict[str, int | None]:
@@ -111,12 +139,65 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
         self.unk_id = self._sp.unk_id()
+        self._special: dict[str, int] = {}
+        self._special_pattern = None
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._special)
+
+    def add_special_tokens(self, tokens, ids: Sequence[int] | None = None) -> list[int]:
+        """`ids` (from Hugging Face files) pins the ids; by default a piece of the model keeps
+        its id and a new token gets vocab_size."""
+        for i, token in enumerate(tokens):
+            if not isinstance(token, str) or not token.strip():
+                raise ValueError(f"special token {token!r} must be a non-empty string")
+            if token in self._special:
+                continue
+            if ids is not None:
+                token_id = int(ids[i])
+            elif self._sp.id_to_piece(self._sp.piece_to_id(token)) == token:
+                token_id = self._sp.piece_to_id(token)
+            else:
+                token_id = self.vocab_size
+            self._special[token] = token_id
+            self.vocab_size = max(self.vocab_size, token_id + 1)
+        # Longest first, so "<image_end>" is not read as "<image>" + "_end>".
+        alternatives = sorted(self._special, key=len, reverse=True)
+        self._special_pattern = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")")
+        self._special_by_id = {i: t for t, i in self._special.items()}
+        return [self._special[token] for token in tokens]
 
     def encode_raw(self, texts):
-        return self._sp.encode(list(texts), out_type=int)
+        texts = list(texts)
+        if self._special_pattern is None:
+            return self._sp.encode(texts, out_type=int)
+        # Split on special tokens, encode all text segments in one batch, then reassemble.
+        split = [self._special_pattern.split(text) for text in texts]
+        segments = [part for parts in split for part in parts[0::2]]
+        encoded = iter(self._sp.encode(segments, out_type=int))
+        out = []
+        for parts in split:
+            ids = []
+            for i, part in enumerate(parts):
+                ids += next(encoded) if i % 2 == 0 else [self._special[part]]
+            out.append(ids)
+        return out
 
     def decode_raw(self, ids):
-        return self._sp.decode(list(ids))
+        ids = list(ids)
+        if not self._special:
+            return self._sp.decode(ids)
+        parts, run = [], []
+        for token_id in ids + [None]:
+            if token_id is None or token_id in self._special_by_id:
+                parts.append(self._sp.decode(run))
+                run = []
+                if token_id is not None:
+                    parts.append(self._special_by_id[token_id])
+            else:
+                run.append(token_id)
+        return " ".join(part for part in parts if part)
 
     def piece_id(self, piece: str) -> int:
         return self._sp.piece_to_id(piece)
@@ -144,7 +225,6 @@ class HuggingFaceTokenizer(Tokenizer):
         self._tokenizer = tokenizers.Tokenizer.from_file(self.path)
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
-        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._find(bos_token, _BOS_CANDIDATES, "bos_token")
         self.eos_id = self._find(eos_token, _EOS_CANDIDATES, "eos_token")
         pad_id = self._find(pad_token, _PAD_CANDIDATES, "pad_token")
@@ -162,11 +242,36 @@ class HuggingFaceTokenizer(Tokenizer):
                 return token_id
         return None
 
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """The file's added tokens (and those added since), without BOS/EOS/pad."""
+        framing = {self.bos_id, self.eos_id, self.pad_id}
+        return {token.content: token_id
+                for token_id, token in self._tokenizer.get_added_tokens_decoder().items()
+                if token_id not in framing}
+
+    def add_special_tokens(self, tokens) -> list[int]:
+        import tokenizers
+
+        for token in tokens:
+            if not isinstance(token, str) or not token.strip():
+                raise ValueError(f"special token {token!r} must be a non-empty string")
+        self._tokenizer.add_special_tokens([
+            tokenizers.AddedToken(token, special=True, normalized=False) for token in tokens])
+        return [self._tokenizer.token_to_id(token) for token in tokens]
+
     def encode_raw(self, texts):
+        # add_special_tokens=False leaves out the file's BOS/EOS template; added tokens are
+        # still matched whole.
         return [e.ids for e in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode_raw(self, ids):
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+        # BOS/EOS/pad are removed by `decode`; added tokens are written back as their text.
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
 def load_tokenizer(path: str, **kwargs) -> Tokenizer:
@@ -217,14 +322,40 @@ def load_model_tokenizer(path: str) -> Tokenizer:
         return load_tokenizer(path, **{k: names[k] for k in ("bos_token", "eos_token",
                                                              "pad_token") if k in names})
     tokenizer = load_tokenizer(path)
-    pad = names.get("pad_token")
-    if pad is None or not isinstance(tokenizer, SentencePieceTokenizer):
+    if not isinstance(tokenizer, SentencePieceTokenizer):
         return tokenizer
-    pad_id = tokenizer.piece_id(pad)
-    if tokenizer._sp.id_to_piece(pad_id) != pad:
-        raise ValueError(f"pad_token={pad!r} (from the tokenizer files beside {path}) is not a "
-                         "piece of that SentencePiece model")
-    return SentencePieceTokenizer(path, pad_id=pad_id)
+    pad = names.get("pad_token")
+    if pad is not None:
+        pad_id = tokenizer.piece_id(pad)
+        if tokenizer._sp.id_to_piece(pad_id) != pad:
+            raise ValueError(f"pad_token={pad!r} (from the tokenizer files beside {path}) is "
+                             "not a piece of that SentencePiece model")
+        tokenizer = SentencePieceTokenizer(path, pad_id=pad_id)
+    added = hf_added_tokens(os.path.dirname(os.path.abspath(path)))
+    framing = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id}
+    added = {token: i for token, i in added.items() if i not in framing}
+    if added:
+        tokenizer.add_special_tokens(list(added), ids=list(added.values()))
+    return tokenizer
+
+
+def hf_added_tokens(directory: str) -> dict[str, int]:
+    """Added tokens (text -> id) that the Hugging Face files in `directory` declare for a
+    SentencePiece model: `added_tokens_decoder` of tokenizer_config.json, `added_tokens.json`."""
+    import json
+
+    tokens = {}
+    path = os.path.join(directory, "added_tokens.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            tokens.update({str(k): int(v) for k, v in json.load(f).items()})
+    path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            decoder = json.load(f).get("added_tokens_decoder") or {}
+        tokens.update({entry["content"]: int(i) for i, entry in decoder.items()
+                       if isinstance(entry, dict) and "content" in entry})
+    return tokens
 
 
 def train_sentencepiece(texts: Iterable[str], output_path: str, vocab_size: int = 1000,
