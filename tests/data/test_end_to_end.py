@@ -22,7 +22,8 @@ def test_noisy_build_export_filter_and_read(tmp_path):
     assert filter_cli.main([f"{tmp_path}/wds/train-*.tar", out, "--no_image_size",
                             "--no_aspect_ratio", "--vocab_top_k", "1500"]) == 0
     report = json.load(open(f"{out}/filter_report.json"))
-    kept = {s.key for p in report["shards"] for s in webdataset.iter_tar_samples(p)}
+    kept_samples = [s for p in report["shards"] for s in webdataset.iter_tar_samples(p)]
+    kept = {s.key for s in kept_samples}
     assert report["total"] == 1800 and 0.25 < len(junk) / 1800 < 0.35
     assert len(kept & junk) <= 0.02 * len(junk)  # recall >= 98%
     assert len(kept) >= 0.98 * (1800 - len(junk))  # nearly no clean caption removed
@@ -40,4 +41,12 @@ def test_noisy_build_export_filter_and_read(tmp_path):
     texts = batches.tokenizer.decode_batch(batch["text"], batch["text_mask"])
     assert all(3 <= len(text.split()) <= 20 for text in texts)
     assert sum(batches.skip_counts.values()) == 0
-    assert np.all(batch["label"] >= -1)
+    # Each row's label is its sample's KEY.json label: look the rows up by their caption.
+    labels_of = {}
+    for sample in kept_samples:
+        labels_of.setdefault(sample.files["txt"].decode(), set()).add(
+            json.loads(sample.files["json"])["label"])
+    matched = [label in labels_of[text] for text, label in zip(texts, batch["label"])
+               if text in labels_of]
+    assert len(matched) >= 0.9 * len(texts) and all(matched)
+    assert np.any(batch["label"] >= 0)  # single-object images carry a class
