@@ -19,10 +19,13 @@ src    an HF SiglipModel / CLIPModel directory (config.json, model.safetensors, 
 data   webdataset / img2dataset shards ('/data/{00000..00099}.tar' or globs; for a
        comma-separated list use --config.data.paths), 'tfds:NAME' (a prepared TFDS dataset;
        --config.data.text_key / image_key / data_dir), or '' = vlm_shapes (built on first use).
-       Evaluation: zero-shot + retrieval on vlm_shapes; for other data name held-out splits with
-       --config.evals.retrieval.splits (TFDS) or evaluate the export.
-Presets: src=DIR, data=..., steps=N, batch=N (global), res=N (fine-tune at N x N; the learned
-position embedding is resized bilinearly on load), runlocal (2 steps on a tiny vlm_shapes).
+       Evaluation: zero-shot + retrieval on vlm_shapes; for other data, retrieval on held-out
+       data named by eval=...: a TFDS split of the same dataset (data=tfds:NAME,eval=validation)
+       or held-out shards (data=/data/train-{...}.tar,eval=/data/val-{...}.tar); without it,
+       no evaluation (evaluate the checkpoint later with python -m vlmjax.eval).
+Presets: src=DIR, data=..., eval=..., steps=N, batch=N (global), res=N (fine-tune at N x N; the
+learned position embedding is resized bilinearly on load), runlocal (2 steps on a tiny
+vlm_shapes).
 
 Hardware: SigLIP B/16 at 224 px, global batch 1024, bfloat16 compute: one host of 8 GPUs
 (A100/H100) or a TPU v4-8 / v5e-8, data parallel; for So400m add FSDP
@@ -37,6 +40,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from vlmjax.config import ConfigError, parse_preset_args
+from vlmjax.evals import presets as evals_presets
 
 
 def _recipe(src: str):
@@ -57,24 +61,28 @@ def _recipe(src: str):
     return recipe
 
 
-def _data(data: str, image_size: int) -> tuple[dict, dict]:
-    """(config.data, config.evals without every/batch_size) for the `data=` preset."""
+def _data(data: str, held_out: str, image_size: int, batch_size: int) -> tuple[dict, dict]:
+    """(config.data, config.evals) for the `data=` and `eval=` presets."""
     if data in ("", "vlm_shapes"):
         return (dict(source="vlm_shapes", split="train",
                      config="224px" if image_size > 64 else "64px", data_dir=placeholder(str)),
-                dict(zero_shot=dict(splits=["test", "test_novel"], templates="vlm_shapes"),
-                     retrieval=dict(splits=["test"], max_images=1000)))
-    no_evals = dict(zero_shot=dict(splits=[], templates="clip"),
-                    retrieval=dict(splits=[], max_images=5000))
+                evals_presets.vlm_shapes(batch_size=batch_size, max_images=1000))
     if data.startswith("tfds:"):
-        return (dict(source="tfds", name=data[len("tfds:"):], split="train",
+        train = dict(source="tfds", name=data[len("tfds:"):], split="train",
                      data_dir=placeholder(str), image_key="image", text_key="caption",
-                     label_key=placeholder(str)), no_evals)
-    return dict(source="webdataset", paths=data, text_extension="txt"), no_evals
+                     label_key=placeholder(str))
+        eval_data = dict(split=held_out)
+    else:
+        train = dict(source="webdataset", paths=data, text_extension="txt")
+        eval_data = dict(paths=held_out)
+    evals = {} if not held_out else {"held_out": dict(
+        type="retrieval", data=eval_data, max_images=5000, batch_size=batch_size)}
+    return train, evals
 
 
 def get_config(arg=None):
-    args = parse_preset_args(arg, runlocal=False, src="", data="", steps=5000, batch=1024, res=0)
+    args = parse_preset_args(arg, runlocal=False, src="", data="", eval="", steps=5000,
+                             batch=1024, res=0)
     recipe = _recipe(str(args.src))
     tokenizer = recipe.tokenizer
     image_size = int(args.res) or recipe.square_image_size()
@@ -88,7 +96,7 @@ def get_config(arg=None):
         c.model.bias_init = placeholder(float)
     c.model_init = str(args.src)
     c.loss = dict(name=recipe.loss, impl="ppermute")
-    c.data, evals = _data(str(args.data), image_size)
+    c.data, c.evals = _data(str(args.data), str(args.eval), image_size, batch_size=512)
     c.input = dict(global_batch_size=args.batch, image_size=image_size,
                    preprocess=f"caption_random|inception_crop|flip_caption_aware|"
                               f"{recipe.value_op()}",
@@ -98,7 +106,6 @@ def get_config(arg=None):
                    eos=tokenizer["eos"], prefetch_batches=4)
     c.optim = dict(name="adamw", lr=1e-5, schedule="cosine",
                    warmup_steps=min(500, args.steps // 10), end_lr=0.0, weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0)
-    c.evals = dict(every=0, batch_size=512, **evals)
     c.data_shards = 0  # input streams; 0 = the process count of the first run (see README)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every = 50
@@ -111,13 +118,14 @@ def get_config(arg=None):
         if c.data.source == "vlm_shapes":
             c.data.config = "32px"
             c.data.train_size, c.data.eval_size, c.data.novel_size = 64, 32, 16
-            c.evals.zero_shot.splits = ["test"]
-            c.evals.retrieval.max_images = 32
+            c.evals = dict(test=dict(type="zero_shot", data=dict(split="test"),
+                                     templates="vlm_shapes", batch_size=32),
+                           test_retrieval=dict(type="retrieval", data=dict(split="test"),
+                                               max_images=32, batch_size=32))
         c.input.global_batch_size = 16
         c.input.shuffle_buffer = 64
         c.input.prefetch_batches = 1
         c.optim.warmup_steps = 1  # step 1 at lr 0: checkpoint 1 holds the imported params
-        c.evals.batch_size = 32
         c.log_every = 1
         c.checkpoint = dict(every=1, keep=3)
         c.peak_flops = 1e11  # skip the matmul measurement

@@ -33,10 +33,10 @@ def test_class_embeddings_average_templates_and_renormalise():
     np.testing.assert_allclose(z[0], expected_x, rtol=1e-5)
 
 
-def test_zero_shot_evaluate_names_metrics():
-    out = zero_shot.evaluate(lambda t: unit([[1.0, "b" in s] for s in t]), unit([[1, 0], [0, 1]]),
-                             np.array([0, 1]), ["a", "b"], ["{}"], split="val")
-    assert set(out) == {"zero_shot/val/top1"}  # top5 dropped: only 2 classes
+def test_zero_shot_accuracies_drop_k_above_the_class_count():
+    out = zero_shot.accuracies(lambda t: unit([[1.0, "b" in s] for s in t]),
+                               unit([[1, 0], [0, 1]]), np.array([0, 1]), ["a", "b"], ["{}"])
+    assert out == {"top1": 1.0}  # top5 dropped: only 2 classes
 
 
 def test_recall_with_several_captions_per_image():
@@ -44,12 +44,22 @@ def test_recall_with_several_captions_per_image():
     # texts 0,1 -> image 0; text 2 -> image 1; text 3 -> image 2 (but text 3 looks like image 0)
     ztxt = unit([[0.2, 1, 0], [1, 0.1, 0], [0, 1, 0.1], [1, 0, 0.5]])
     text_to_image = np.array([0, 0, 1, 2])
-    r = retrieval.recall_at_k(zimg, ztxt, text_to_image, ks=(1, 2), split="s")
+    r = retrieval.recall_at_k(zimg, ztxt, text_to_image, ks=(1, 2))
     # Each image's most similar text is one of its own: 0 -> text 1 (0.995 vs text 3's 0.894),
     # 1 -> text 2 (0.995 vs text 0's 0.981), 2 -> text 3.
-    assert r["retrieval/s/i2t_r1"] == pytest.approx(1.0)
+    assert r["i2t_r1"] == pytest.approx(1.0)
     # Texts 1 and 2 rank their image first; texts 0 and 3 rank it second.
-    assert r["retrieval/s/t2i_r1"] == pytest.approx(0.5)
-    assert r["retrieval/s/t2i_r2"] == pytest.approx(1.0)
+    assert r["t2i_r1"] == pytest.approx(0.5)
+    assert r["t2i_r2"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="must map each"):
         retrieval.recall_at_k(zimg, ztxt, np.array([0, 1]))
+
+
+def test_imagenet_data_is_clip_s():
+    from vlmjax.evals import imagenet_classes
+    names, templates = imagenet_classes.CLASS_NAMES, imagenet_classes.TEMPLATES
+    assert len(names) == 1000 and len(templates) == 80 and len(set(templates)) == 80
+    assert names[:3] == ("tench", "goldfish", "great white shark") and names[-1] == "toilet paper"
+    assert [i for i, n in enumerate(names) if n == "missile"] == [657, 744]  # CLIP's duplicate
+    assert all(t.count("{}") == 1 for t in templates)
+    assert zero_shot.TEMPLATES["imagenet"] == templates

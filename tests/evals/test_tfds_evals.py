@@ -1,0 +1,158 @@
+"""The real-scale configs' evaluations (ImageNet zero-shot, COCO retrieval) through the TFDS path
+on mocked TFDS data (tfds.testing.mock_data: nothing downloads), with a fake two-tower model whose
+embeddings make the right answer known."""
+import io
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from vlmjax.data import pipeline_config
+from vlmjax.data.tf_cpu import tf
+from vlmjax.evals import embed, imagenet_classes, presets, registry
+from vlmjax.sharding import make_mesh
+
+GREY_STEP = 8  # image i is the constant grey level GREY_STEP * i
+
+
+def png(index: int) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(np.full((20, 24, 3), GREY_STEP * index, np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def word_tokenizer(path, texts) -> str:
+    """A tokenizer.json with one id per whitespace/punctuation-split word of `texts`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = sorted({w for t in texts for w, _ in
+                    pre_tokenizers.Whitespace().pre_tokenize_str(t)})
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+    return str(path)
+
+
+def mocked_tfds(data_dir, datasets: dict):
+    """mock_data serving `datasets` {name: {split: [feature dicts]}}; their metadata (splits and
+    sizes) is written to `data_dir` so that TFDS sees prepared datasets."""
+    for name, splits in datasets.items():
+        builder = tfds.builder(name, data_dir=str(data_dir))
+        builder.info.set_splits(tfds.core.SplitDict([
+            tfds.core.SplitInfo(name=split, shard_lengths=[len(rows)], num_bytes=0)
+            for split, rows in splits.items()]))
+        os.makedirs(builder.data_dir, exist_ok=True)
+        builder.info.write_to_directory(builder.data_dir)
+
+    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+        del decoders, shuffle_files
+        rows = datasets[self.name][getattr(split, "split", split)]  # one process: all of it
+        columns = {key: [row[key] for row in rows] for key in rows[0]}
+        data = {k: (tf.ragged.constant(v).to_tensor() if isinstance(v[0], list) else v)
+                for k, v in columns.items() if not isinstance(v[0], dict)}
+        data.update({k: {field: tf.ragged.constant([r[field] for r in v]).to_tensor(
+            default_value=b"") for field in v[0]} for k, v in columns.items()
+            if isinstance(v[0], dict)})
+        data["tfds_id"] = [f"{self.name}-{i}".encode() for i in range(len(rows))]
+        return tf.data.Dataset.from_tensor_slices(data)
+
+    return tfds.testing.mock_data(data_dir=str(data_dir), as_dataset_fn=as_dataset)
+
+
+def bag_of_words(tokenizer_path, texts) -> np.ndarray:
+    from vlmjax.data.tokenizers import load_tokenizer
+    tokenizer = load_tokenizer(tokenizer_path)
+    ids, mask = tokenizer.encode_batch(texts, 16)
+    return np.array(bow(jnp.asarray(ids), jnp.asarray(mask), tokenizer.vocab_size))
+
+
+def bow(ids, mask, vocab_size):
+    z = jnp.sum(jax.nn.one_hot(ids, vocab_size) * mask[..., None], axis=-2)
+    return np.asarray(z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-9))
+
+
+def fake_two_towers(mesh, vocab_size):
+    """Image -> params['table'][its grey index]; text -> its normalised bag of words."""
+    def encode_image(params, batch):
+        grey = (jnp.mean(batch["image"], axis=(1, 2, 3)) + 1) * 127.5  # value_range -> [0, 255]
+        return params["table"][jnp.round(grey / GREY_STEP).astype(jnp.int32)]
+
+    def encode_text(params, batch):
+        del params
+        z = jnp.sum(jax.nn.one_hot(batch["text"], vocab_size) * batch["text_mask"][..., None], 1)
+        return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-9)
+    return embed.TwoTowerEncoders(jax.jit(encode_image), jax.jit(encode_text), mesh)
+
+
+def input_config(tokenizer):
+    config = pipeline_config.default_input_config()
+    config.update(dict(tokenizer=tokenizer, image_size=16, max_text_len=16, eos="none",
+                       preprocess="caption_first|resize_crop|value_range"))
+    return config
+
+
+def real_scale_evals():
+    return ml_collections.ConfigDict(presets.imagenet_and_coco(batch_size=4, every=0))
+
+
+def run(entry_name, entry, tokenizer, params, data_dir):
+    mesh = make_mesh({"data": -1})
+    train = ml_collections.ConfigDict(dict(source="webdataset", paths="/never/read.tar"))
+    with open(tokenizer) as f:
+        vocab_size = len(json.load(f)["model"]["vocab"])
+    context = registry.EvalContext(mesh, train, input_config(tokenizer),
+                                   fake_two_towers(mesh, vocab_size))
+    entry = ml_collections.ConfigDict(entry)
+    entry.data.data_dir = str(data_dir)
+    (evaluator,) = registry.build_evaluators(ml_collections.ConfigDict({entry_name: entry}),
+                                             context)
+    return evaluator, evaluator(params)
+
+
+def test_imagenet_zero_shot_through_tfds(tmp_path):
+    names = list(imagenet_classes.CLASS_NAMES)
+    tokenizer = word_tokenizer(tmp_path / "tokenizer.json", names)
+    labels = [0, 1, 2, 3, 4, 5]
+    shown = [0, 1, 2, 3, 9, 10]  # the last two images look like classes 9 and 10: wrong
+    rows = [{"image": png(i), "label": label} for i, label in enumerate(labels)]
+    table = bag_of_words(tokenizer, [names[c] for c in shown])
+    entry = real_scale_evals()["imagenet"]
+    assert entry.data.name == "imagenet2012" and entry.data.split == "validation"
+    assert entry.templates == "imagenet" and entry.class_names == "imagenet"
+    entry.templates = "name"  # 1000 prompts, not 80k: the 80 are tested in test_metrics
+    with mocked_tfds(tmp_path / "tfds", {"imagenet2012": {"validation": rows}}):
+        _, metrics = run("imagenet", entry, tokenizer, {"table": jnp.asarray(table)},
+                         tmp_path / "tfds")
+    assert metrics["zero_shot/imagenet/top1"] == pytest.approx(4 / 6)
+    assert 4 / 6 <= metrics["zero_shot/imagenet/top5"] <= 1.0
+
+
+def test_coco_retrieval_through_tfds(tmp_path):
+    captions = [[f"word{i} caption{j}" for j in range(6)] for i in range(5)]
+    tokenizer = word_tokenizer(tmp_path / "tokenizer.json", sum(captions, []))
+    rows = [{"image": png(i), "captions": {"text": [c.encode() for c in caps]}}
+            for i, caps in enumerate(captions)]
+    table = bag_of_words(tokenizer, [f"word{i}" for i in range(5)])
+    # Image 3 looks more like image 0 than like itself: its own captions rank 6th to 10th.
+    table[3] = (2 * table[0] + table[3]) / np.sqrt(5)
+    entry = real_scale_evals()["coco"]
+    assert entry.data.name == "coco_captions" and entry.data.split == "test"
+    assert entry.max_images == 5000 and entry.captions_per_image == 5
+    entry.max_images = 4  # of the 5 images
+    embedded = []
+    with mocked_tfds(tmp_path / "tfds", {"coco_captions": {"test": rows}}):
+        evaluator, metrics = run("coco", entry, tokenizer, {"table": jnp.asarray(table)},
+                                 tmp_path / "tfds")
+        texts = evaluator.context.model.texts
+        evaluator.context.model.texts = lambda *a: embedded.append(len(a[1])) or texts(*a)
+        assert evaluator({"table": jnp.asarray(table)}) == metrics  # a second run: the same
+    assert embedded == [20]  # 4 images x their first 5 captions
+    assert metrics == {"retrieval/coco/i2t_r1": 0.75, "retrieval/coco/i2t_r5": 0.75,
+                       "retrieval/coco/i2t_r10": 1.0, "retrieval/coco/t2i_r1": 1.0,
+                       "retrieval/coco/t2i_r5": 1.0, "retrieval/coco/t2i_r10": 1.0}
