@@ -1,11 +1,23 @@
 """One mesh for every parallelism: data, FSDP and tensor parallel are config rules.
 
 The mesh has axes (`data`, `fsdp`, `tensor`); the config gives their sizes (-1 = the rest of the
-devices). Parameters carry logical axis names (see `vlmjax.models.layers`); `LOGICAL_RULES` map
-them onto mesh axes. The batch is split over (`data`, `fsdp`).
+devices). Parameters and activations carry logical axis names, and `LOGICAL_RULES` (updated by
+`config.sharding_rules`) map them onto mesh axes:
+
+  parameters   embed, mlp, heads, kv_heads, head_dim, vocab   (nn.with_logical_partitioning in
+               vlmjax.models.layers; `param_shardings` places them)
+  activations  act_batch, act_length, act_embed, act_heads, act_mlp, act_vocab   (`constrain`
+               inside the models)
+
+The two sets are disjoint, as in MaxText: a weight's `embed` dimension is sharded over `fsdp`
+(ZeRO-3: XLA gathers it per layer) while the residual stream's `act_embed` stays whole and its
+batch is split over `BATCH_AXES`. With shared names a rule for one would bind the other, and
+flax's first-come rule resolution would silently drop whichever came second.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Mapping, Sequence
 
@@ -15,19 +27,30 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# The mesh axes the global batch is split over: the input pipeline, the activations' act_batch,
+# the micro-batches and the contrastive losses' shard_maps all use this one constant.
 BATCH_AXES = ("data", "fsdp")
 
-# logical axis -> mesh axis (or None = replicated). `embed` over `fsdp` shards every weight
-# matrix's model dimension (ZeRO-3 style: XLA gathers it per layer); `heads`/`mlp`/`vocab` over
-# `tensor` is Megatron-style tensor parallelism.
+PARAM_AXES = ("embed", "mlp", "heads", "kv_heads", "head_dim", "vocab")
+ACTIVATION_AXES = ("act_batch", "act_length", "act_embed", "act_heads", "act_mlp", "act_vocab")
+
+# logical axis -> mesh axis, tuple of mesh axes, or None (replicated). `heads`/`mlp`/`vocab` over
+# `tensor` is Megatron-style tensor parallelism, for weights and the activations between them.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("length", None),
+    # parameters
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
-    ("kv", None),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
     ("vocab", "tensor"),
+    # activations
+    ("act_batch", BATCH_AXES),
+    ("act_length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
 )
 
 
@@ -67,6 +90,70 @@ def logical_rules(overrides: Mapping[str, Any] | None = None) -> tuple[tuple[str
                              f"valid: {sorted(rules)}")
         rules[name] = tuple(axis) if isinstance(axis, (list, tuple)) else axis
     return tuple(rules.items())
+
+
+# Not flax's nn.logical_axis_rules: under it (and a mesh) flax also constrains every boxed
+# parameter when `apply` checks its shape, which fails for DenseGeneral's flattened kernels.
+_ACTIVATION_RULES: contextvars.ContextVar = contextvars.ContextVar("activation_rules",
+                                                                   default=LOGICAL_RULES)
+
+
+@contextlib.contextmanager
+def axis_rules(rules: Sequence[tuple[str, Any]]):
+    """Context in which `constrain` uses `rules` (from `logical_rules`) for the activations;
+    wrap the tracing of a step in it, beside `jax.set_mesh`. Without it `LOGICAL_RULES` apply."""
+    token = _ACTIVATION_RULES.set(tuple(rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_RULES.reset(token)
+
+
+def _mesh_axes(rule) -> tuple[str, ...]:
+    return (rule,) if isinstance(rule, str) else tuple(rule or ())
+
+
+def activation_spec(logical_axes: Sequence[str | None], shape: Sequence[int],
+                    rules: Sequence[tuple[str, Any]], mesh_sizes: Mapping[str, int]) -> P:
+    """The PartitionSpec of an activation of `shape` whose dims are `logical_axes`.
+
+    Mesh axes the mesh lacks are left out; a dimension its mesh axes do not divide (a batch of 3
+    prompts over 4 batch shards) is replicated, as in `param_shardings`. Two dimensions mapped
+    onto one mesh axis are an error, not a silently dropped rule.
+    """
+    table = dict(rules)
+    dims, owner = [], {}
+    for name, size in zip(logical_axes, shape):
+        if name is not None and name not in table:
+            raise ValueError(f"activation axis {name!r} has no sharding rule; valid: "
+                             f"{sorted(n for n in table if n in ACTIVATION_AXES)}")
+        axes = tuple(a for a in _mesh_axes(table.get(name)) if a in mesh_sizes)
+        for axis in axes:
+            if axis in owner:
+                raise ValueError(f"sharding rules map activation axes {owner[axis]!r} and "
+                                 f"{name!r} both onto mesh axis {axis!r}")
+            owner[axis] = name
+        if not axes or size % math.prod(mesh_sizes[a] for a in axes):
+            dims.append(None)
+        else:
+            dims.append(axes[0] if len(axes) == 1 else axes)
+    return P(*dims)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`x` constrained to the sharding its logical activation axes map to, under the rules of
+    the enclosing `axis_rules` (default `LOGICAL_RULES`) and the mesh of `jax.set_mesh`. Outside
+    a mesh (a model applied on one device) it is `x`; only the mesh's Auto axes are used, so it
+    is a no-op for axes that a `shard_map` made manual or that are typed Explicit."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    sizes = {name: size for name, size, kind in
+             zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types) if kind == AxisType.Auto}
+    if not sizes:
+        return x
+    spec = activation_spec(logical_axes, x.shape, _ACTIVATION_RULES.get(), sizes)
+    return jax.lax.with_sharding_constraint(x, spec)
 
 
 def param_shardings(boxed_params, mesh: Mesh, rules) -> Any:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vlmjax import sharding
 from vlmjax.models import two_towers
 from vlmjax.models.text import TextTransformer
 from vlmjax.models.two_towers import TwoTowers
@@ -180,7 +181,8 @@ def test_every_parameter_has_logical_axes():
     assert boxed and all(isinstance(x, nn.LogicallyPartitioned) for x in boxed)
     assert all(len(x.names) == x.value.ndim for x in boxed)
     names = {n for x in boxed for n in x.names if n}
-    assert {"embed", "mlp", "heads", "kv", "vocab"} <= names
+    assert {"embed", "mlp", "heads", "head_dim", "vocab"} <= names
+    assert names <= set(sharding.PARAM_AXES)  # never an activation's name (act_*)
     specs = nn.get_partition_spec(params)
     assert specs["text_tower"]["token_embed"]["embedding"] == jax.sharding.PartitionSpec(
         "vocab", "embed")

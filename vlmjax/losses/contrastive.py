@@ -24,8 +24,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vlmjax.sharding import BATCH_AXES
+
 SIGLIP_IMPLS = ("dense", "all_gather", "ppermute")
-DEFAULT_BATCH_AXES = ("data", "fsdp")
 
 
 # ------------------------------------------------------------------------------- dense references
@@ -110,7 +111,7 @@ def _ring(n: int):
 
 # ------------------------------------------------------------------------------------------ CLIP
 def clip_loss(zimg, ztxt, temperature, *, mesh: Mesh | None = None,
-              batch_axes: Sequence[str] = DEFAULT_BATCH_AXES):
+              batch_axes: Sequence[str] = BATCH_AXES):
     """CLIP's symmetric InfoNCE. With a mesh each device scores its b rows against all-gathered
     columns (b x B logits per direction); value and gradients equal `clip_loss_dense`."""
     zimg, ztxt, temperature = _prepare(zimg, ztxt, temperature)
@@ -136,7 +137,7 @@ def clip_loss(zimg, ztxt, temperature, *, mesh: Mesh | None = None,
 
 # ---------------------------------------------------------------------------------------- SigLIP
 def siglip_loss(zimg, ztxt, temperature, bias=None, *, mesh: Mesh | None = None,
-                batch_axes: Sequence[str] = DEFAULT_BATCH_AXES, impl: str = "ppermute"):
+                batch_axes: Sequence[str] = BATCH_AXES, impl: str = "ppermute"):
     """SigLIP's pairwise sigmoid loss (see the module docstring for `impl`). `bias` None = 0."""
     if impl not in SIGLIP_IMPLS:
         raise ValueError(f"siglip impl {impl!r} is not one of {SIGLIP_IMPLS}")

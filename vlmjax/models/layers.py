@@ -1,8 +1,9 @@
 """Transformer building blocks shared by every vlmjax model.
 
-Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv`, `vocab`) through
-`nn.with_logical_partitioning`, so how they are sharded is a config rule (see `vlmjax.sharding`),
-not code. Parameters are float32; `dtype` is the compute dtype. Masks are boolean, True = attend,
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`)
+through `nn.with_logical_partitioning`, and activations are constrained by their own names
+(`act_batch`, `act_length`, `act_embed`, `act_heads`, `act_mlp`) through `sharding.constrain`, so
+how either is sharded is a config rule (see `vlmjax.sharding`), not code. Parameters are float32; `dtype` is the compute dtype. Masks are boolean, True = attend,
 shaped [B, 1 or H, Lq, Lk].
 """
 from __future__ import annotations
@@ -13,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vlmjax.sharding import constrain
 
 Dtype = Any
 # Compute dtypes a config may name (`model.dtype`); parameters are always float32.
@@ -26,6 +29,13 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
     "silu": nn.silu,
 }
+
+
+# Logical axes of the activations (see vlmjax.sharding): the residual stream [B, L, D], the
+# per-head projections [B, L, H, K] and the MLP's hidden layer [B, L, F].
+RESIDUAL_BLD = ("act_batch", "act_length", "act_embed")
+HEADS_BLHK = ("act_batch", "act_length", "act_heads", None)
+HIDDEN_BLF = ("act_batch", "act_length", "act_mlp")
 
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -135,17 +145,19 @@ class MultiHeadAttention(nn.Module):
             return nn.DenseGeneral(
                 (self.num_heads, head_dim), use_bias=self.use_bias, dtype=self.dtype,
                 param_dtype=jnp.float32, name=name,
-                kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-                bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")))
+                kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "heads", "head_dim")),
+                bias_init=partitioned(nn.initializers.zeros, ("heads", "head_dim")))
 
-        q, k, v = proj("query")(x), proj("key")(kv), proj("value")(kv)
+        q, k, v = (constrain(proj(name)(inputs), HEADS_BLHK)
+                   for name, inputs in (("query", x), ("key", kv), ("value", kv)))
         rng = self.make_rng("dropout") if train and self.dropout > 0 else None
         out = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout if train else 0.0,
                                     dropout_rng=rng, fused=self.fused)
+        out = constrain(out, HEADS_BLHK)
         return nn.DenseGeneral(
             self.out_dim or width, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
             param_dtype=jnp.float32, name="out",
-            kernel_init=partitioned(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+            kernel_init=partitioned(nn.initializers.xavier_uniform(), ("heads", "head_dim", "embed")),
             bias_init=partitioned(nn.initializers.zeros, ("embed",)))(out)
 
 
@@ -169,6 +181,8 @@ class MLP(nn.Module):
                             bias_init=partitioned(nn.initializers.normal(1e-6), axes[1:]))
 
         h = get_activation(self.activation)(dense(self.mlp_dim, ("embed", "mlp"), "fc1")(x))
+        if h.ndim == 3:
+            h = constrain(h, HIDDEN_BLF)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         return dense(width, ("mlp", "embed"), "fc2")(h)
 
@@ -197,7 +211,7 @@ class EncoderBlock(nn.Module):
         h = MLP(self.mlp_dim, self.activation, dropout=self.dropout,
                 dtype=self.dtype, name="mlp")(h, train=train)
         x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return constrain(x, RESIDUAL_BLD)
 
 
 def block_kwargs(tower) -> dict:

@@ -62,7 +62,7 @@ class TextTransformer(nn.Module):
         pos = self.param("pos_embedding", layers.partitioned(nn.initializers.normal(0.01),
                                                              (None, None, "embed")),
                          (1, self.max_len, self.width))
-        x = x + pos[:, :length].astype(self.dtype)
+        x = layers.constrain(x + pos[:, :length].astype(self.dtype), layers.RESIDUAL_BLD)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
         mask = layers.padding_mask(text_mask)

@@ -24,6 +24,7 @@ IMAGE_TOWERS = {"vit": ViT, "cnn": ConvNet}  # model.image_arch -> module
 CLIP_TEMPERATURE_INIT = 1 / 0.07   # CLIP: t' = log(1/0.07)
 SIGLIP_TEMPERATURE_INIT = 10.0     # SigLIP: t' = log 10
 SIGLIP_BIAS_INIT = -10.0           # SigLIP: b = -10
+EMBEDDING_BD = ("act_batch", "act_embed")  # logical axes of a tower's pooled output
 
 
 def l2_normalize(x, eps: float = 1e-6):
@@ -118,7 +119,8 @@ class TwoTowers(nn.Module):
         """[B, H, W, 3] -> L2-normalised float32 [B, embed_dim]."""
         if self.image is None:
             raise ValueError("this TwoTowers model has no image tower (image=None)")
-        return l2_normalize(self.image_proj(self.image_tower(images, train=train)))
+        features = self.image_proj(self.image_tower(images, train=train))
+        return l2_normalize(layers.constrain(features, EMBEDDING_BD))
 
     def encode_text(self, tokens, text_mask=None, *, train: bool = False):
         """[..., L] token ids (+ [..., L] bool mask) -> L2-normalised float32 [..., embed_dim];
@@ -129,8 +131,9 @@ class TwoTowers(nn.Module):
         *lead, length = tokens.shape
         text_mask = text_mask.reshape(-1, length) if self.use_text_mask and (
             text_mask is not None) else None
-        features = self.text_tower(tokens.reshape(-1, length), text_mask, train=train)
-        return l2_normalize(self.text_proj(features)).reshape(*lead, -1)
+        features = self.text_proj(self.text_tower(tokens.reshape(-1, length), text_mask,
+                                                  train=train))
+        return l2_normalize(layers.constrain(features, EMBEDDING_BD)).reshape(*lead, -1)
 
     def __call__(self, images=None, tokens=None, text_mask=None, *, train: bool = False):
         """Returns (zimg, ztxt, out); either embedding is None when its input is None.

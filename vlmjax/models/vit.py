@@ -116,7 +116,8 @@ class ViT(nn.Module):
             x = layers.LearnedPosEmb(std=self.width ** -0.5, name="posemb")(x)
         if self.pre_norm:
             x = layers.make_norm(self.norm, self.dtype, self.norm_eps, name="pre_norm")(x)
-        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        x = nn.Dropout(self.dropout)(layers.constrain(x, layers.RESIDUAL_BLD),
+                                     deterministic=not train)
 
         depth = self.depth if self.output_layer is None else self.output_layer % self.depth + 1
         x = layers.encoder(self, depth)(x, train=train)
