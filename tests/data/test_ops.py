@@ -143,3 +143,32 @@ def test_contrastive_transform_follows_the_input_config():
     assert ops_contrastive.example_transform(config, training=False) == [
         "tokenize(max_len=24, add_bos=False, eos='sticky')"]  # no negatives in evaluation
     ops.parse(ops_contrastive.example_transform(config, training=True))  # all registered
+
+
+@ops.register_op("test_box_count", reads=("boxes",))
+def _box_count():
+    """A task's op on a record field beyond the base ones: vlm_shapes' object boxes."""
+    return lambda example: {**example, "num_boxes": tf.shape(example["boxes"])[0]}
+
+
+def test_ops_read_the_record_fields_they_declare(shapes_config, shapes_builder):
+    data, config = shapes_config
+    batches = list(pipeline.make_pipeline(data, config, training=False, process_index=0,
+                                          process_count=1, transform=["test_box_count"]))
+    assert "boxes" not in batches[0]  # read, not produced
+    got = np.concatenate([b["num_boxes"][b["_mask"]] for b in batches])
+    reference = [len(example["objects"]["bbox_xyxy"])
+                 for example in shapes_builder.as_dataset(split="validation").as_numpy_iterator()]
+    np.testing.assert_array_equal(got, reference)  # the same order: eval reads unshuffled
+    assert set(got) >= {1, 2}
+
+
+def test_a_field_the_source_lacks_names_what_it_has(good_shards, shapes_builder):
+    import ml_collections
+    data = ml_collections.ConfigDict(dict(source="webdataset", paths=f"{good_shards}/*.tar"))
+    config = pipeline.default_input_config()
+    config.tokenizer = shapes.tokenizer_path(shapes_builder)
+    with pytest.raises(ValueError, match=r"read record field\(s\) \['boxes'\], which webdataset "
+                                         r"shards .* does not have; it has \['image', 'texts'"):
+        pipeline.make_pipeline(data, config, training=True, process_index=0, process_count=1,
+                               transform=["test_box_count"])

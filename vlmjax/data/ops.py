@@ -18,7 +18,8 @@ without an argument uses `input.image_size`, and `tokenize` the configured token
 `batched=True` ops run on whole batches (leading dim B) after batching, where a
 `tf.numpy_function` pays its Python call once per batch (tokenizers); they come after every
 per-example op. `kind` groups ops for structural checks (preprocess.parse_ops): "text" (caption
-choice), "size", "flip", "value".
+choice), "size", "flip", "value". `reads` names the record fields beyond image / texts / label /
+key / conversation that the op reads (e.g. vlm_shapes' "boxes"): the sources parse only those.
 
 An unknown op or arguments its factory does not take is a ValueError naming the op and what is
 valid (the registered ops, or the factory's signature).
@@ -44,6 +45,7 @@ class OpInfo:
     factory: Callable[..., Op]
     kind: str | None
     batched: bool
+    reads: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +91,14 @@ _REGISTRY: dict[str, OpInfo] = {}
 _builtins_loaded = False
 
 
-def register_op(name: str, *, kind: str | None = None, batched: bool = False):
+def register_op(name: str, *, kind: str | None = None, batched: bool = False,
+                reads: Sequence[str] = ()):
     """Decorator registering `factory` as op `name` (see the module docstring)."""
     def decorate(factory):
         existing = _REGISTRY.get(name)
         if existing is not None and existing.factory.__qualname__ != factory.__qualname__:
             raise ValueError(f"op {name!r} is already registered by {existing.factory.__module__}")
-        _REGISTRY[name] = OpInfo(name, factory, kind, batched)
+        _REGISTRY[name] = OpInfo(name, factory, kind, batched, tuple(reads))
         return factory
     return decorate
 
@@ -216,7 +219,8 @@ def compose(ops: Sequence[OpSpec], context: OpContext | None = None) -> Op:
                 example = fn(example)
             except KeyError as error:
                 raise ValueError(f"op {op.text!r} reads the key {error.args[0]!r}, which no "
-                                 f"earlier op produced; the example has {sorted(example)}"
+                                 f"earlier op produced; the example has {sorted(example)} (a "
+                                 "record field of the source must be in the op's `reads`)"
                                  ) from None
         return example
     return apply

@@ -190,6 +190,8 @@ class InputPipeline:
             skip_offset += [state["skips"].get(name, 0) for name in skips.SKIP_REASONS]
         self._skip_offset = skip_offset
         self._skips = skip_offset.copy()
+        self.record_fields = sorted({f for op in self._example_ops + self._batch_ops
+                                     for f in op.info.reads})
         self._build_sources()
         self.op_context = ops.OpContext(
             image_size=input_config.image_size, crop_area_min=input_config.crop_area_min,
@@ -208,10 +210,12 @@ class InputPipeline:
         if config.source == "mixture":
             names = sorted(config.sources.keys())
             subs = [config.sources[name] for name in names]
-            self._sources = [pipeline_config.make_source(sub, self.training) for sub in subs]
+            self._sources = [pipeline_config.make_source(sub, self.training, self.record_fields)
+                             for sub in subs]
             self._weights = [float(sub.weight) for sub in subs]
         else:
-            self._sources = [pipeline_config.make_source(config, self.training)]
+            self._sources = [pipeline_config.make_source(config, self.training,
+                                                         self.record_fields)]
             self._weights = [1.0]
 
     def _eval_num_batches(self) -> int:
@@ -230,7 +234,7 @@ class InputPipeline:
 
     def _sentinel(self, element_spec) -> tf.data.Dataset:
         """An end-of-data marker: never kept or counted; it closes index gaps and epochs."""
-        empty = {key: tf.zeros(spec.shape.as_list() if spec.shape.rank == 0 else [0], spec.dtype)
+        empty = {key: tf.zeros([0 if d is None else d for d in spec.shape.as_list()], spec.dtype)
                  for key, spec in element_spec.items()}
         return tf.data.Dataset.from_tensors(
             {**empty, "_skip_reason": tf.constant(_END_OF_DATA, tf.int32)})

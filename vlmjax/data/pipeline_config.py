@@ -107,11 +107,13 @@ def _get(config, key, default=None):
     return default if value is None else value
 
 
-def make_source(config, training: bool) -> sources.Source:
+def make_source(config, training: bool, fields=()) -> sources.Source:
     """The source a (validated, non-mixture) data config names; vlm_shapes is built if needed.
+    `fields`: record fields beyond the base ones that the ops read (sources.py).
 
     `training` is accepted for callers' clarity; sources shuffle (or not) in `records()`."""
     del training
+    fields = tuple(f for f in fields if f not in sources.BASE_FIELDS)
     source, split = config.source, _get(config, "split", "train")
     if source == "vlm_shapes":
         builder = shapes.prepare(shapes.make_builder(
@@ -119,25 +121,31 @@ def make_source(config, training: bool) -> sources.Source:
             train_size=config.get("train_size"), eval_size=config.get("eval_size"),
             novel_size=config.get("novel_size"), noise_fraction=config.get("noise_fraction")))
         return sources.TfdsSource(name="vlm_shapes", split=split, text_key="captions",
-                                  label_key="label", builder=builder)
+                                  label_key="label", builder=builder, fields=fields,
+                                  aliases=sources.VLM_SHAPES_FIELDS)
     if source == "tfds":
         return sources.TfdsSource(name=config.name, data_dir=config.get("data_dir"), split=split,
                                   image_key=_get(config, "image_key", "image"),
                                   text_key=config.get("text_key"),
-                                  label_key=config.get("label_key"))
+                                  label_key=config.get("label_key"), fields=fields)
     if source == "webdataset":
-        return sources.WebdatasetSource(paths=config.paths,
+        built = sources.WebdatasetSource(paths=config.paths,
                                         text_extension=_get(config, "text_extension", "txt"),
                                         label_field=config.get("label_field"))
-    if source == "llava_json":
-        return sources.LlavaJsonSource(json_path=config.json_path,
-                                       image_dir=_get(config, "image_dir", ""))
-    if source == "csv":
-        return sources.CsvSource(
+    elif source == "llava_json":
+        built = sources.LlavaJsonSource(json_path=config.json_path,
+                                        image_dir=_get(config, "image_dir", ""))
+    elif source == "csv":
+        built = sources.CsvSource(
             csv_path=config.csv_path, image_dir=_get(config, "image_dir", ""),
             image_column=_get(config, "image_column", "image"),
             text_column=_get(config, "text_column", "caption"),
             label_column=config.get("label_column"), delimiter=config.get("delimiter"))
+    else:
+        built = None
+    if built is not None:
+        built.check_fields(fields)
+        return built
     raise _error("data.source", f"{source!r} has no single source (mixtures are built by the "
                  "pipeline)")
 

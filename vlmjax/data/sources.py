@@ -7,6 +7,11 @@
     conversation   string   LLaVA conversations as JSON, "" for other sources
     _skip_reason   int32    0, or a `skips` reason for a placeholder standing in for bad data
 
+and, when the pipeline's ops read them (`reads` of ops.register_op), a source's own fields:
+TFDS sources any feature by path ("objects/bbox_xyxy"), vlm_shapes also by the names of
+`VLM_SHAPES_FIELDS` (boxes, questions, answers, ...). The pipeline decodes the image, and only
+what the ops produce reaches the batch.
+
 Sources: `TfdsSource` (any TFDS dataset, vlm_shapes included), `WebdatasetSource` (tar shards),
 `LlavaJsonSource` (LLaVA JSON / JSONL + image folder), `CsvSource` (CSV/TSV with image path and
 caption columns). Hosts split TFDS data with `tfds.even_splits`, shards by file, and single
@@ -35,6 +40,15 @@ EXAMPLE_SIGNATURE = {
     "key": tf.TensorSpec([], tf.string),
     "conversation": tf.TensorSpec([], tf.string),
     "_skip_reason": tf.TensorSpec([], tf.int32),
+}
+BASE_FIELDS = tuple(k for k in EXAMPLE_SIGNATURE if not k.startswith("_"))
+# vlm_shapes record fields beyond the base ones: name -> TFDS feature path.
+VLM_SHAPES_FIELDS = {
+    "id": "id", "caption_noise": "caption_noise", "boxes_context": "boxes_context",
+    "boxes": "objects/bbox_xyxy", "box_shapes": "objects/shape", "box_colours": "objects/colour",
+    "box_sizes": "objects/size", "box_positions": "objects/position",
+    "questions": "qa/question", "answers": "qa/answer", "cot_answers": "qa/cot_answer",
+    "qa_types": "qa/type",
 }
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 _TF_DECODABLE = {"JPEG", "PNG", "GIF", "BMP", "WEBP"}
@@ -110,6 +124,17 @@ class Source:
         """What the source reads, for error messages."""
         return repr(self)
 
+    def available_fields(self) -> list[str]:
+        """Record fields this source can yield besides the base ones."""
+        return []
+
+    def check_fields(self, fields) -> None:
+        missing = sorted(set(fields) - set(BASE_FIELDS) - set(self.available_fields()))
+        if missing:
+            raise ValueError(f"the ops read record field(s) {missing}, which {self.describe()} "
+                             f"does not have; it has {list(BASE_FIELDS)} + "
+                             f"{self.available_fields()}")
+
     def _from_generator(self, generate) -> tf.data.Dataset:
         return tf.data.Dataset.from_generator(generate, output_signature=EXAMPLE_SIGNATURE)
 
@@ -124,6 +149,9 @@ class TfdsSource(Source):
     text_key: str | None = None
     label_key: str | None = None
     builder: tfds.core.DatasetBuilder | None = None
+    # Extra record fields (ops' `reads`): feature paths, or names of `aliases`.
+    fields: tuple[str, ...] = ()
+    aliases: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.builder is None:
@@ -144,6 +172,28 @@ class TfdsSource(Source):
         if self.split not in self.builder.info.splits:
             raise ValueError(f"data.split={self.split!r} is not a split of {self.name}; splits: "
                              f"{sorted(self.builder.info.splits.keys())}")
+        self.check_fields(self.fields)
+
+    def _feature_paths(self) -> list[str]:
+        paths = []
+
+        def walk(features, prefix):
+            for key, feature in features.items():
+                path = f"{prefix}{key}"
+                inner = getattr(feature, "feature", feature)  # Sequence({...}) wraps a dict
+                if isinstance(inner, tfds.features.FeaturesDict):
+                    walk(inner, f"{path}/")
+                else:
+                    paths.append(path)
+        walk(self.builder.info.features, "")
+        return paths
+
+    def available_fields(self) -> list[str]:
+        used = {self.image_key, self.text_key, self.label_key}
+        return sorted(self.aliases) + [p for p in self._feature_paths() if p not in used]
+
+    def _path(self, field: str) -> str:
+        return self.aliases.get(field, field)
 
     def _host_split(self, process_index, process_count):
         return tfds.even_splits(self.split, n=process_count, drop_remainder=False)[process_index]
@@ -158,6 +208,12 @@ class TfdsSource(Source):
         # Parse only the features used (vlm_shapes' QA and boxes would cost as much as the rest)
         # and leave the image encoded: the pipeline decodes it and counts failures.
         wanted = {key: True for key in (self.text_key, self.label_key) if key is not None}
+        for field in self.fields:  # nested paths: {"objects": {"bbox_xyxy": True}}
+            *parents, leaf = self._path(field).split("/")
+            node = wanted
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = True
         decoders = tfds.decode.PartialDecoding(
             {**wanted, self.image_key: True}, decoders={self.image_key: tfds.decode.SkipDecoding()})
         dataset = self.builder.as_dataset(
@@ -171,9 +227,15 @@ class TfdsSource(Source):
                  else tf.constant([""]))
         label = (tf.cast(features[self.label_key], tf.int32) if self.label_key
                  else tf.constant(-1, tf.int32))
+        extra = {}
+        for field in self.fields:
+            value = features
+            for part in self._path(field).split("/"):
+                value = value[part]
+            extra[field] = value
         return {"image": features[self.image_key], "texts": texts, "label": label,
                 "key": features["tfds_id"], "conversation": tf.constant(""),
-                "_skip_reason": tf.constant(0, tf.int32)}
+                "_skip_reason": tf.constant(0, tf.int32), **extra}
 
 
 def _sample_example(sample: webdataset.TarSample, text_extension: str,
