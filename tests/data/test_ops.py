@@ -172,3 +172,12 @@ def test_a_field_the_source_lacks_names_what_it_has(good_shards, shapes_builder)
                                          r"shards .* does not have; it has \['image', 'texts'"):
         pipeline.make_pipeline(data, config, training=True, process_index=0, process_count=1,
                                transform=["test_box_count"])
+
+
+def test_op_arguments_in_input_preprocess_override_the_input_config(shapes_config):
+    data, config = shapes_config  # input.image_size 16
+    config.preprocess = "caption_first|resize(8)|value_range(0, 1)"
+    batch = next(pipeline.make_pipeline(data, config, training=False, process_index=0,
+                                        process_count=1))
+    assert batch["image"].shape == (6, 8, 8, 3)
+    assert batch["image"].min() >= 0.0 and 0.5 < batch["image"].max() <= 1.0
