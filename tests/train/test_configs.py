@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from vlmjax import config as config_lib
+from vlmjax.evals import registry
 from vlmjax.train import trainer
 
 RUNLOCAL = ["configs/clip/tiny.py", "configs/align/tiny.py", "configs/siglip/vit_b16.py",
@@ -18,7 +19,30 @@ def test_every_config_loads_and_passes_key_checks(path):
         pytest.skip("needs a pretrained directory; tested in tests/convert")
     config = config_lib.load_config(path)
     trainer.check_config(config)
+    registry.check_evals(config.evals, config.data)
     assert config.total_steps >= 1 and config.input.global_batch_size >= 1
+
+
+@pytest.mark.parametrize("path", ["configs/siglip/tiny.py", "configs/clip/tiny.py",
+                                  "configs/align/tiny.py", "configs/siglip/tiny.py:runlocal"])
+def test_tiny_configs_evaluate_on_validation_and_test(path):
+    """Recipes are chosen on validation and test is reported: both are evaluated."""
+    evals = config_lib.load_config(path).evals
+    assert {name: (e.type, e.data.split) for name, e in evals.items()} == {
+        "validation": ("zero_shot", "validation"), "test": ("zero_shot", "test"),
+        "test_novel": ("zero_shot", "test_novel"), "test_retrieval": ("retrieval", "test")}
+
+
+@pytest.mark.parametrize("path", ["configs/siglip/vit_b16.py", "configs/clip/vit_b16.py"])
+def test_real_scale_configs_evaluate_imagenet_and_coco(path):
+    evals = config_lib.load_config(f"{path}:tfds_dir=/tfds").evals
+    assert {name: (e.type, e.data.name, e.data.split, e.data.data_dir)
+            for name, e in evals.items()} == {
+        "imagenet": ("zero_shot", "imagenet2012", "validation", "/tfds"),
+        "imagenet_v2": ("zero_shot", "imagenet_v2", "test", "/tfds"),
+        "coco": ("retrieval", "coco_captions", "test", "/tfds")}
+    assert evals.imagenet.templates == "imagenet" and evals.imagenet.class_names == "imagenet"
+    assert (evals.coco.max_images, evals.coco.captions_per_image) == (5000, 5)
 
 
 @pytest.mark.slow
@@ -65,11 +89,11 @@ def test_hard_negatives_term_in_the_task_loss(loss, tmp_path_factory):
              "text": jnp.asarray(rng.integers(1, 100, (8, length)), jnp.int32),
              "text_mask": jnp.ones((8, length), bool)}
     valid = np.arange(3)[None, :] < np.array([3, 2, 1, 0, 3, 2, 1, 0])[:, None]
-    plain, out = task.loss_fn(params, batch, jax.random.PRNGKey(1))
+    plain, out = task.loss_fn(params, {}, batch, jax.random.PRNGKey(1))
     with_negatives = dict(batch, neg_text=jnp.repeat(batch["text"][:, None], 3, 1),
                           neg_text_mask=jnp.repeat(batch["text_mask"][:, None], 3, 1),
                           neg_valid=jnp.asarray(valid))
-    loss_value, _ = task.loss_fn(params, with_negatives, jax.random.PRNGKey(1))
+    loss_value, _ = task.loss_fn(params, {}, with_negatives, jax.random.PRNGKey(1))
     k = valid.sum(1)
     if loss == "siglip":
         zimg, ztxt, _ = task.model.apply({"params": params}, batch["image"], batch["text"],
