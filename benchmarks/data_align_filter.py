@@ -4,7 +4,7 @@
 
 Builds vlm_shapes/noisy (30% of train captions replaced by web junk), exports the train split as
 webdataset shards (one caption per image, KEY.json says whether it is junk), runs
-`python -m vlmjax.data.filter` on them with the image rules off (the images are 64 px, below
+`python -m vlmjax.data.align_filter` on them with the image rules off (the images are 64 px, below
 ALIGN's 200 px on purpose) and K = --vocab_top_k, and scores what was removed:
 precision = junk removed / all removed, recall = junk removed / all junk.
 """
@@ -36,7 +36,7 @@ def main() -> None:
     if not webdataset.expand_paths(f"{shard_dir}/train-*.tar"):
         export.export(builder, shard_dir, split="train", captions="one")
     out = os.path.join(args.data_dir, f"wds_{name}_filtered")
-    command = [sys.executable, "-m", "vlmjax.data.filter", f"{shard_dir}/train-*.tar", out,
+    command = [sys.executable, "-m", "vlmjax.data.align_filter", f"{shard_dir}/train-*.tar", out,
                "--no_image_size", "--no_aspect_ratio", "--vocab_top_k", str(args.vocab_top_k)]
     print("$ python", " ".join(command[1:]))
     start = time.perf_counter()

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vlmjax.data import export, filter as filter_cli, pipeline, shapes, webdataset
+from vlmjax.data import align_filter as filter_cli, export, pipeline, shapes, webdataset
 
 
 @pytest.mark.slow
@@ -16,16 +16,19 @@ def test_noisy_build_export_filter_and_read(tmp_path):
     builder = shapes.prepare(shapes.make_builder("noisy", str(tmp_path / "tfds"), train_size=600,
                                                  eval_size=8, novel_size=4, num_workers=0))
     shards = export.export(builder, str(tmp_path / "wds"), captions="all", samples_per_shard=500)
-    junk = {s.key for p in shards for s in webdataset.iter_tar_samples(p)
-            if json.loads(s.files["json"])["noise"] != "clean"}
+    noise = {s.key: json.loads(s.files["json"])["noise"]
+             for p in shards for s in webdataset.iter_tar_samples(p)}
+    swapped = {key for key, kind in noise.items() if kind == "swapped"}
+    junk = {key for key, kind in noise.items() if kind != "clean"} - swapped  # text junk
     out = str(tmp_path / "filtered")
     assert filter_cli.main([f"{tmp_path}/wds/train-*.tar", out, "--no_image_size",
-                            "--no_aspect_ratio", "--vocab_top_k", "1500"]) == 0
+                            "--no_aspect_ratio", "--vocab_top_k", "1000"]) == 0
     report = json.load(open(f"{out}/filter_report.json"))
     kept_samples = [s for p in report["shards"] for s in webdataset.iter_tar_samples(p)]
     kept = {s.key for s in kept_samples}
-    assert report["total"] == 1800 and 0.25 < len(junk) / 1800 < 0.35
+    assert report["total"] == 1800 and 0.25 < len(junk | swapped) / 1800 < 0.35
     assert len(kept & junk) <= 0.02 * len(junk)  # recall >= 98%
+    assert swapped and swapped <= kept  # another image's caption passes every text rule
     assert len(kept) >= 0.98 * (1800 - len(junk))  # nearly no clean caption removed
 
     data = ml_collections.ConfigDict(dict(source="webdataset", paths=f"{out}/*.tar",

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
+import hashlib
+import os
 import re
 
 import numpy as np
@@ -115,12 +118,15 @@ def test_noise_kinds_and_fraction():
     clean = ["a large red circle on the left", "there is a small blue star at the top"]
     kinds = collections.Counter()
     for _ in range(2000):
-        texts, noise = shapes_noise.add_noise(clean, 0.3, rng)
+        texts, noise = shapes_noise.add_noise(clean, 0.3, rng,
+                                              swapped_caption=lambda r: "another image's caption")
         for text, kind in zip(texts, noise):
             kinds[kind] += 1
             words = len(text.split())
             if kind == "clean":
                 assert text in clean
+            elif kind == "swapped":
+                assert text == "another image's caption"
             elif kind == "size_string":
                 assert re.fullmatch(r"\d+x\d+", text)
             elif kind in ("generic", "too_short"):
@@ -136,7 +142,8 @@ def test_noise_kinds_and_fraction():
 
 def test_examples_are_deterministic_and_noise_keeps_clean_content():
     clean_spec = shapes_examples.ExampleSpec("train", 32, seed=5)
-    noisy_spec = shapes_examples.ExampleSpec("train", 32, seed=5, noise_fraction=1.0)
+    noisy_spec = shapes_examples.ExampleSpec("train", 32, seed=5, noise_fraction=1.0,
+                                             split_size=50)
     a = shapes_examples.make_example(clean_spec, 11)
     b = shapes_examples.make_example(clean_spec, 11)
     noisy = shapes_examples.make_example(noisy_spec, 11)
@@ -148,6 +155,32 @@ def test_examples_are_deterministic_and_noise_keeps_clean_content():
     validation = shapes_examples.make_example(
         shapes_examples.ExampleSpec("validation", 32, seed=5, noise_fraction=1.0), 11)
     assert set(validation["caption_noise"]) == {"clean"}  # noise only in train
+    with pytest.raises(ValueError, match="split_size >= 2"):
+        shapes_examples.make_example(
+            shapes_examples.ExampleSpec("train", 32, seed=5, noise_fraction=0.3), 11)
+
+
+def test_swapped_captions_are_another_images_clean_caption_and_false_of_this_one():
+    size = 120
+    clean_spec = shapes_examples.ExampleSpec("train", 32, seed=3, render=False, split_size=size)
+    noisy_spec = dataclasses.replace(clean_spec, noise_fraction=1.0)
+    clean = [shapes_examples.make_example(clean_spec, i) for i in range(size)]
+    owners = collections.defaultdict(set)  # caption -> the examples it is a clean caption of
+    for i, example in enumerate(clean):
+        for caption in example["captions"]:
+            owners[caption].add(i)
+    objects = [set(zip(ex["objects"]["colour"], ex["objects"]["shape"])) for ex in clean]
+    swapped = 0
+    for i in range(size):
+        noisy = shapes_examples.make_example(noisy_spec, i)
+        for caption, kind in zip(noisy["captions"], noisy["caption_noise"]):
+            if kind != "swapped":
+                continue
+            swapped += 1
+            assert owners[caption] and i not in owners[caption], caption
+            # Every image it is true of has an object (colour, shape) this image lacks.
+            assert all(objects[j] - objects[i] for j in owners[caption]), caption
+    assert 30 < swapped < 80  # 1 of the 7 noise kinds of 360 captions: about 51
 
 
 def test_builder_splits_features_and_novel_split(shapes_builder):
@@ -208,14 +241,26 @@ def test_build_cli_builds_and_reports(tmp_path, capsys):
     assert build.main(["vlm_shapes", "--data_dir", str(tmp_path), "--config", "12px"]) == 2
 
 
+def _file_checksums(root) -> dict[str, str]:
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(root.rglob("*")) if path.is_file()}
+
+
 @pytest.mark.slow
-def test_worker_processes_build_the_same_examples(shapes_builder, tmp_path, monkeypatch):
-    monkeypatch.setattr(shapes, "_MIN_EXAMPLES_FOR_WORKERS", 0)  # use the pool even for 48
-    parallel = shapes.prepare(shapes.make_builder("64px", str(tmp_path), num_workers=2,
-                                                  train_size=48, eval_size=16, novel_size=10))
-    for split in ("train", "test_novel"):
-        serial = {ex["id"]: ex for ex in shapes_builder.as_dataset(split=split).as_numpy_iterator()}
-        for example in parallel.as_dataset(split=split).as_numpy_iterator():
-            reference = serial[example["id"]]
-            np.testing.assert_array_equal(example["image"], reference["image"])
-            assert list(example["captions"]) == list(reference["captions"])
+def test_builds_are_bit_identical_across_core_counts_and_workers(tmp_path, monkeypatch):
+    """Every file (records, dataset_info.json, tokenizer) has the same bytes whether the build
+    runs in this process on "1 core" or in 2 spawned worker processes (their own str hash
+    seeds) on "3 cores" (what the tokenizer trainer would see)."""
+    monkeypatch.setattr(shapes, "_MIN_EXAMPLES_FOR_WORKERS", 0)  # use the pool even for 30
+    checksums = []
+    for cores, workers in ((1, 0), (3, 2)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        root = tmp_path / f"cores{cores}"
+        shapes.prepare(shapes.make_builder("noisy", str(root), train_size=30, eval_size=6,
+                                           novel_size=4, num_workers=workers))
+        checksums.append(_file_checksums(root))
+    names = set(checksums[0])
+    assert any(name.endswith(".tfrecord-00000-of-00001") for name in names)
+    assert any(name.endswith(shapes.TOKENIZER_FILENAME) for name in names)
+    assert any(name.endswith("dataset_info.json") for name in names)
+    assert checksums[0] == checksums[1]

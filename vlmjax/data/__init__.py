@@ -8,7 +8,8 @@ Modules (see each docstring):
   tokenizers.py        one interface over SentencePiece and HF `tokenizer.json` tokenizers
   preprocess.py        composable tf.data image/text ops chosen by config
   sources.py           TFDS, webdataset tar shards (webdataset.py), LLaVA JSON, CSV/TSV
-  filters.py, filter.py  ALIGN-style filtering of image-text pairs (`python -m vlmjax.data.filter`)
+  filters.py           ALIGN-style filtering of image-text pairs; align_filter.py: its corpus
+                       CLI (`python -m vlmjax.data.align_filter`)
   skips.py             the reasons bad data is skipped for
   pipeline.py          the per-host tf.data pipeline the trainer calls (pipeline_config.py: its
                        config defaults and validation)

@@ -12,7 +12,7 @@ Rules, each behind a switch, with the paper's thresholds as defaults:
 Unigrams are the lower-cased `\\w+` runs of a text (so "1920x1080" and "alt_img" are one unigram
 each); a text's identity for the sharing rule is its unigram sequence, so case and punctuation
 differences do not hide a shared text. The last two rules need corpus statistics, gathered in a
-first pass (`CorpusStats`); `python -m vlmjax.data.filter` runs both passes over tar shards. The
+first pass (`CorpusStats`); `python -m vlmjax.data.align_filter` runs both passes over tar shards. The
 three per-example rules also run online in the input pipeline (`online_skip_reason`).
 """
 from __future__ import annotations

@@ -65,7 +65,7 @@ def validate_data_config(config, path: str = "data", allow_mixture: bool = True)
         unknown = sorted(set(config.filters.keys()) - set(filters.ONLINE_KEYS))
         if unknown:
             raise _error(f"{path}.filters", f"unknown key(s) {unknown}; valid (per-example rules "
-                         f"only; run python -m vlmjax.data.filter for the corpus rules): "
+                         f"only; run python -m vlmjax.data.align_filter for the corpus rules): "
                          f"{list(filters.ONLINE_KEYS)}")
     if source == "vlm_shapes" and config.get("config", "64px") not in shapes.BASE_CONFIGS:
         raise _error(f"{path}.config", f"{config.config!r}; valid: {sorted(shapes.BASE_CONFIGS)}")

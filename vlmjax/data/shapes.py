@@ -10,9 +10,13 @@ Splits: train (default 50,000), validation and test (2,000 each), and test_novel
 single-object images of the 10 colour-shape pairs that never occur in any other split).
 
 Configs: `32px`, `64px` (default), `224px`, and `noisy` (64 px, 30% of train captions replaced by
-web junk, see `shapes_noise`); `make_builder` derives configs with other sizes or noise levels,
-named e.g. `64px_train2000`. A SentencePiece model trained on the clean train texts is stored
-beside the data (`tokenizer_path`).
+web junk or by another image's caption, see `shapes_noise`; `caption_noise` names each caption's
+kind); `make_builder` derives configs with other sizes or noise levels, named e.g.
+`64px_train2000`. A SentencePiece model trained on the clean train texts is stored beside the data
+(`tokenizer_path`).
+
+A build is a pure function of the config: the same seed gives the same bytes in every file
+(records, dataset_info.json, tokenizer) on any machine, with any number of worker processes.
 
     builder = make_builder("64px", data_dir="/tmp/tfds")
     prepare(builder)  # builds once, with a progress bar
@@ -60,15 +64,18 @@ BASE_CONFIGS = {
     "64px": VlmShapesConfig(name="64px", image_size=64, description="64x64 images (default)"),
     "224px": VlmShapesConfig(name="224px", image_size=224, description="224x224 images"),
     "noisy": VlmShapesConfig(name="noisy", image_size=64, noise_fraction=0.3,
-                             description="64x64, 30% of train captions replaced by web junk"),
+                             description="64x64, 30% of train captions replaced by web junk "
+                                         "or by another image's caption"),
 }
 
 
 class VlmShapes(tfds.core.GeneratorBasedBuilder):
     """The synthetic vlm_shapes dataset (see module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First version.",
+                     "1.1.0": "noisy: swapped captions as a noise kind; builds are bit-identical "
+                              "across processes and machines (count questions, tokenizer)."}
     BUILDER_CONFIGS = list(BASE_CONFIGS.values())
     DEFAULT_CONFIG_NAME = "64px"
 
@@ -117,7 +124,8 @@ class VlmShapes(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, size: int):
         config = self.builder_config
         spec = shapes_examples.ExampleSpec(split=split, image_size=config.image_size,
-                                           seed=config.seed, noise_fraction=config.noise_fraction)
+                                           seed=config.seed, noise_fraction=config.noise_fraction,
+                                           split_size=size)
         work = ((spec, index) for index in range(size))
         if self._num_workers > 1 and size >= _MIN_EXAMPLES_FOR_WORKERS:
             if self._pool is None:

@@ -23,6 +23,7 @@ class ExampleSpec:
     image_size: int
     seed: int
     noise_fraction: float = 0.0  # only applied to the train split
+    split_size: int = 0  # the split's number of examples: swapped captions come from them
     render: bool = True  # False: text only (for tokenizer training and filter studies)
 
 
@@ -41,9 +42,14 @@ def make_example(spec: ExampleSpec, index: int) -> dict:
     qas = shapes_text.questions(scene, rng, ALL_COMBOS)
     noise_kinds = ["clean"] * len(captions)
     if spec.noise_fraction > 0 and spec.split == "train":
+        if spec.split_size < 2:
+            raise ValueError(f"noise needs ExampleSpec.split_size >= 2 (swapped captions come "
+                             f"from the split's other examples), got {spec.split_size}")
         # A separate stream: the clean content stays identical to the noise-free config.
         noise_rng = np.random.default_rng([spec.seed, SPLIT_IDS[spec.split], index, 1])
-        captions, noise_kinds = shapes_noise.add_noise(captions, spec.noise_fraction, noise_rng)
+        captions, noise_kinds = shapes_noise.add_noise(
+            captions, spec.noise_fraction, noise_rng,
+            swapped_caption=lambda rng: swapped_caption(spec, index, scene, rng))
     example = {
         "id": f"{spec.split}_{index:07d}",
         "captions": captions,
@@ -67,6 +73,23 @@ def make_example(spec: ExampleSpec, index: int) -> dict:
     if spec.render:
         example["image"] = shapes_render.encode_png(shapes_render.render(scene, spec.image_size))
     return example
+
+
+def swapped_caption(spec: ExampleSpec, index: int, scene: shapes_scene.Scene,
+                    rng: np.random.Generator) -> str:
+    """A clean caption of another example of the split that names an object (colour + shape)
+    `scene` lacks: true of that image, false of this one."""
+    present = {(obj.colour, obj.shape) for obj in scene.objects}
+    for _ in range(100):  # a random scene names an absent object with probability > 0.9
+        other = int(rng.integers(spec.split_size - 1))
+        other += other >= index  # uniform over the other examples
+        other_scene, other_rng = make_scene(spec, other)
+        if {(obj.colour, obj.shape) for obj in other_scene.objects} - present:
+            # make_example's own first draws after the scene: exactly that image's captions
+            other_captions = shapes_text.captions(other_scene, other_rng, CAPTIONS_PER_IMAGE)
+            return other_captions[int(rng.integers(len(other_captions)))]
+    raise RuntimeError(f"no example of {spec.split} names an object that {spec.split} "
+                       f"example {index} lacks")
 
 
 def make_keyed_example(args: tuple[ExampleSpec, int]) -> tuple[int, dict]:

@@ -1,17 +1,26 @@
-"""Web noise for vlm_shapes: replaces a fraction of train captions by the junk ALIGN filters out.
+"""Web noise for vlm_shapes: replaces a fraction of train captions by junk or by another image's
+caption.
 
-Each kind of junk is aimed at one ALIGN rule, so the filter's precision and recall can be measured
-on `vlm_shapes/noisy`: size strings and generic alt-texts ("1920x1080", "alt_img") and too-short
-texts fail the length rule, boilerplate shared by many images fails the sharing rule, run-on
-texts fail the length rule from above, and gibberish fails the rare-token rule.
+Each kind of text junk is aimed at one ALIGN rule, so the filter's precision and recall can be
+measured on `vlm_shapes/noisy`: size strings and generic alt-texts ("1920x1080", "alt_img") and
+too-short texts fail the length rule, boilerplate shared by many images fails the sharing rule,
+run-on texts fail the length rule from above, and gibberish fails the rare-token rule.
+
+The `swapped` kind is a clean caption of another image of the split that is false of this one (it
+names an object this image lacks): well-formed, in-vocabulary and shared by two images at most,
+so no ALIGN text rule can catch it; only a model that looks at the image can (BLIP's CapFilt).
 """
 from __future__ import annotations
 
 import string
+from typing import Callable
 
 import numpy as np
 
-NOISE_KINDS = ("clean", "size_string", "generic", "shared", "too_short", "too_long", "gibberish")
+TEXT_JUNK_KINDS = ("size_string", "generic", "shared", "too_short", "too_long", "gibberish")
+SWAPPED = "swapped"
+# The order is the ClassLabel order of the `caption_noise` feature: append, never reorder.
+NOISE_KINDS = ("clean", *TEXT_JUNK_KINDS, SWAPPED)
 
 _RESOLUTIONS = ((1920, 1080), (1280, 720), (800, 600), (640, 480), (1024, 768), (3840, 2160),
                 (2048, 1536), (500, 375))
@@ -51,17 +60,21 @@ def junk_caption(kind: str, rng: np.random.Generator, clean_captions: list[str])
         return text
     if kind == "gibberish":
         return _gibberish(rng)
-    raise ValueError(f"unknown noise kind {kind!r}; valid: {NOISE_KINDS[1:]}")
+    raise ValueError(f"unknown text junk kind {kind!r}; valid: {TEXT_JUNK_KINDS}")
 
 
-def add_noise(captions: list[str], fraction: float,
-              rng: np.random.Generator) -> tuple[list[str], list[str]]:
-    """Replaces each caption with junk with probability `fraction`; returns (texts, kinds)."""
+def add_noise(captions: list[str], fraction: float, rng: np.random.Generator,
+              swapped_caption: Callable[[np.random.Generator], str]
+              ) -> tuple[list[str], list[str]]:
+    """Replaces each caption with probability `fraction` by noise of a kind drawn uniformly from
+    NOISE_KINDS[1:]; `swapped_caption(rng)` gives another image's caption that is false of this
+    one. Returns (texts, kinds)."""
     texts, kinds = [], []
     for caption in captions:
         if rng.random() < fraction:
             kind = NOISE_KINDS[1 + int(rng.integers(len(NOISE_KINDS) - 1))]
-            texts.append(junk_caption(kind, rng, captions))
+            texts.append(swapped_caption(rng) if kind == SWAPPED
+                         else junk_caption(kind, rng, captions))
         else:
             kind = "clean"
             texts.append(caption)

@@ -223,7 +223,8 @@ def _qa_count(scene, rng):
         counted = list(scene.objects)
         reasoning = f"The objects in the image are {_names(counted)}."
     else:
-        colour = _pick(rng, tuple({o.colour for o in scene.objects} | {"red", "blue"}))
+        # sorted: set order follows str hashing, which differs between processes
+        colour = _pick(rng, tuple(sorted({o.colour for o in scene.objects} | {"red", "blue"})))
         question = f"How many {colour} objects are there?"
         counted = [o for o in scene.objects if o.colour == colour]
         reasoning = (f"The {colour} objects are {_names(counted)}." if counted

@@ -374,7 +374,9 @@ def train_sentencepiece(texts: Iterable[str], output_path: str, vocab_size: int 
         model_type="unigram", character_coverage=1.0, byte_fallback=True,
         hard_vocab_limit=False, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
         user_defined_symbols=list(user_defined_symbols), input_sentence_size=max_sentences,
-        shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
+        # One thread: the unigram EM sums per-thread partial counts, so the model's bytes
+        # depend on the thread count; one thread makes them the same on every machine.
+        shuffle_input_sentence=True, num_threads=1,
         minloglevel=2)
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     with open(output_path, "wb") as f:

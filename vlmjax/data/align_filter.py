@@ -1,6 +1,6 @@
 """Filters webdataset shards with the ALIGN rules and writes the kept samples as new shards.
 
-    python -m vlmjax.data.filter SOURCE OUT [--min_image_side 200] [--no_image_size] ...
+    python -m vlmjax.data.align_filter SOURCE OUT [--min_image_side 200] [--no_image_size] ...
 
 SOURCE: shard paths, a glob (`dir/shard-*.tar`) or brace notation
 (`dir/shard-{000000..000099}.tar`), comma-separated for several. Pass 1 gathers corpus statistics
@@ -25,7 +25,7 @@ from vlmjax.data import filters, sources, webdataset
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m vlmjax.data.filter", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m vlmjax.data.align_filter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="shard paths / glob / brace pattern")
     parser.add_argument("out", help="output directory for the filtered shards")
