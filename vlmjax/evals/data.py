@@ -43,7 +43,7 @@ def resolve_data_config(entry_data, train_data, where: str) -> ml_collections.Co
         if train_data.get("source") == "mixture":
             raise ConfigError(f"{where}: training reads a mixture and an evaluation reads one "
                               f"source; give {where}.source and the rest of its data config")
-        if "split" not in entry_data and entry_data.get("source") is None:
+        if "split" not in entry_data and train_data.get("source") not in FILE_SOURCES:
             raise ConfigError(f"{where}.split is needed: without a data config of its own an "
                               f"evaluation reads the training source "
                               f"({train_data.get('source')!r}) at a held-out split, e.g. "
@@ -111,8 +111,9 @@ class EvalData:
     def tokenize(self, texts) -> tuple[np.ndarray, np.ndarray]:
         """int32 ids [N, L] and bool mask [N, L] of `texts`, tokenised as in training."""
         if self._tokenizer is None:
-            self._tokenizer = pipeline_config.resolve_tokenizer(
-                self.input_config, self._training_sources() + [self.source()])
+            built = (self._training_sources() + [self.source()]
+                     if self.input_config.tokenizer == "vlm_shapes" else [])
+            self._tokenizer = pipeline_config.resolve_tokenizer(self.input_config, built)
         return self._tokenizer.encode_batch(list(texts), self.text_length,
                                             add_bos=self.input_config.add_bos,
                                             eos=self.input_config.eos)

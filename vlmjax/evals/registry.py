@@ -108,7 +108,11 @@ class Evaluator:
                              context.input, context.train_data)
 
     def metric_names(self, metrics: dict) -> dict:
-        """{metric: v} -> {'{type}/{name}/{metric}': v}"""
+        """{metric: v} -> {'{type}/{name}/{metric}': v}; says how many bad records the data
+        pass skipped (never silently)."""
+        if self.data.skipped:
+            print(f"warning: evals.{self.name}: skipped {self.data.skipped} bad record(s) of "
+                  f"{self.data.describe()}", flush=True)
         return {f"{self.type}/{self.name}/{k}": v for k, v in metrics.items()}
 
     def __call__(self, params) -> dict:
