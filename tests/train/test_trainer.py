@@ -38,8 +38,9 @@ def assert_same_params(a, b):
 
 def test_runlocal_trains_logs_checkpoints_and_evaluates(data_dir, tmp_path):
     result = trainer.train(tiny_config(data_dir), str(tmp_path))
-    assert {"zero_shot/test/top1", "zero_shot/test_novel/top5", "retrieval/test/i2t_r1",
-            "retrieval/test/t2i_r10"} <= set(result.metrics)
+    assert {"zero_shot/validation/top1", "zero_shot/test/top1", "zero_shot/test_novel/top5",
+            "retrieval/test_retrieval/i2t_r1", "retrieval/test_retrieval/t2i_r10"} <= set(
+                result.metrics)
     assert all(0.0 <= result.metrics[k] <= 1.0 for k in result.metrics if "/" in k
                and k.split("/")[0] in ("zero_shot", "retrieval"))
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]

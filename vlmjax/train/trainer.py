@@ -167,7 +167,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                                     task.flops_per_example(batch_size), peak * mesh.size)
     log_every = int(config.get("log_every", 50))
     policy = config.get("nonfinite", "skip")
-    evaluators = task.evaluators()
+    from vlmjax.evals.schedule import Schedule  # late: the evaluators import TensorFlow
+    evaluators = Schedule(task.evaluators(config.get("evals", ml_collections.ConfigDict())))
     history, results, step = [], {}, start_step
     _log(f"training {config.task} for {total_steps} steps, batch {batch_size}, mesh "
          f"{dict(mesh.shape)} over {jax.process_count()} process(es), {train_input.num_shards} "
@@ -198,7 +199,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                             f"non-finite loss or gradient before step {step} (config.nonfinite="
                             f"'stop'); the last checkpoint in {checkpointer.directory} is intact")
                 if evaluators.due(step, last):
-                    results = evaluators.run(state.params, step)
+                    results = evaluators.run(state.params, step, last)
                     _check_processes_agree(results)
                     writer.write(step, results)
                     _print_results(step, results)

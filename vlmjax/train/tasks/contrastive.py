@@ -23,18 +23,14 @@ import ml_collections
 
 from vlmjax import sharding
 from vlmjax.config import ConfigError, check_keys
-from vlmjax.evals import retrieval, zero_shot
 from vlmjax.losses import contrastive
 from vlmjax.models import scan_layout
 from vlmjax.models.text import TextTransformer
 from vlmjax.models.two_towers import IMAGE_TOWERS, TwoTowers, with_defaults
-from vlmjax.train import evaluation, flops
+from vlmjax.train import flops
 
 LOSSES = ("clip", "siglip")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-EVAL_KEYS = ("every", "batch_size", "zero_shot", "retrieval")
-TEMPLATES = {"clip": zero_shot.CLIP_TEMPLATES, "name": zero_shot.NAME_ONLY,
-             "vlm_shapes": zero_shot.VLM_SHAPES_TEMPLATES}
 
 
 def model_kwargs(model_config) -> dict:
@@ -92,14 +88,15 @@ class ContrastiveTask:
         if self.loss_name == "siglip" and config.model.get("bias_init") is None:
             raise ConfigError("loss.name='siglip' needs a learnable bias: set model.bias_init "
                               "(SigLIP: -10)")
-        from vlmjax.evals.data import EvalData  # late: TensorFlow is slow to import
-        self.data = EvalData(config.data, config.input)
-        check_keys(config.get("evals", {}), EVAL_KEYS, "evals")
+        self.image_size = int(config.input.image_size)
+        self.text_length = int(config.input.max_text_len)
+        from vlmjax.evals import registry  # late: TensorFlow is slow to import
+        registry.check_evals(config.get("evals"), config.data)  # pure: evaluators read lazily
 
     # ------------------------------------------------------------------------------ model/loss
     def init_params(self, rng):
-        image = jnp.zeros((1, self.data.image_size, self.data.image_size, 3), jnp.float32)
-        text = jnp.zeros((1, self.data.text_length), jnp.int32)
+        image = jnp.zeros((1, self.image_size, self.image_size, 3), jnp.float32)
+        text = jnp.zeros((1, self.text_length), jnp.int32)
         return self.model.init({"params": rng}, image, text)["params"]
 
     def loss_fn(self, params, batch, rng):
@@ -127,7 +124,7 @@ class ContrastiveTask:
         from vlmjax.convert.pretrained import source_kind
         if source_kind(src) != "big_vision":  # an .npz has no config to compare against
             _check_architecture(src, self.config.model)
-        size = (self.data.image_size, self.data.image_size)
+        size = (self.image_size, self.image_size)
         scanned = scan_layout.is_scanned(abstract_params)
         _, params, _ = load_pretrained(src, image_size=size,
                                        shardings=None if scanned else shardings)
@@ -150,7 +147,7 @@ class ContrastiveTask:
     def flops_per_example(self, batch_size: int) -> float:
         negatives = self.config.input.get("hard_negatives") or {}
         return flops.two_towers_train_flops_per_example(
-            model_kwargs(self.config.model), self.data.image_size, self.data.text_length,
+            model_kwargs(self.config.model), self.image_size, self.text_length,
             batch_size, hard_negatives=negatives.get("count", 0))
 
     # ------------------------------------------------------------------------------------ data
@@ -172,7 +169,10 @@ class ContrastiveTask:
                                       transform=self.example_transform(training=True))
 
     # ----------------------------------------------------------------------------------- evals
-    def _encoders(self):
+    def evaluators(self, eval_config) -> list:
+        """The evaluators of `eval_config` (config.evals; types zero_shot and retrieval, see
+        vlmjax/evals/registry.py), built lazily: nothing is read until one runs."""
+        from vlmjax.evals import embed, registry
         replicated = sharding.replicated(self.mesh)
         encode_image = jax.jit(lambda params, b: self.model.apply(
             {"params": params}, b["image"], method=self.model.encode_image),
@@ -180,50 +180,7 @@ class ContrastiveTask:
         encode_text = jax.jit(lambda params, b: self.model.apply(
             {"params": params}, b["text"], b["text_mask"], method=self.model.encode_text),
             out_shardings=replicated)
-        return encode_image, encode_text
-
-    def evaluators(self) -> evaluation.Schedule:
-        evals = self.config.get("evals", ml_collections.ConfigDict())
-        batch_size = int(evals.get("batch_size", 256))
-        encode_image, encode_text = self._encoders()
-        data = self.data
-
-        def texts_embedder(params):
-            def embed(texts):
-                ids, mask = data.tokenize(texts)
-                return evaluation.embed_all(lambda b: encode_text(params, b),
-                                            {"text": ids, "text_mask": mask}, batch_size,
-                                            self.mesh)
-            return embed
-
-        def images_embedder(params, images):
-            return evaluation.embed_all(lambda b: encode_image(params, b), {"image": images},
-                                        batch_size, self.mesh)
-
-        out = []
-        zs = evals.get("zero_shot", None)
-        if zs is not None:
-            check_keys(zs, ("splits", "templates"), "evals.zero_shot")
-            templates = zs.get("templates", "clip")
-            if templates not in TEMPLATES:
-                raise ConfigError(f"evals.zero_shot.templates {templates!r} is not one of "
-                                  f"{sorted(TEMPLATES)}")
-            for split in zs.get("splits", ("test",)):
-                def run_zero_shot(params, split=split):
-                    images, labels, class_names = data.classification_split(split)
-                    return zero_shot.evaluate(texts_embedder(params),
-                                              images_embedder(params, images), labels,
-                                              class_names, TEMPLATES[templates], split)
-                out.append(run_zero_shot)
-        ret = evals.get("retrieval", None)
-        if ret is not None:
-            check_keys(ret, ("splits", "max_images"), "evals.retrieval")
-            for split in ret.get("splits", ("test",)):
-                def run_retrieval(params, split=split):
-                    images, texts, text_to_image = data.retrieval_split(
-                        split, int(ret.get("max_images", 1000)))
-                    return retrieval.recall_at_k(images_embedder(params, images),
-                                                 texts_embedder(params)(texts), text_to_image,
-                                                 split=split)
-                out.append(run_retrieval)
-        return evaluation.Schedule(out, every=int(evals.get("every", 0)))
+        context = registry.EvalContext(
+            mesh=self.mesh, train_data=self.config.data, input=self.config.input,
+            model=embed.TwoTowerEncoders(encode_image, encode_text, self.mesh))
+        return registry.build_evaluators(eval_config, context)
