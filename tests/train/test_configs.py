@@ -104,3 +104,23 @@ def test_hard_negatives_term_in_the_task_loss(loss, tmp_path_factory):
     else:
         extra = np.mean(np.log1p(k))
     np.testing.assert_allclose(float(loss_value) - float(plain), extra, rtol=1e-4)
+
+
+def test_finetune_eval_preset_names_held_out_data():
+    """configs/siglip/finetune_from_hf.py: eval= is a TFDS split or held-out shards; never the
+    training shards."""
+    import importlib.util
+
+    import ml_collections
+    spec = importlib.util.spec_from_file_location("finetune", "configs/siglip/finetune_from_hf.py")
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    for data, held_out, expected in [("tfds:coco_captions", "validation", {"split": "validation"}),
+                                     ("/d/train-{0..9}.tar", "/d/val-0.tar",
+                                      {"paths": "/d/val-0.tar"})]:
+        train, evals = finetune._data(data, held_out, 224, 512)
+        registry.check_evals(ml_collections.ConfigDict(evals), ml_collections.ConfigDict(train))
+        assert evals["held_out"]["type"] == "retrieval" and evals["held_out"]["data"] == expected
+    assert finetune._data("/d/train-{0..9}.tar", "", 224, 512)[1] == {}  # no held-out data
+    assert set(finetune._data("", "", 224, 512)[1]) == {"validation", "test", "test_novel",
+                                                        "test_retrieval"}
