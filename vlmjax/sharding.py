@@ -83,12 +83,19 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
 
 
 def logical_rules(overrides: Mapping[str, Any] | None = None) -> tuple[tuple[str, Any], ...]:
+    """`LOGICAL_RULES` updated by `config.sharding_rules` ({logical axis: mesh axis, list of
+    mesh axes, or None})."""
     rules = dict(LOGICAL_RULES)
     for name, axis in (overrides or {}).items():
         if name not in rules:
-            raise ValueError(f"sharding rule for unknown logical axis {name!r}; "
-                             f"valid: {sorted(rules)}")
-        rules[name] = tuple(axis) if isinstance(axis, (list, tuple)) else axis
+            raise ValueError(f"sharding rule for unknown logical axis {name!r}; valid: "
+                             f"parameters {list(PARAM_AXES)}, activations {list(ACTIVATION_AXES)}")
+        axis = tuple(axis) if isinstance(axis, (list, tuple)) else axis
+        unknown = [a for a in _mesh_axes(axis) if a not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"sharding rule {name}: {axis!r} names mesh axes {unknown}, not "
+                             f"among {MESH_AXES} (or None: replicated)")
+        rules[name] = axis
     return tuple(rules.items())
 
 

@@ -148,5 +148,10 @@ def test_activation_spec_names_conflicts_and_replicates_indivisible_dims():
                                  sharding.logical_rules({"act_embed": "fsdp"}), sizes)
     with pytest.raises(ValueError, match="activation axis 'batch' has no sharding rule"):
         sharding.activation_spec(("batch",), (8,), rules, sizes)
-    with pytest.raises(ValueError, match="unknown logical axis 'kv'"):
+    with pytest.raises(ValueError, match="unknown logical axis 'kv'.*activations "
+                                         r"\['act_batch'"):
         sharding.logical_rules({"kv": None})  # the old name of head_dim
+    with pytest.raises(ValueError, match=r"act_batch: \('data', 'dp'\) names mesh axes \['dp'\]"):
+        sharding.logical_rules({"act_batch": ["data", "dp"]})
+    assert dict(sharding.logical_rules({"embed": None, "act_length": ["tensor"]}))["act_length"] \
+        == ("tensor",)
