@@ -124,7 +124,7 @@ def make_bench(shape: Shape, *, batch_per_device: int, dtype: str = "float32",
     batch_size = batch_per_device * mesh.size
     impl = "dense" if mesh.size == 1 else "ppermute"
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, extra, batch, rng):  # the step_lib.make_train_step signature
         zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"],
                                       batch["text_mask"], train=True, rngs={"dropout": rng})
         loss = contrastive.siglip_loss(zimg, ztxt, out["temperature"], out["bias"], mesh=mesh,
@@ -233,17 +233,17 @@ def median(values):
 
 def peak_flops(dtype: str) -> dict:
     """The MFU denominator of this machine, measured in this run: on CPU the median rate of a
-    large float32 matmul through JAX; on GPU/TPU the data-sheet bf16 peak, with the measured
-    matmul rate of `dtype` beside it."""
+    large float32 matmul through JAX; on GPU/TPU the data-sheet peak for `dtype`, with the
+    measured matmul rate of `dtype` beside it."""
     device = jax.devices()[0]
     if not on_accelerator():
         measured = flops.measure_matmul_flops(2048, jnp.float32, repeats=7)
         return {"peak": measured, "measured": measured,
                 "source": "measured float32 2048^3 matmul (median of 7)"}
     measured = flops.measure_matmul_flops(8192, DTYPES[dtype], repeats=10)
-    sheet = flops.device_peak_flops(device)
+    sheet = flops.device_peak_flops(device, dtype)  # the one table: vlmjax/train/flops.py
     return {"peak": sheet or measured, "measured": measured,
-            "source": (f"data-sheet bf16 peak of {device.device_kind}" if sheet else
+            "source": (f"data-sheet {dtype} peak of {device.device_kind}" if sheet else
                        f"measured {dtype} 8192^3 matmul ({device.device_kind} not in the table)")}
 
 

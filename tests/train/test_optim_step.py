@@ -1,4 +1,5 @@
-"""Schedules, weight-decay mask, freezing, gradient accumulation and non-finite handling."""
+"""Schedules, weight-decay mask, frozen params, extra state and EMA, gradient accumulation and
+non-finite handling."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -57,16 +58,82 @@ def test_weight_decay_only_on_matrices_not_matching_no_decay(name):
     assert float(new["log_temperature"]) == 0.0
 
 
-def test_freeze_by_regex_leaves_params_unchanged():
-    grads = jax.tree.map(jnp.ones_like, PARAMS)
-    new = apply_once(optim_config(freeze="^tower/"), grads)
-    np.testing.assert_array_equal(new["tower"]["kernel"], PARAMS["tower"]["kernel"])
-    assert float(new["head"]["kernel"][0, 0]) != 1.0
-    with pytest.raises(ConfigError, match="freezes every parameter"):
-        optim.make_optimizer(optim_config(freeze="."), 10, PARAMS)
+def test_trainable_mask_from_regex_mask_and_freeze():
+    by_regex = step_lib.trainable_mask(PARAMS, "^tower/")
+    assert by_regex == {"tower": {"kernel": True, "bias": True}, "head": {"kernel": False},
+                        "log_temperature": False}
+    frozen_more = step_lib.trainable_mask(PARAMS, "^tower/", freeze="bias$")
+    assert frozen_more["tower"] == {"kernel": True, "bias": False}
+    explicit = jax.tree.map(lambda _: False, PARAMS) | {"log_temperature": True}
+    assert step_lib.trainable_mask(PARAMS, explicit) == explicit
+    assert all(jax.tree.leaves(step_lib.trainable_mask(PARAMS)))
+    with pytest.raises(ConfigError, match="no parameter is trainable"):
+        step_lib.trainable_mask(PARAMS, freeze=".")
 
 
-def mse_loss(params, batch, rng):
+def test_frozen_params_get_no_update_no_optimizer_state_and_no_gradient_norm():
+    """optim.freeze='^tower/': the tower stays bitwise equal under a loss that pulls on it; the
+    optimiser state has leaves only for the trainable params; grad_norm is theirs alone."""
+    def loss_fn(params, extra, batch, rng):
+        return sum(jnp.sum(x * 3.0) for x in jax.tree.leaves(params)), {}
+
+    mask = step_lib.trainable_mask(PARAMS, freeze="^tower/")
+    trainable, frozen = step_lib.split_params(PARAMS, mask)
+    tx, schedule = optim.make_optimizer(optim_config(), 10, trainable)
+    state = step_lib.init_state(PARAMS, tx, jax.random.PRNGKey(0), trainable=mask)
+    step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule, trainable=mask))
+    for _ in range(2):
+        state, metrics = step(state, {})
+    np.testing.assert_array_equal(state.params["tower"]["kernel"], PARAMS["tower"]["kernel"])
+    np.testing.assert_array_equal(state.params["tower"]["bias"], PARAMS["tower"]["bias"])
+    assert float(state.params["head"]["kernel"][0, 0]) != 1.0
+    moment_sizes = sorted(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
+    assert moment_sizes == [2, 2]  # mu and nu of head/kernel [2, 1]; none of the tower
+    trainable_count = 2 + 1  # every gradient is 3: norm over head/kernel and log_temperature
+    np.testing.assert_allclose(metrics["grad_norm"], 3.0 * np.sqrt(trainable_count), rtol=1e-6)
+    merged = step_lib.merge_params(mask, trainable, frozen)
+    assert jax.tree.structure(merged) == jax.tree.structure(PARAMS)
+
+
+def test_extra_state_and_ema_follow_the_step():
+    """update_extra sees the updated params and the aux outputs; the EMA is
+    d * ema + (1 - d) * params after each update, starting at the initial params."""
+    def loss_fn(params, extra, batch, rng):
+        return jnp.sum(params["w"] ** 2), {"w_sum": jnp.sum(params["w"]),
+                                           "seen": extra["count"] + 0.0}
+
+    def update_extra(extra, params, out):
+        return {"count": extra["count"] + 1, "last_sum": out["w_sum"]}
+
+    params = {"w": jnp.arange(3.0)}
+    tx, decay = optax.sgd(0.1), 0.9
+    state = step_lib.init_state(params, tx, jax.random.PRNGKey(0), ema=True,
+                                task_extra={"count": jnp.zeros([], jnp.int32),
+                                            "last_sum": jnp.zeros([])})
+    step = jax.jit(step_lib.make_train_step(loss_fn, tx, optax.constant_schedule(0.1),
+                                            update_extra=update_extra, ema_decay=decay))
+    w, ema = np.arange(3.0), np.arange(3.0)
+    for i in range(3):
+        state, metrics = step(state, {})
+        assert float(metrics["seen"]) == i  # the loss saw the extra state before the update
+        sum_before = w.sum()
+        w = w - 0.1 * 2 * w
+        ema = decay * ema + (1 - decay) * w
+        np.testing.assert_allclose(float(state.extra["task"]["last_sum"]), sum_before,
+                                   rtol=1e-6)
+    assert int(state.extra["task"]["count"]) == 3
+    np.testing.assert_allclose(state.params["w"], w, rtol=1e-6)
+    np.testing.assert_allclose(state.extra["ema"]["w"], ema, rtol=1e-6)
+    mask = step_lib.trainable_mask(params)
+    np.testing.assert_allclose(step_lib.ema_params(state, mask)["w"], ema, rtol=1e-6)
+
+
+def test_ema_decay_must_be_below_one():
+    with pytest.raises(ConfigError, match="optim.ema_decay must be in"):
+        optim.settings(optim_config(ema_decay=1.0))
+
+
+def mse_loss(params, extra, batch, rng):
     pred = batch["x"] @ params["w"]
     return jnp.mean((pred - batch["y"]) ** 2), {"pred_mean": jnp.mean(pred)}
 

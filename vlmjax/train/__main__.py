@@ -79,12 +79,24 @@ def main(argv):
                  f"{str(error).splitlines()[0]}\nAnother process has probably died (see its "
                  "log); rerun the same command on all processes to resume from the last "
                  "complete checkpoint.")
-    if result.metrics and (cluster is None or jax.process_index() == 0):
-        print("final evaluation:")
-        for key, value in sorted(result.metrics.items()):
-            if key.startswith(("zero_shot/", "retrieval/")):
-                print(f"  {key:32s} {value:7.2%}")
+    if cluster is None or jax.process_index() == 0:
+        print_final_table(result)
 
+
+def print_final_table(result):
+    """The last evaluation (fractions as percentages) and the task's summary metrics."""
+    from vlmjax.train.metrics import summary_labels
+    rows = [(k, v) for k, v in sorted(result.metrics.items())
+            if not k.endswith("eval/seconds")]
+    rows += [(f"train/{name}", result.train_metrics[name])
+             for name, _ in summary_labels(result.summary_metrics)
+             if name in result.train_metrics]
+    if rows:
+        print("final evaluation:" if result.metrics else "final metrics:")
+    for key, value in rows:
+        shown = f"{value:7.2%}" if key.split("/")[0] != "train" and 0 <= value <= 1 else (
+            f"{value:7.4g}")
+        print(f"  {key:32s} {shown}")
 
 if __name__ == "__main__":
     try:

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the train state and the data-iterator positions.
+"""Orbax checkpoints of the train state (step, params, optimiser, extra state: the task's and
+the EMA, rng) and the data-iterator positions.
 
 Layout: WORKDIR/checkpoints/<step>/{state, data}. `state` is written by all processes together
 (each its shards of the arrays); `data/process_<i>.json` by process i alone: the positions of the
@@ -34,12 +35,6 @@ class ProcessJsonHandler(ocp.handlers.CheckpointHandler):
             match = re.fullmatch(r"process_(\d+)\.json", path.name)
             if match:
                 found[int(match.group(1))] = json.loads(path.read_text())
-        legacy = directory / "metadata"  # older checkpoints: one file {"process_<i>": state}
-        if not found and legacy.exists():
-            states = json.loads(legacy.read_text())
-            for key, value in states.items():  # one data stream per process then
-                index = int(key.rsplit("_", 1)[1])
-                found[index] = {"num_shards": len(states), "shards": {str(index): value}}
         return found
 
 
@@ -81,9 +76,6 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ProcessJsonRestore()))
         return restored["state"], dict(restored["data"])
-
-    def wait(self):
-        self.manager.wait_until_finished()
 
     def close(self):
         self.manager.wait_until_finished()

@@ -1,4 +1,8 @@
-"""Model FLOPs counted analytically from the config, and the peak they are compared against.
+"""Model FLOPs, and the peak they are compared against (MFU).
+
+The trainer counts FLOPs with XLA's cost analysis of the compiled step
+(`compiled_flops_per_example`); the analytic counts below are the cross-check (tests/train/
+test_flops.py) and what the benchmarks quote.
 
 Counts multiply-adds of the matmuls as 2 FLOPs (attention projections, attention scores and
 values, MLPs, patch embedding, projections, the contrastive logits); norms, softmax and
@@ -104,26 +108,48 @@ def two_towers_train_flops_per_example(model: dict, image_size: int, text_length
     return 3 * forward
 
 
-# Dense bf16 matmul peaks per chip (vendor data sheets; no sparsity), by device_kind substring,
-# most specific first. The MFU denominator on accelerators.
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
-    ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
-    ("TPU v4", 275e12), ("TPU v3", 123e12),
+# Dense matmul peaks per chip (vendor data sheets; no sparsity), by device_kind substring, most
+# specific first, and by compute dtype: the MFU denominator on accelerators. NVIDIA float32 is
+# the TF32 tensor-core rate (XLA's default float32 matmul precision there); TPU data sheets give
+# no float32 figure, so float32 on TPU (like CPU) is measured instead.
+PEAK_FLOPS = (
+    ("H100 PCIe", {"bfloat16": 756e12, "float32": 378e12}),
+    ("H100", {"bfloat16": 989e12, "float32": 494.7e12}),
+    ("H200", {"bfloat16": 989e12, "float32": 494.7e12}),
+    ("GH200", {"bfloat16": 989e12, "float32": 494.7e12}),
+    ("B200", {"bfloat16": 2250e12, "float32": 1100e12}),
+    ("A100", {"bfloat16": 312e12, "float32": 156e12}),
+    ("L40S", {"bfloat16": 362e12, "float32": 183e12}),
+    ("L4", {"bfloat16": 121e12, "float32": 60e12}),
+    ("A10", {"bfloat16": 125e12, "float32": 62.5e12}),
+    ("TPU v6", {"bfloat16": 918e12}), ("TPU v5 lite", {"bfloat16": 197e12}),
+    ("TPU v5e", {"bfloat16": 197e12}), ("TPU v5", {"bfloat16": 459e12}),
+    ("TPU v4", {"bfloat16": 275e12}), ("TPU v3", {"bfloat16": 123e12}),
 )
 
 
-def device_peak_flops(device=None) -> float | None:
-    """Data-sheet bf16 peak FLOP/s of `device` (default: the first device); None if unknown
-    (CPUs, unlisted chips): measure instead with `measure_matmul_flops`."""
+def device_peak_flops(device=None, dtype: str = "bfloat16") -> float | None:
+    """Data-sheet peak FLOP/s of `device` (default: the first device) for `dtype` matmuls; None
+    if unknown (CPUs, unlisted chips or dtypes): measure instead with `measure_matmul_flops`."""
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         return None
-    for name, peak in PEAK_BF16_FLOPS:
+    for name, peaks in PEAK_FLOPS:
         if name.lower() in device.device_kind.lower():
-            return peak
+            return peaks.get(dtype)
     return None
+
+
+def compiled_flops_per_example(compiled, global_batch: int, accum_steps: int = 1) -> float:
+    """FLOPs per example of a compiled train step, from XLA's cost analysis. The analysis is of
+    one device's partitioned program, so it is scaled by the device count. XLA counts a loop
+    body once: the gradient-accumulation loop is scaled by `accum_steps` here, but a model that
+    scans its layers (scan_layers) is undercounted by its depth."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    shardings = jax.tree.leaves(compiled.input_shardings)
+    devices = len(shardings[0].device_set) if shardings else 1
+    return float(cost.get("flops", 0.0)) * devices * accum_steps / global_batch
 
 
 def measure_matmul_flops(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:

@@ -58,13 +58,22 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def summary_labels(summary_metrics) -> list[tuple[str, str]]:
+    """A task's summary_metrics (names, or (name, label) pairs) as (name, label) pairs."""
+    return [(m, m) if isinstance(m, str) else tuple(m) for m in summary_metrics]
+
+
 class Progress:
-    """Rate, ETA and MFU over the steps since the last report."""
+    """Rate, ETA and MFU over the steps since the last report; loss, learning rate and the
+    task's `summary_metrics` (see tasks/base.py) of the interval."""
 
     def __init__(self, total_steps: int, start_step: int, batch_size: int,
-                 flops_per_example: float = 0.0, peak_flops: float = 0.0):
+                 flops_per_example: float = 0.0, peak_flops: float = 0.0,
+                 summary_metrics=()):
         self.total, self.batch = total_steps, batch_size
         self.flops, self.peak = flops_per_example, peak_flops
+        self.shown = [("loss", "loss", ".4f"), ("learning_rate", "lr", ".2e")] + [
+            (name, label, ".2f") for name, label in summary_labels(summary_metrics)]
         self.last_step, self.last_time = start_step, time.perf_counter()
 
     def report(self, step: int, metrics: Mapping[str, float]) -> tuple[str, dict]:
@@ -76,8 +85,7 @@ class Progress:
         if self.flops and self.peak:
             rates["perf/mfu"] = self.flops * rates["perf/examples_per_s"] / self.peak
         parts = [f"step {step}/{self.total}"]
-        for key, label, fmt in (("loss", "loss", ".4f"), ("learning_rate", "lr", ".2e"),
-                                ("temperature", "t", ".2f"), ("bias", "b", ".2f")):
+        for key, label, fmt in self.shown:
             if key in metrics:
                 parts.append(f"{label} {metrics[key]:{fmt}}")
         parts += [f"{rates['perf/examples_per_s']:.1f} ex/s", f"{step_time * 1e3:.0f} ms/step",

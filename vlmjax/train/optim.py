@@ -12,7 +12,11 @@ Keys (defaults in `DEFAULTS`):
                  dims (norms, biases, temperature, logit bias) never decay
   b1, b2, eps    Adam moments (b1 is also Adafactor's momentum, 0 = none; SGD's momentum)
   clip_norm      global gradient-norm clipping (0 = off)
-  freeze         regex of parameter paths that are not trained (e.g. '^image_tower/' for LiT)
+  freeze         regex of parameter paths that are not trained (e.g. '^image_tower/' for LiT),
+                 on top of the task's `trainable`: frozen params get no gradient and no
+                 optimiser state (train/step.py)
+  ema_decay      keep an exponential moving average of the trainable params with this decay
+                 (0 = off; e.g. 0.999), evaluated beside the raw params when evals.use_ema
   accum_steps    gradient accumulation over this many micro-batches (see train/step.py)
 Parameter paths are '/'-joined, e.g. 'text_tower/encoder/block0/mlp/fc1/kernel'.
 """
@@ -28,7 +32,7 @@ from vlmjax.config import ConfigError, check_keys
 
 DEFAULTS = dict(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=0, end_lr=0.0,
                 rsqrt_timescale=10_000, weight_decay=1e-4, no_decay="", b1=0.9, b2=0.999,
-                eps=1e-8, clip_norm=1.0, freeze="", accum_steps=1)
+                eps=1e-8, clip_norm=1.0, freeze="", accum_steps=1, ema_decay=0.0)
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 
@@ -42,6 +46,9 @@ def settings(optim_config) -> dict:
         raise ConfigError(f"optim.schedule {out['schedule']!r} is not one of {SCHEDULES}")
     if int(out["accum_steps"]) < 1:
         raise ConfigError(f"optim.accum_steps must be >= 1, got {out['accum_steps']}")
+    if not 0.0 <= float(out["ema_decay"]) < 1.0:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1) (0 = no EMA), got "
+                          f"{out['ema_decay']}")
     return out
 
 
@@ -72,7 +79,8 @@ def _path_labels(params, fn):
 
 def make_optimizer(optim_config, total_steps: int, params) -> tuple[optax.GradientTransformation,
                                                                      optax.Schedule]:
-    """The optax transformation for `params` (a pytree of arrays or shapes) and its schedule."""
+    """The optax transformation for `params` (a pytree of arrays or shapes: the trainable part,
+    see step.split_params; `optim.freeze` is applied there, not here) and its schedule."""
     cfg = settings(optim_config)
     schedule = make_schedule(cfg, total_steps)
     no_decay = re.compile(cfg["no_decay"]) if cfg["no_decay"] else None
@@ -92,13 +100,6 @@ def make_optimizer(optim_config, total_steps: int, params) -> tuple[optax.Gradie
                          optax.sgd(schedule, momentum=cfg["b1"] or None))
     if cfg["clip_norm"]:
         tx = optax.chain(optax.clip_by_global_norm(cfg["clip_norm"]), tx)
-
-    if cfg["freeze"]:
-        frozen = re.compile(cfg["freeze"])
-        labels = _path_labels(params, lambda path, _: "frozen" if frozen.search(path) else "train")
-        if "train" not in jax.tree.leaves(labels):
-            raise ConfigError(f"optim.freeze {cfg['freeze']!r} freezes every parameter")
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx, schedule
 
 

@@ -1,10 +1,15 @@
 """The trainer: one loop for every task.
 
 It owns the mesh, sharded state initialisation, the jitted step, checkpoints and resumption,
-logging and evaluation scheduling. A task (see `vlmjax/train/tasks/`) supplies the model, the
-loss and the evaluators; nothing here knows what a contrastive loss is.
+logging and evaluation scheduling. A task (the contract: `vlmjax/train/tasks/base.py`) supplies
+the model, the loss, the input transform and the evaluators; nothing here knows what a
+contrastive loss is.
 
-Top-level config keys read here are listed in `TRAINER_KEYS`; each task lists its own.
+Top-level config keys read here are listed in `TRAINER_KEYS`; each task lists its own in
+`config_keys`; a top-level key in neither is an error. The whole config is validated (the task
+is built, which checks its sections) before anything is written to the workdir. Resuming
+compares the config with the workdir's config.json only when a checkpoint exists, ignoring the
+keys in `RESULT_NEUTRAL_KEYS`.
 """
 from __future__ import annotations
 
@@ -13,7 +18,6 @@ import json
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -28,12 +32,9 @@ TRAINER_KEYS = {
     "task": "task name (see vlmjax/train/tasks)",
     "seed": "seed of parameter init, dropout and data order",
     "total_steps": "number of optimiser updates",
-    "model": "task model config",
-    "model_init": "pretrained weights to start from ('' = random init)",
-    "loss": "task loss config",
-    "data": "training data source (vlmjax.data.pipeline)",
-    "input": "preprocessing, tokenizer and global_batch_size (vlmjax.data.pipeline)",
-    "evals": "evaluators and their schedule",
+    "model_init": "pretrained weights to start from ('' = random init), passed to the task's "
+                  "pretrained_params",
+    "evals": "use_ema (also evaluate the EMA params) and named evaluators, built by the task",
     "optim": "optimiser config (vlmjax.train.optim)",
     "mesh": "mesh axis sizes: data, fsdp, tensor (-1 = the rest)",
     "sharding_rules": "logical axis -> mesh axis overrides",
@@ -46,6 +47,10 @@ TRAINER_KEYS = {
                    "vlmjax/train/input_shards.py",
 }
 CHECKPOINT_KEYS = ("every", "keep", "keep_period", "async_save")
+# Keys (and sections) that cannot change the trained params: a resumed run may change them
+# freely. Evaluators only read params, so all of `evals` is here.
+RESULT_NEUTRAL_KEYS = ("data.data_dir", "log_every", "checkpoint", "peak_flops",
+                       "input.prefetch_batches", "evals")
 
 
 class ConfigMismatchError(ValueError):
@@ -56,8 +61,14 @@ class NonFiniteError(FloatingPointError):
     pass
 
 
-def check_config(config: ml_collections.ConfigDict):
-    config_lib.check_keys(config, TRAINER_KEYS, "config")
+def check_config(config: ml_collections.ConfigDict, mesh=None):
+    """Validate the whole config: the trainer's keys, the task's keys and (by building the
+    task, which checks its sections) every section. Returns the task. Pure: touches no disk."""
+    if "task" not in config:
+        raise config_lib.ConfigError("config.task is missing: name one of the tasks in "
+                                     "vlmjax/train/tasks/__init__.py")
+    task_class = get_task(config.task)
+    config_lib.check_keys(config, {**TRAINER_KEYS, **task_class.config_keys}, "config")
     config_lib.check_keys(config.get("checkpoint", {}), CHECKPOINT_KEYS, "checkpoint")
     if config.get("nonfinite", "skip") not in step_lib.NONFINITE_POLICIES:
         raise config_lib.ConfigError(f"config.nonfinite {config.nonfinite!r} is not one of "
@@ -68,17 +79,34 @@ def check_config(config: ml_collections.ConfigDict):
     if int(config.get("total_steps", 0)) < 1:
         raise config_lib.ConfigError(f"config.total_steps must be >= 1, got "
                                      f"{config.get('total_steps')}")
+    use_ema = config.get("evals", {}).get("use_ema", False)
+    if not isinstance(use_ema, bool):
+        raise config_lib.ConfigError(f"config.evals.use_ema must be True or False, got "
+                                     f"{use_ema!r}")
+    settings = optim.settings(config.get("optim", {}))
+    if use_ema and not settings["ema_decay"]:
+        raise config_lib.ConfigError("config.evals.use_ema needs an EMA: set optim.ema_decay "
+                                     "(e.g. 0.999)")
+    mesh = mesh or sharding.make_mesh(config.get("mesh", {"data": -1}))
+    return task_class(config, mesh)
 
 
-def _check_saved_config(workdir: str, config, allow_config_change: bool):
-    """Refuse to resume a workdir with a different config unless told to."""
+def _changed_keys(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ, leaving out RESULT_NEUTRAL_KEYS."""
+    def neutral(key):
+        return any(key == n or key.startswith(n + ".") for n in RESULT_NEUTRAL_KEYS)
+    return sorted(k for k in set(config_lib.flat_keys(old)) | set(config_lib.flat_keys(new))
+                  if not neutral(k) and _lookup(old, k) != _lookup(new, k))
+
+
+def _check_saved_config(workdir: str, config, allow_config_change: bool, has_checkpoint: bool):
+    """Refuse to resume a checkpoint written with a different config unless told to. A
+    workdir without a checkpoint (e.g. a first run that failed) holds no run to protect."""
     path = gfile.join(workdir, "config.json")
     new = json.loads(config_lib.to_json(config))
-    if gfile.exists(path):
-        old = json.loads(gfile.read_text(path))
-        if old != new and not allow_config_change:
-            changed = sorted(k for k in set(config_lib.flat_keys(old)) | set(
-                config_lib.flat_keys(new)) if _lookup(old, k) != _lookup(new, k))
+    if has_checkpoint and gfile.exists(path) and not allow_config_change:
+        changed = _changed_keys(json.loads(gfile.read_text(path)), new)
+        if changed:
             raise ConfigMismatchError(
                 f"workdir {workdir} holds a run with a different config (changed: "
                 f"{', '.join(changed[:10])}); use another workdir or pass "
@@ -102,20 +130,20 @@ def _lookup(tree, dotted):
 class TrainResult:
     metrics: dict           # the last evaluation's metrics
     state: step_lib.TrainState
+    train_metrics: dict = dataclasses.field(default_factory=dict)  # the last logged interval's
+    summary_metrics: tuple = ()  # the task's (see tasks/base.py), for the final table
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           allow_config_change: bool = False, stop_after: int | None = None) -> TrainResult:
     """Train (or resume) `config` in `workdir`; returns the last eval metrics and the state.
     `stop_after`: stop (with a checkpoint) after this many steps of this call, for tests."""
-    check_config(config)
-    gfile.makedirs(workdir)
-    _check_saved_config(workdir, config, allow_config_change)
     mesh = sharding.make_mesh(config.get("mesh", {"data": -1}))
+    task = check_config(config, mesh)  # everything is validated before the workdir is touched
     rules = sharding.logical_rules(config.get("sharding_rules", None))
-    task = get_task(config.task)(config, mesh)
     total_steps, batch_size = int(config.total_steps), int(config.input.global_batch_size)
     optim_settings = optim.settings(config.optim)
+    ema_decay = float(optim_settings["ema_decay"])
     rng = jax.random.PRNGKey(int(config.get("seed", 0)))
     init_rng, state_rng = jax.random.split(rng)
 
@@ -123,16 +151,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     boxed = jax.eval_shape(task.init_params, init_rng)
     param_shardings = sharding.param_shardings(boxed, mesh, rules)
     abstract_params = nn.meta.unbox(boxed)
-    tx, schedule = optim.make_optimizer(config.optim, total_steps, abstract_params)
-    abstract_state = jax.eval_shape(
-        lambda p: step_lib.init_state(p, tx, state_rng), abstract_params)
-    state_shardings = _state_shardings(abstract_state, param_shardings, mesh, tx)
+    mask = step_lib.trainable_mask(abstract_params, task.trainable, optim_settings["freeze"])
+    abstract_trainable, _ = step_lib.split_params(abstract_params, mask)
+    tx, schedule = optim.make_optimizer(config.optim, total_steps, abstract_trainable)
+    boxed_extra = jax.eval_shape(task.extra_state, abstract_params)
+    extra_shardings = sharding.param_shardings(boxed_extra, mesh, rules)  # unboxed: replicated
 
+    def init_state(params):
+        return step_lib.init_state(params, tx, state_rng, trainable=mask,
+                                   task_extra=nn.meta.unbox(task.extra_state(params)),
+                                   ema=bool(ema_decay))
+
+    abstract_state = jax.eval_shape(init_state, abstract_params)
+    state_shardings = _state_shardings(abstract_state, param_shardings, extra_shardings, mask,
+                                       mesh, tx)
+
+    gfile.makedirs(workdir)
     ckpt_cfg = config.get("checkpoint", {})
     checkpointer = checkpoint.Checkpointer(
         workdir, every=ckpt_cfg.get("every", 1000), keep=ckpt_cfg.get("keep", 3),
         keep_period=ckpt_cfg.get("keep_period", 0), async_save=ckpt_cfg.get("async_save", True))
     latest = checkpointer.latest_step()
+    _check_saved_config(workdir, config, allow_config_change, latest is not None)
     if latest is not None:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_shardings)
@@ -147,37 +187,44 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
             else:
                 params = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)),
                                  out_shardings=param_shardings)(init_rng)
-            state = jax.jit(lambda p: step_lib.init_state(p, tx, state_rng),
-                            out_shardings=state_shardings)(params)
+            state = jax.jit(init_state, out_shardings=state_shardings)(params)
         data_state = {}
 
     start_step = int(jax.device_get(state.step))
     train_input = prefetch.DevicePrefetcher(  # the next batch goes to the devices while
         _train_input(task, config, data_state),  # the step runs (issue #7)
         lambda host_batch: sharding.host_batch_to_global(host_batch, mesh))
+    accum_steps = int(optim_settings["accum_steps"])
     train_step = jax.jit(
-        step_lib.make_train_step(task.loss_fn, tx, schedule,
-                                 accum_steps=int(optim_settings["accum_steps"]), mesh=mesh),
+        step_lib.make_train_step(task.loss_fn, tx, schedule, accum_steps=accum_steps, mesh=mesh,
+                                 trainable=mask, update_extra=task.update_extra,
+                                 ema_decay=ema_decay),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
     writer = metrics_lib.MetricsWriter(workdir)
-    peak = float(config.get("peak_flops", 0)) or _measured_peak_flops()
-    progress = metrics_lib.Progress(total_steps, start_step, batch_size,
-                                    task.flops_per_example(batch_size), peak * mesh.size)
     log_every = int(config.get("log_every", 50))
     policy = config.get("nonfinite", "skip")
+    use_ema = bool(config.get("evals", {}).get("use_ema", False))
     from vlmjax.evals.schedule import Schedule  # late: the evaluators import TensorFlow
     evaluators = Schedule(task.evaluators(config.get("evals", ml_collections.ConfigDict())))
-    history, results, step = [], {}, start_step
+    history, results, fetched, step = [], {}, {}, start_step
+    progress = compiled_step = None
     _log(f"training {config.task} for {total_steps} steps, batch {batch_size}, mesh "
          f"{dict(mesh.shape)} over {jax.process_count()} process(es), {train_input.num_shards} "
-         f"data shard(s), {_param_count(abstract_params) / 1e6:.2f}M params")
+         f"data shard(s), {_param_count(abstract_params) / 1e6:.2f}M params "
+         f"({_param_count(abstract_trainable) / 1e6:.2f}M trainable)")
     try:
         with distributed.StopSignal() as stop, jax.set_mesh(mesh):
             while step < total_steps:
                 batch = next(train_input)
-                state, step_metrics = train_step(state, batch)
+                if compiled_step is None:  # compiled once, for the step and its FLOP count
+                    compiled_step = train_step.lower(state, batch).compile()
+                    progress = metrics_lib.Progress(
+                        total_steps, start_step, batch_size,
+                        task.flops_per_example(compiled_step, batch_size, accum_steps),
+                        _peak_flops(config, task) * mesh.size, task.summary_metrics)
+                state, step_metrics = compiled_step(state, batch)
                 step += 1
                 history.append(step_metrics)
                 last = step == total_steps
@@ -199,7 +246,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                             f"non-finite loss or gradient before step {step} (config.nonfinite="
                             f"'stop'); the last checkpoint in {checkpointer.directory} is intact")
                 if evaluators.due(step, last):
-                    results = evaluators.run(state.params, step, last)
+                    results = _evaluate(evaluators, state, step, last, mask if use_ema else None)
                     _check_processes_agree(results)
                     writer.write(step, results)
                     _print_results(step, results)
@@ -215,7 +262,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         checkpointer.close()  # waits for the async save in flight
         writer.close()
         train_input.close()
-    return TrainResult(results, state)
+    return TrainResult(results, state, fetched, tuple(task.summary_metrics))
+
+
+def _evaluate(evaluators, state, step: int, last: bool, ema_mask) -> dict:
+    """The evaluators on the raw params and, if `ema_mask` (evals.use_ema), on the EMA params,
+    whose metrics get the prefix 'ema/'."""
+    results = evaluators.run(state.params, step, last)
+    if ema_mask is not None:
+        ema = evaluators.run(step_lib.ema_params(state, ema_mask), step, last)
+        results.update({f"ema/{k}": v for k, v in ema.items()})
+    return results
+
+
+def _peak_flops(config, task) -> float:
+    """Per-device peak FLOP/s, the MFU denominator: config.peak_flops if set, else the data
+    sheet's for the device kind and the task's compute dtype, else (CPU, unlisted chips) the
+    measured float32 matmul rate."""
+    from vlmjax.train import flops
+    if float(config.get("peak_flops", 0)):
+        return float(config.peak_flops)
+    return flops.device_peak_flops(dtype=task.compute_dtype) or _measured_peak_flops()
 
 
 def _log(message: str):
@@ -249,7 +316,8 @@ def _check_processes_agree(results: dict):
     if jax.process_count() == 1 or not results:
         return
     from jax.experimental import multihost_utils
-    values = np.asarray([v for k, v in sorted(results.items()) if k != "eval/seconds"],
+    values = np.asarray([v for k, v in sorted(results.items())
+                         if not k.endswith("eval/seconds")],  # timings differ (ema/ too)
                         np.float32)  # what the collective carries (float64 would be cast)
     multihost_utils.assert_equal(values, "evaluation results differ between processes")
 
@@ -261,13 +329,18 @@ def _measured_peak_flops() -> float:
     return per_host / max(len(jax.local_devices()), 1)
 
 
-def _state_shardings(abstract_state, param_shardings, mesh, tx):
-    """Optimiser moments mirror their params' shardings; everything else is replicated."""
+def _state_shardings(abstract_state, param_shardings, extra_shardings, mask, mesh, tx):
+    """Optimiser moments and the EMA mirror their params' shardings; the task's extra state is
+    sharded by its logical axes (replicated if unboxed); everything else is replicated."""
     replicated = sharding.replicated(mesh)
-    opt = optax.tree_map_params(tx, lambda _, sh: sh, abstract_state.opt_state, param_shardings,
-                                transform_non_params=lambda _: replicated)
+    trainable_shardings, _ = step_lib.split_params(param_shardings, mask)
+    opt = optax.tree_map_params(tx, lambda _, sh: sh, abstract_state.opt_state,
+                                trainable_shardings, transform_non_params=lambda _: replicated)
+    extra = {"task": extra_shardings}
+    if "ema" in abstract_state.extra:
+        extra["ema"] = trainable_shardings
     return step_lib.TrainState(step=replicated, params=param_shardings, opt_state=opt,
-                               rng=replicated, nonfinite_steps=replicated)
+                               rng=replicated, nonfinite_steps=replicated, extra=extra)
 
 
 def _param_count(params) -> int:

@@ -1,13 +1,11 @@
 """Tasks: what a learning strategy adds to the shared trainer.
 
-A task class is built as `Task(config, mesh)` and provides:
-  init_params(rng) -> boxed params (nn.LogicallyPartitioned leaves)
-  loss_fn(params, batch, rng) -> (loss, metrics)     (pure; jitted by the trainer)
-  train_input(data_state, shard, num_shards) -> iterator of numpy batches of data shard `shard`
-                                         of `num_shards`, with .get_state() and .skip_counts
-                                         (see vlmjax/train/input_shards.py)
-  evaluators() -> vlmjax.train.evaluation.Schedule
-  flops_per_example(batch_size) -> float
+A task is a class built as `Task(config, mesh)` that satisfies the `Task` protocol of
+`vlmjax/train/tasks/base.py` (config_keys, init_params, pretrained_params, trainable,
+extra_state / update_extra, loss_fn, example_transform, train_input, evaluators,
+summary_metrics, flops_per_example, compute_dtype); subclassing `base.TaskDefaults` supplies the
+optional members. Registering a task is one line in `TASKS`: name -> "module:Class", imported
+only when a config names it.
 """
 from __future__ import annotations
 
@@ -15,7 +13,9 @@ import importlib
 
 from vlmjax.config import ConfigError
 
-TASKS = {"contrastive": "vlmjax.train.tasks.contrastive:ContrastiveTask"}
+TASKS = {
+    "contrastive": "vlmjax.train.tasks.contrastive:ContrastiveTask",
+}
 
 
 def get_task(name: str):

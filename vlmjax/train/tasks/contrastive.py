@@ -1,19 +1,19 @@
 """Contrastive task (CLIP, ALIGN, SigLIP, LiT): a TwoTowers model and a contrastive loss.
 
-Config keys read here:
+Implements the task contract of vlmjax/train/tasks/base.py. Config keys it owns
+(`config_keys`; the trainer's are in trainer.TRAINER_KEYS):
   model        TwoTowers keyword arguments (image_arch: 'vit' | 'cnn'; image: ViT or ConvNet
                kwargs; text: TextTransformer kwargs; embed_dim, *_projection[_bias],
                temperature_init, bias_init) plus `dtype`
                ('float32' | 'bfloat16': the compute dtype; parameters stay float32)
-  model_init   '' or a pretrained source for vlmjax.convert.load_pretrained (HF dir, .npz,
-               converted dir)
-  loss         name: 'clip' | 'siglip'; impl: 'dense' | 'all_gather' | 'ppermute' (siglip)
-  data, input  the training data and its preprocessing (vlmjax.data.pipeline); evaluation
-               reads `evals.*.splits` of the same source, without random ops;
+  loss         name: 'clip' | 'siglip'; impl (siglip only): 'dense' | 'all_gather' | 'ppermute'
+  data, input  the training data and its preprocessing (vlmjax.data.pipeline);
                input.hard_negatives adds word-swapped negative captions to the loss
                (losses.contrastive.hard_negative_loss)
-  evals        every (steps, 0 = only at the end), batch_size, zero_shot (splits, templates:
-               'clip' | 'name' | 'vlm_shapes'), retrieval (splits, max_images); see `evaluators`
+It also reads (trainer keys) model_init, '' or a pretrained source for
+vlmjax.convert.load_pretrained (HF dir, .npz, converted dir), and evals (see `evaluators`).
+Everything is trainable; LiT freezes the image tower with optim.freeze='^image_tower/'. No extra
+state; the progress line shows the temperature t and (SigLIP) the bias b.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from vlmjax.losses import contrastive
 from vlmjax.models import scan_layout
 from vlmjax.models.text import TextTransformer
 from vlmjax.models.two_towers import IMAGE_TOWERS, TwoTowers, with_defaults
-from vlmjax.train import flops
+from vlmjax.train.tasks.base import TaskDefaults
 
 LOSSES = ("clip", "siglip")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -74,14 +74,25 @@ def _check_architecture(src: str, model_config):
                           + "; ".join(diffs[:6]))
 
 
-class ContrastiveTask:
+class ContrastiveTask(TaskDefaults):
+    config_keys = {
+        "model": "TwoTowers kwargs and dtype (see this module's docstring)",
+        "loss": "name: clip | siglip; impl (siglip): dense | all_gather | ppermute",
+        "data": "training data source (vlmjax.data.pipeline)",
+        "input": "preprocessing, tokenizer, hard_negatives and global_batch_size",
+    }
+    summary_metrics = (("temperature", "t"), ("bias", "b"))
+
     def __init__(self, config: ml_collections.ConfigDict, mesh):
         self.config, self.mesh = config, mesh
         self.model = TwoTowers(**model_kwargs(config.model))
-        check_keys(config.loss, ("name", "impl"), "loss")
-        self.loss_name = config.loss.name
+        self.compute_dtype = config.model.get("dtype", "float32")
+        self.loss_name = config.loss.get("name")
         if self.loss_name not in LOSSES:
             raise ConfigError(f"loss.name {self.loss_name!r} is not one of {LOSSES}")
+        # impl picks how the sigmoid loss is sharded; CLIP's softmax has one implementation.
+        check_keys(config.loss, ("name", "impl") if self.loss_name == "siglip" else ("name",),
+                   "loss")
         self.impl = config.loss.get("impl", "ppermute")
         if self.impl not in contrastive.SIGLIP_IMPLS:
             raise ConfigError(f"loss.impl {self.impl!r} is not one of {contrastive.SIGLIP_IMPLS}")
@@ -99,7 +110,8 @@ class ContrastiveTask:
         text = jnp.zeros((1, self.text_length), jnp.int32)
         return self.model.init({"params": rng}, image, text)["params"]
 
-    def loss_fn(self, params, batch, rng):
+    def loss_fn(self, params, extra, batch, rng):
+        del extra  # no extra state
         zimg, ztxt, out = self.model.apply(
             {"params": params}, batch["image"], batch["text"], batch["text_mask"], train=True,
             rngs={"dropout": rng})
@@ -143,12 +155,6 @@ class ContrastiveTask:
                 f"{[loaded.get(k) for k in diff[:3]]}); build config.model from the pretrained "
                 "config (see configs/siglip/finetune_from_hf.py)")
         return params
-
-    def flops_per_example(self, batch_size: int) -> float:
-        negatives = self.config.input.get("hard_negatives") or {}
-        return flops.two_towers_train_flops_per_example(
-            model_kwargs(self.config.model), self.image_size, self.text_length,
-            batch_size, hard_negatives=negatives.get("count", 0))
 
     # ------------------------------------------------------------------------------------ data
     def example_transform(self, training: bool) -> list[str]:
