@@ -149,27 +149,30 @@ class EvalData:
         prepare_fn = preprocess.make_preprocess_fn(
             eval_preprocess(self.input_config.preprocess), self.image_size)
 
-        def prepare(record):
+        def prepare(index, record):
             example = prepare_fn({"image": preprocess.decode(record["image"]),
                                   "texts": record["texts"], "_seed": tf.zeros([2], tf.int64)})
             return {"image": example["image"], "label": record["label"],
-                    "texts": record["texts"]}
+                    "texts": record["texts"], "index": index}
 
-        dataset = (records.filter(lambda r: r["_skip_reason"] == 0)
+        dataset = (records.enumerate().filter(lambda _, r: r["_skip_reason"] == 0)
                    .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
                    .ignore_errors())  # undecodable images: skipped, counted below
         if limit:
             dataset = dataset.take(limit)
         dataset = dataset.batch(batch_size).prefetch(2)
-        seen = 0
+        seen, last_index = 0, -1
         for chunk in dataset.as_numpy_iterator():
             seen += len(chunk["label"])
+            last_index = int(chunk["index"][-1])
             captions = [[t.decode("utf-8", "replace") for t in texts] for texts in chunk["texts"]]
             yield embed.pad_batch({"image": chunk["image"].astype(np.float32),
                                    "label": chunk["label"].astype(np.int32)}, batch_size), captions
         if not seen:
             raise ValueError(f"evaluation data ({self.describe()}) has no usable examples")
-        self.skipped = (max(_num_records(source) - seen, 0) if not limit else 0)
+        # Records read: all of them, or (stopped at `limit`) up to the last one used.
+        read = last_index + 1 if limit and seen == limit else _num_records(source)
+        self.skipped = max(read, last_index + 1) - seen
 
 
 def _num_records(source) -> int:
