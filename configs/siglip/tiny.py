@@ -8,8 +8,11 @@ text tower of token + position embeddings pooled by one attention (MAP) head, no
 layers (`text_depth=0`); each image also scored against 7 copies of its caption with the shape
 words swapped (NegCLIP-style hard negatives, input.hard_negatives), without which shape is not
 learned; AdamW at lr 2e-3; 2000 steps of batch 128 (256k examples, ~5 epochs).
-Measured (README): 92.0% and 93.4% zero-shot top-1 on vlm_shapes test in two runs, image->text
-R@1 79.7% / 77.1%; about 8.5 min of training at ~500 examples/s on a 2-core CPU.
+Evaluations (at the end): zero-shot on vlm_shapes validation (recipes are chosen on it), test and
+test_novel (reported), image-text retrieval on test; metrics zero_shot/<entry>/top1, ...
+Measured in this repository (README): 92.0% and 93.4% zero-shot top-1 on vlm_shapes test in two
+runs, image->text R@1 79.7% / 77.1%; about 8.5 min of training at ~500 examples/s on a 2-core
+CPU.
 Presets: runlocal (a few steps, tiny data, for tests), steps=N, batch=N, lr=X, image=cnn|vit,
 text_depth=N (transformer layers of the text tower; 0 = embeddings + MAP pooling, >0 pools the
 last token), negatives=N (hard-negative captions per image; 0 = off). The earlier ViT recipe,
