@@ -110,7 +110,8 @@ class Evaluator:
     def metric_names(self, metrics: dict) -> dict:
         """{metric: v} -> {'{type}/{name}/{metric}': v}; says how many bad records the data
         pass skipped (never silently)."""
-        if self.data.skipped:
+        import jax
+        if self.data.skipped and jax.process_index() == 0:
             print(f"warning: evals.{self.name}: skipped {self.data.skipped} bad record(s) of "
                   f"{self.data.describe()}", flush=True)
         return {f"{self.type}/{self.name}/{k}": v for k, v in metrics.items()}
