@@ -214,6 +214,24 @@ class EncoderBlock(nn.Module):
         return constrain(x, RESIDUAL_BLD)
 
 
+class EncoderTower(nn.Module):
+    """The fields every transformer tower (ViT, TextTransformer) declares for its encoder and
+    MAP head; `block_kwargs`, `encoder` and `map_head` read them."""
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int | None = None   # default 4 * width
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    fused_attention: bool = False
+    remat: str = "none"          # none | full | save-dots (REMAT_POLICIES)
+    scan_layers: bool = False    # nn.scan over the blocks (Encoder)
+    dtype: Dtype = jnp.float32
+
+
 def block_kwargs(tower) -> dict:
     """EncoderBlock arguments from the fields a tower (ViT, TextTransformer) declares."""
     return dict(num_heads=tower.num_heads, mlp_dim=tower.mlp_dim or 4 * tower.width,

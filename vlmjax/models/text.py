@@ -15,7 +15,7 @@ def last_valid_index(text_mask):
     return jnp.maximum(length - 1 - jnp.argmax(text_mask[:, ::-1], axis=1), 0) * text_mask.any(1)
 
 
-class TextTransformer(nn.Module):
+class TextTransformer(layers.EncoderTower):
     """Token ids [B, L] (+ bool mask [B, L], True = real token) -> [B, width] pooled features,
     or [B, L, width] for `pool="none"`.
 
@@ -25,22 +25,11 @@ class TextTransformer(nn.Module):
     """
     vocab_size: int = 32_000
     max_len: int = 64
-    width: int = 512
-    depth: int = 12
+    width: int = 512             # the other encoder fields: layers.EncoderTower's
     num_heads: int = 8
-    mlp_dim: int | None = None  # default 4 * width
     causal: bool = False
     pool: str = "last"
     eos_id: int | None = None
-    activation: str = "gelu"
-    norm: str = "layernorm"
-    norm_eps: float = 1e-6
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    fused_attention: bool = False
-    remat: str = "none"          # none | full | save-dots (layers.REMAT_POLICIES)
-    scan_layers: bool = False    # nn.scan over the blocks (layers.Encoder)
-    dtype: layers.Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, tokens, text_mask=None, *, train: bool = False):

@@ -43,7 +43,7 @@ class ConvStem(nn.Module):
                         bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))(x)
 
 
-class ViT(nn.Module):
+class ViT(layers.EncoderTower):
     """Images [B, H, W, 3] -> pooled features [B, width] (or all tokens [B, N, width] for
     `pool="none"`).
 
@@ -51,12 +51,9 @@ class ViT(nn.Module):
     that block's hidden states instead: blocks after it are not built and no final norm is applied;
     the pooling still applies. A class token (CLIP layout: prepended, covered by the learned
     position embedding) is used when `class_token` is set, by default iff `pool="cls"`.
+    The encoder's fields (width 768, depth 12, num_heads 12, ...) are layers.EncoderTower's.
     """
     patch_size: int = 16
-    width: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_dim: int | None = None  # default 4 * width
     posemb: str = "learn"
     pool: str = "map"
     class_token: bool | None = None
@@ -64,15 +61,6 @@ class ViT(nn.Module):
     patch_bias: bool = True      # CLIP's patch embedding has no bias
     stem: str = "patch"          # "conv": ConvStem (patch_size must be a power of two)
     output_layer: int | None = None
-    activation: str = "gelu"
-    norm: str = "layernorm"
-    norm_eps: float = 1e-6
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    fused_attention: bool = False
-    remat: str = "none"          # none | full | save-dots (layers.REMAT_POLICIES)
-    scan_layers: bool = False    # nn.scan over the blocks (layers.Encoder)
-    dtype: layers.Dtype = jnp.float32
 
     def _check(self):
         if self.pool not in POOLS:
