@@ -127,7 +127,9 @@ def _fitted(entry: InitEntry, ours: str, theirs: Any, want: Any) -> Any:
     if problems:
         read = f" (read from its {entry.prefix!r})" if entry.prefix else ""
         raise ConfigError(f"{entry.name}: {entry.source}{read} does not fit config.model at "
-                          f"{len(problems)} parameter(s):\n  {format_problems(problems)}")
+                          f"{len(problems)} parameter(s) (build config.model from the source's "
+                          f"config: vlmjax.convert.pretrained_recipe):\n  "
+                          f"{format_problems(problems)}")
     return theirs
 
 

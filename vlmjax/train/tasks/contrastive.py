@@ -11,12 +11,14 @@ Implements the task contract of vlmjax/train/tasks/base.py. Config keys it owns
                input.hard_negatives adds word-swapped negative captions to the loss
                (losses.contrastive.hard_negative_loss)
 It also reads (trainer keys) model_init, '' or a pretrained source for
-vlmjax.convert.load_pretrained (HF dir, .npz, converted dir), and evals (see `evaluators`).
+vlmjax.convert.load_pretrained (HF dir, .npz, converted dir) or one per tower, {"image": SRC,
+"text": SRC} (see `pretrained_params`), and evals (see `evaluators`).
 Everything is trainable; LiT freezes the image tower with optim.freeze='^image_tower/'. No extra
 state; the progress line shows the temperature t and (SigLIP) the bias b.
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,12 +27,14 @@ from vlmjax import sharding
 from vlmjax.config import ConfigError, check_keys
 from vlmjax.losses import contrastive
 from vlmjax.models import scan_layout
+from vlmjax.models.layers import DTYPES
 from vlmjax.models.text import TextTransformer
 from vlmjax.models.two_towers import IMAGE_TOWERS, TwoTowers, with_defaults
 from vlmjax.train.tasks.base import TaskDefaults
 
 LOSSES = ("clip", "siglip")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# model_init sub-models: the parameter subtrees each one owns (vlmjax/convert/model_init.py).
+SUB_MODELS = {"image": ("image_tower", "image_proj"), "text": ("text_tower", "text_proj")}
 
 
 def model_kwargs(model_config) -> dict:
@@ -47,30 +51,36 @@ COMPUTE_SWITCHES = ("dtype", "remat", "scan_layers", "fused_attention", "dropout
                     "attention_dropout")
 
 
-def _check_architecture(src: str, model_config):
+def _check_architecture(src: str, model_config, sub_model: str | None = None):
     """Shapes alone miss e.g. another activation or pooling: compare every field that defines
-    the function the pretrained weights compute."""
+    the function the pretrained weights compute (of `sub_model`'s tower only, when given)."""
     from vlmjax.convert.recipe import pretrained_recipe
     pretrained = pretrained_recipe(src).model_config
     ours = model_kwargs(model_config)
+    towers = ("image", "text") if sub_model is None else (sub_model,)
+    name = "model_init" if sub_model is None else f"model_init.{sub_model}"
     arch, their_arch = ours.get("image_arch", "vit"), pretrained.get("image_arch", "vit")
-    if arch != their_arch:
+    if "image" in towers and arch != their_arch:
         raise ConfigError(f"config.model.image_arch {arch!r} differs from the image tower of "
-                          f"model_init {src} ({their_arch!r})")
+                          f"{name} {src} ({their_arch!r})")
     diffs = []
-    for tower, module in (("image", IMAGE_TOWERS[arch]), ("text", TextTransformer)):
-        theirs, mine = with_defaults(module, pretrained.get(tower)), with_defaults(
-            module, ours.get(tower))
+    modules = {"image": IMAGE_TOWERS[arch], "text": TextTransformer}
+    for tower in towers:
+        theirs, mine = with_defaults(modules[tower], pretrained.get(tower)), with_defaults(
+            modules[tower], ours.get(tower))
         for key in sorted(set(theirs) - set(COMPUTE_SWITCHES)):
             if theirs[key] != mine[key]:
                 diffs.append(f"model.{tower}.{key}: config {mine[key]!r}, pretrained "
                              f"{theirs[key]!r}")
     theirs, mine = with_defaults(TwoTowers, pretrained), with_defaults(TwoTowers, ours)
     for key in sorted(set(theirs) - {"image", "text"} - set(IGNORED_IN_ARCHITECTURE)):
+        # A sub-model's own fields: its projection (image_projection, ...) and embed_dim.
+        if sub_model is not None and not (key.startswith(f"{sub_model}_") or key == "embed_dim"):
+            continue
         if theirs[key] != mine[key]:
             diffs.append(f"model.{key}: config {mine[key]!r}, pretrained {theirs[key]!r}")
     if diffs:
-        raise ConfigError(f"config.model differs from the architecture of model_init {src}: "
+        raise ConfigError(f"config.model differs from the architecture of {name} {src}: "
                           + "; ".join(diffs[:6]))
 
 
@@ -130,31 +140,34 @@ class ContrastiveTask(TaskDefaults):
                 out["bias"] if self.loss_name == "siglip" else None)
         return loss, dict(out)
 
-    def pretrained_params(self, src: str, abstract_params, shardings):
-        """Params of `config.model_init`, checked against this model's, placed by `shardings`."""
-        from vlmjax.convert import load_pretrained  # late: pulls in the converters
+    def pretrained_params(self, model_init, abstract_params, shardings):
+        """Params of `config.model_init`, checked against this model's, placed by `shardings`:
+        one source for the whole model, or {"image": SRC, "text": SRC} (either alone; each SRC
+        may be {"source": SRC, "prefix": PATH}), see vlmjax/convert/model_init.py. A tower not
+        named keeps the random init of config.seed, as do t and b."""
+        from vlmjax.convert import load_pretrained, model_init as model_init_lib
         from vlmjax.convert.pretrained import source_kind
-        if source_kind(src) != "big_vision":  # an .npz has no config to compare against
-            _check_architecture(src, self.config.model)
+        entries = model_init_lib.parse_model_init(model_init, SUB_MODELS)
+        for entry in entries:  # a prefix reads another model's subtree: shapes are checked
+            if entry.prefix is None and source_kind(entry.source) != "big_vision":  # no config
+                _check_architecture(entry.source, self.config.model, entry.sub_model)
+        # One whole-model source in the layout we want loads straight into the shardings.
+        direct = (len(entries) == 1 and entries[0].sub_model is None and not entries[0].prefix
+                  and not scan_layout.is_scanned(abstract_params))
         size = (self.image_size, self.image_size)
-        scanned = scan_layout.is_scanned(abstract_params)
-        _, params, _ = load_pretrained(src, image_size=size,
-                                       shardings=None if scanned else shardings)
-        if scanned:  # converters write the unrolled block{i} layout
-            params = jax.device_put(scan_layout.to_scanned(params), shardings)
-        expected = {jax.tree_util.keystr(p): x.shape
-                    for p, x in jax.tree_util.tree_leaves_with_path(abstract_params)}
-        loaded = {jax.tree_util.keystr(p): x.shape
-                  for p, x in jax.tree_util.tree_leaves_with_path(params)}
-        if expected != loaded:
-            diff = sorted(k for k in set(expected) | set(loaded)
-                          if expected.get(k) != loaded.get(k))
-            raise ConfigError(
-                f"model_init {src} does not match config.model at {len(diff)} parameter(s), "
-                f"e.g. {diff[:3]} (config: {[expected.get(k) for k in diff[:3]]}, pretrained: "
-                f"{[loaded.get(k) for k in diff[:3]]}); build config.model from the pretrained "
-                "config (see configs/siglip/finetune_from_hf.py)")
-        return params
+
+        def load(src):
+            return load_pretrained(src, image_size=size,
+                                   shardings=shardings if direct else None)[1]
+
+        def init_random():  # the trainer's own init rng, so unnamed towers init as without
+            rng = jax.random.split(jax.random.PRNGKey(int(self.config.get("seed", 0))))[0]
+            return jax.jit(lambda r: nn.meta.unbox(self.init_params(r)),
+                           out_shardings=shardings)(rng)
+
+        params = model_init_lib.assemble_params(entries, SUB_MODELS, abstract_params, load,
+                                                init_random)
+        return jax.device_put(params, shardings)
 
     # ------------------------------------------------------------------------------------ data
     def example_transform(self, training: bool) -> list[str]:
