@@ -1,5 +1,4 @@
 """Attention, masks, MLP, norms, position embeddings and MAP head against numpy references."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -3,8 +3,9 @@
 Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`)
 through `nn.with_logical_partitioning`, and activations are constrained by their own names
 (`act_batch`, `act_length`, `act_embed`, `act_heads`, `act_mlp`) through `sharding.constrain`, so
-how either is sharded is a config rule (see `vlmjax.sharding`), not code. Parameters are float32; `dtype` is the compute dtype. Masks are boolean, True = attend,
-shaped [B, 1 or H, Lq, Lk].
+how either is sharded is a config rule (see `vlmjax.sharding`), not code. Parameters are
+float32; `dtype` is the compute dtype. Masks are boolean, True = attend, shaped
+[B, 1 or H, Lq, Lk].
 """
 from __future__ import annotations
 
@@ -145,7 +146,8 @@ class MultiHeadAttention(nn.Module):
             return nn.DenseGeneral(
                 (self.num_heads, head_dim), use_bias=self.use_bias, dtype=self.dtype,
                 param_dtype=jnp.float32, name=name,
-                kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "heads", "head_dim")),
+                kernel_init=partitioned(nn.initializers.xavier_uniform(),
+                                        ("embed", "heads", "head_dim")),
                 bias_init=partitioned(nn.initializers.zeros, ("heads", "head_dim")))
 
         q, k, v = (constrain(proj(name)(inputs), HEADS_BLHK)
@@ -157,7 +159,8 @@ class MultiHeadAttention(nn.Module):
         return nn.DenseGeneral(
             self.out_dim or width, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
             param_dtype=jnp.float32, name="out",
-            kernel_init=partitioned(nn.initializers.xavier_uniform(), ("heads", "head_dim", "embed")),
+            kernel_init=partitioned(nn.initializers.xavier_uniform(),
+                                    ("heads", "head_dim", "embed")),
             bias_init=partitioned(nn.initializers.zeros, ("embed",)))(out)
 
 
