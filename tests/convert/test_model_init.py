@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.convert.test_finetune_recipe import finetune_config
+from tests.convert.test_finetune_recipe import data_dir, finetune_config  # noqa: F401 (fixture)
 from tests.convert.test_pretrained import assert_same_params
 from vlmjax import sharding
 from vlmjax.config import ConfigError
@@ -136,3 +136,32 @@ def test_contrastive_sub_model_architecture_mismatch_names_the_sub_model(task_an
     with pytest.raises(ConfigError, match=r"architecture of model_init.text .*"
                                           r"model.text.activation: config 'gelu'"):
         task.pretrained_params({"text": siglip_hf[0]}, abstract, shardings)
+
+
+@pytest.mark.slow
+def test_lit_trains_a_random_text_tower_against_a_frozen_pretrained_image_tower(siglip_hf,
+                                                                                data_dir,
+                                                                                tmp_path):
+    """LiT through the trainer: model_init={"image": SRC} and optim.freeze='^image_tower/'."""
+    from vlmjax.train import trainer
+    from vlmjax.train.checkpoint import restore_params
+    from vlmjax.train.tasks.contrastive import ContrastiveTask
+
+    src = siglip_hf[0]
+    config = finetune_config(src, data_dir, f'model_init={{"image": "{src}"}}',
+                             "optim.lr=1e-3", "evals={}")
+    with config.unlocked():
+        config.optim.freeze = "^image_tower/"
+    result = trainer.train(config, str(tmp_path / "lit"))
+    _, pretrained, _ = load_pretrained(src, image_size=(config.input.image_size,) * 2)
+    task = ContrastiveTask(config, sharding.make_mesh(config.mesh))
+    seed_rng = jax.random.split(jax.random.PRNGKey(int(config.get("seed", 0))))[0]
+    random = nn.meta.unbox(jax.jit(task.init_params)(seed_rng))
+    trained = jax.device_get(result.state.params)
+    assert_same_params(trained["image_tower"], pretrained["image_tower"])  # loaded, frozen
+    # Step 1 runs at lr 0 (warmup): checkpoint 1 holds the init, the text tower's random one.
+    step1 = restore_params(str(tmp_path / "lit"), jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), random), step=1)
+    assert_same_params(step1["text_tower"], random["text_tower"])
+    assert not np.array_equal(trained["text_tower"]["token_embed"]["embedding"],
+                              random["text_tower"]["token_embed"]["embedding"])  # it trained
