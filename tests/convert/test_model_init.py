@@ -92,6 +92,10 @@ def test_errors_name_the_sub_model_and_each_mismatching_parameter_with_both_shap
                                           r"'vision_tower'\]"):
         assemble_params(parse_model_init({"llm": "/wide"}, SUB_MODELS), SUB_MODELS, random,
                         lambda _: wide, lambda: random)
+    nested = {"model": tree(4, **OURS), "head": {"w": np.zeros(3)}}  # the model under a prefix
+    params = assemble_params(parse_model_init({"source": "/n", "prefix": "model"}, SUB_MODELS),
+                             SUB_MODELS, random, lambda _: nested, lambda: random)
+    assert_same_params(params, nested["model"])
     with pytest.raises(ConfigError, match="missing llm/embed"):  # whole model: every parameter
         assemble_params(parse_model_init("/wide", SUB_MODELS), SUB_MODELS, random,
                         lambda _: wide, lambda: random)
