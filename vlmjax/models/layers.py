@@ -9,6 +9,7 @@ float32; `dtype` is the compute dtype. Masks are boolean, True = attend, shaped
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -191,10 +192,11 @@ class MLP(nn.Module):
 
 
 # --------------------------------------------------------------------------- transformer encoder
-class EncoderBlock(nn.Module):
-    """Pre-norm transformer block: x + Attn(Norm(x)); x + MLP(Norm(x))."""
-    num_heads: int
-    mlp_dim: int
+class BlockSettings(nn.Module):
+    """The fields that define a pre-norm transformer block: EncoderBlock computes with them, and
+    every tower (EncoderTower) declares them for its blocks and MAP head."""
+    num_heads: int = 12
+    mlp_dim: int | None = None   # default 4 * width
     activation: str = "gelu"
     norm: str = "layernorm"
     norm_eps: float = 1e-6
@@ -202,6 +204,14 @@ class EncoderBlock(nn.Module):
     attention_dropout: float = 0.0
     fused_attention: bool = False
     dtype: Dtype = jnp.float32
+
+
+BLOCK_FIELDS = tuple(f.name for f in dataclasses.fields(BlockSettings)
+                     if f.name not in ("parent", "name"))
+
+
+class EncoderBlock(BlockSettings):
+    """Pre-norm transformer block: x + Attn(Norm(x)); x + MLP(Norm(x))."""
 
     @nn.compact
     def __call__(self, x, mask=None, train: bool = False):  # train positional: remat's static arg
@@ -211,36 +221,24 @@ class EncoderBlock(nn.Module):
             h, mask=mask, train=train)
         x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
         h = make_norm(self.norm, self.dtype, self.norm_eps, name="norm2")(x)
-        h = MLP(self.mlp_dim, self.activation, dropout=self.dropout,
+        h = MLP(self.mlp_dim or 4 * x.shape[-1], self.activation, dropout=self.dropout,
                 dtype=self.dtype, name="mlp")(h, train=train)
         x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
         return constrain(x, RESIDUAL_BLD)
 
 
-class EncoderTower(nn.Module):
-    """The fields every transformer tower (ViT, TextTransformer) declares for its encoder and
-    MAP head; `block_kwargs`, `encoder` and `map_head` read them."""
+class EncoderTower(BlockSettings):
+    """The fields every transformer tower (ViT, TextTransformer) has: its blocks' settings, its
+    width and depth, and the efficiency switches; `encoder` and `map_head` read them."""
     width: int = 768
     depth: int = 12
-    num_heads: int = 12
-    mlp_dim: int | None = None   # default 4 * width
-    activation: str = "gelu"
-    norm: str = "layernorm"
-    norm_eps: float = 1e-6
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    fused_attention: bool = False
     remat: str = "none"          # none | full | save-dots (REMAT_POLICIES)
     scan_layers: bool = False    # nn.scan over the blocks (Encoder)
-    dtype: Dtype = jnp.float32
 
 
 def block_kwargs(tower) -> dict:
     """EncoderBlock arguments from the fields a tower (ViT, TextTransformer) declares."""
-    return dict(num_heads=tower.num_heads, mlp_dim=tower.mlp_dim or 4 * tower.width,
-                activation=tower.activation, norm=tower.norm, norm_eps=tower.norm_eps,
-                dropout=tower.dropout, attention_dropout=tower.attention_dropout,
-                fused_attention=tower.fused_attention, dtype=tower.dtype)
+    return {field: getattr(tower, field) for field in BLOCK_FIELDS}
 
 
 def encoder(tower, depth: int | None = None, name: str = "encoder") -> "Encoder":
