@@ -44,10 +44,15 @@ class TextTransformer(layers.EncoderTower):
             text_mask = jnp.ones((batch, length), bool)
         text_mask = text_mask.astype(bool)
 
-        x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=jnp.float32,
-                     embedding_init=layers.partitioned(nn.initializers.normal(0.02),
-                                                       ("vocab", "embed")),
-                     name="token_embed")(tokens)
+        token_embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
+                               param_dtype=jnp.float32, name="token_embed",
+                               embedding_init=layers.partitioned(nn.initializers.normal(0.02),
+                                                                 ("vocab", "embed")))
+        # Under FSDP the table's embed dim is gathered before the lookup (as every weight is
+        # before its use): looked up from the sharded table, the [B, L, D] rows would come out
+        # split over `embed`, and XLA would replicate them whole to split them by the batch.
+        table = layers.constrain(token_embed.embedding, ("act_vocab", None))
+        x = jnp.take(table.astype(self.dtype), tokens, axis=0)
         pos = self.param("pos_embedding", layers.partitioned(nn.initializers.normal(0.01),
                                                              (None, None, "embed")),
                          (1, self.max_len, self.width))
