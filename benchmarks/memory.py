@@ -87,7 +87,8 @@ def main(argv=None):
     parser.add_argument("--remat", default=",".join(REMAT_POLICIES))
     parser.add_argument("--multiple", type=int, default=8, help="batch granularity")
     parser.add_argument("--probe", default="8,16", help="the two batches that fit the line")
-    parser.add_argument("--quick", action="store_true", help="CI: micro shape (4 blocks), 32 MiB budget")
+    parser.add_argument("--quick", action="store_true",
+                        help="CI: micro shape (4 blocks), 32 MiB budget")
     args = parser.parse_args(argv)
     shape = common.SHAPES.get(args.shape)
     if args.quick:

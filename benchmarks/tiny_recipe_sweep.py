@@ -1,9 +1,11 @@
 """Zero-shot accuracy on vlm_shapes versus training examples for tiny two-tower recipe variants.
 
-Generates vlm_shapes examples in memory (no TensorFlow), keeps the whole train set on the
-device, and trains each variant with vlmjax's model, loss and train step, evaluating zero-shot
-top-1 on the test split's single-object images every `--eval_every` steps. Used to choose the
-tiny configs' settings on an accelerator, where a variant takes seconds:
+Generates vlm_shapes examples in memory (no TensorFlow data pipeline), keeps the whole train set
+on the device, and trains each variant with the contrastive task's loss (`ContrastiveTask.loss_fn`),
+the trainer's optimiser (`optim.make_optimizer`) and train step (`step.make_train_step`),
+evaluating zero-shot top-1 on the `validation` split's single-object images every
+`--eval_every` steps. Recipes are chosen on validation; test is for the trainer's final report.
+Used to choose the tiny configs' settings on an accelerator, where a variant takes seconds:
 
     python benchmarks/tiny_recipe_sweep.py --train_size 50000 --steps 3000 --variants base,b512
     python benchmarks/tiny_recipe_sweep.py --steps 600 --eval_every 100 --variants cnn,cnn_hn7
@@ -11,7 +13,9 @@ tiny configs' settings on an accelerator, where a variant takes seconds:
 
 Variants change the model, the optimiser, or the training text (class-name or object-list
 captions, single-object subsets, shape-swapped hard negatives): see VARIANTS. They exist to find
-out what limits zero-shot accuracy (README "Measured: tiny models"), not as recipes.
+out what limits zero-shot accuracy (README "Measured: tiny models"), not as recipes. Only losses
+the task has are swept (the earlier hn_form="both" and hn_weight variants are gone with their
+private loss).
 """
 from __future__ import annotations
 
@@ -24,18 +28,19 @@ import sys
 import tempfile
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from vlmjax.data import hard_negatives, shapes_examples, shapes_scene, tokenizers  # noqa: E402
 from vlmjax.evals import zero_shot  # noqa: E402
-from vlmjax.losses import contrastive  # noqa: E402
-from vlmjax.models.two_towers import TwoTowers  # noqa: E402
+from vlmjax.train import optim  # noqa: E402
 from vlmjax.train import step as step_lib  # noqa: E402
+from vlmjax.train.tasks.contrastive import ContrastiveTask  # noqa: E402
 
 MAX_TEXT_LEN = 24
 BASE = dict(image=dict(patch_size=8, width=96, depth=3, num_heads=4, mlp_dim=384, pool="map"),
@@ -49,9 +54,8 @@ CNN = {"image_arch": "cnn", "image": dict(channels=(32, 64, 96), patch_size=2, p
 #                           ("red star", single-object images only) or by the list of the objects'
 #                           colour + shape names ("blue circle and red star");
 #   hard_negatives=K        K negatives per image: its caption with the shape words swapped
-#                           (vlmjax.data.hard_negatives, losses.contrastive.hard_negative_loss);
-#   hn_form="sigmoid"|"both" with a SigLIP loss, "both" adds the softmax (CLIP) form of the
-#                           hard-negative term to the sigmoid one; hn_weight scales the term;
+#                           (vlmjax.data.hard_negatives, the task's hard-negative loss term);
+#   loss="clip"             CLIP's softmax loss (temperature 1/0.07, no bias) instead of SigLIP;
 #   steps_scale=s           train s times --steps (e.g. half the batch for the same examples).
 VARIANTS = {
     "base": {},
@@ -80,8 +84,6 @@ VARIANTS.update({
     "cnn_hn7_lr2e-3": {**HN7, "lr": 2e-3},
     "cnn_hn7_lr3e-3": {**HN7, "lr": 3e-3},
     "cnn_hn7_b64": {**HN7, "batch": 64, "steps_scale": 2},
-    "cnn_hn7_both": {**HN7, "hn_form": "both"},
-    "cnn_hn7_w3": {**HN7, "hn_weight": 3.0},
     "cnn_hn7_clip": {**HN7, "loss": "clip"},
     "cnn_hn7_single": {**HN7, "subset": "single"},
     "cnn_hn7_wide": {**HN7, "image": dict(channels=(48, 96, 128))},
@@ -96,7 +98,6 @@ TD1 = {**HN7, "text": dict(depth=1), "steps_scale": 1.45}  # text depth 1, 1.45x
 VARIANTS.update({
     "cnn_hn7_td1_long": TD1,
     "cnn_hn7_td1_long_lr2e-3": {**TD1, "lr": 2e-3},
-    "cnn_hn7_td1_long_both_lr2e-3": {**TD1, "hn_form": "both", "lr": 2e-3},
     "cnn_hn7_td1_long_b64": {**TD1, "batch": 64, "steps_scale": 2.9},
     "cnn_hn7_td1_long_clip": {**TD1, "loss": "clip"},
 })
@@ -104,13 +105,11 @@ TD0 = {**BOW, "steps_scale": 2.4}  # text depth 0, 2.4x the steps
 VARIANTS.update({
     "cnn_hn7_td0_long": TD0,
     "cnn_hn7_td0_long_lr2e-3": {**TD0, "lr": 2e-3},
-    "cnn_hn7_td0_long_both": {**TD0, "hn_form": "both"},
     "cnn_hn7_td0_long_clip": {**TD0, "loss": "clip"},
 })
 VARIANTS.update({
     "cnn_hn7_td0_lr2e-3": {**BOW, "lr": 2e-3},
     "cnn_hn7_td0_lr3e-3": {**BOW, "lr": 3e-3},
-    "cnn_hn7_td0_both_lr2e-3": {**BOW, "hn_form": "both", "lr": 2e-3},
     "cnn_hn7_td0_clip_lr2e-3": {**BOW, "loss": "clip", "lr": 2e-3},
     "cnn_hn7_td0_clip_lr3e-3": {**BOW, "loss": "clip", "lr": 3e-3},
 })
@@ -134,18 +133,18 @@ def generate(split: str, size: int, image_size: int, workers: int):
 
 
 def load_or_generate(args):
-    """(train, test) data; with --cache, read from or written to that file, so that several
+    """(train, validation) data; with --cache, read from or written to that file, so that several
     sweeps (e.g. parallel processes on one accelerator) share one generation."""
-    sizes = (args.train_size, args.test_size, args.image_size)
+    sizes = (args.train_size, args.eval_size, args.image_size)
     if args.cache and os.path.exists(args.cache):
         with open(args.cache, "rb") as f:
             cached_sizes, data = pickle.load(f)
         if cached_sizes != sizes:
-            raise SystemExit(f"--cache {args.cache} holds (train_size, test_size, image_size) = "
+            raise SystemExit(f"--cache {args.cache} holds (train_size, eval_size, image_size) = "
                              f"{cached_sizes}, not {sizes}; delete it or name another file")
         return data
     data = (generate("train", args.train_size, args.image_size, args.workers),
-            generate("test", args.test_size, args.image_size, args.workers))
+            generate("validation", args.eval_size, args.image_size, args.workers))
     if args.cache:
         handle, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.cache)))
         with os.fdopen(handle, "wb") as f:  # a private temp file: parallel writers never clash
@@ -206,52 +205,49 @@ def sample_batch(train: dict, change: dict, batch: int, key) -> dict:
         text = jnp.where(use, train["alt"][idx], text)
         mask = jnp.where(use, train["alt_mask"][idx], mask)
     out = {"image": train["images"][idx], "text": text, "text_mask": mask}
-    if "neg" in train:
-        out.update({k: train[k][idx, cap] for k in ("neg", "neg_mask", "neg_valid")})
+    if "neg" in train:  # the batch keys of the task's hard-negative op
+        out.update(neg_text=train["neg"][idx, cap], neg_text_mask=train["neg_mask"][idx, cap],
+                   neg_valid=train["neg_valid"][idx, cap])
     return out
 
 
-def run_variant(name, change, corpus, test, tokenizer, args):
-    model_cfg = merge(BASE, change)
-    hn_form = change.get("hn_form", "sigmoid")
-    if hn_form not in ("sigmoid", "both") or (hn_form == "both" and change.get("loss") == "clip"):
-        raise ValueError(f"variant {name}: hn_form={hn_form!r} must be 'sigmoid' or, with the "
-                         "SigLIP loss, 'both'")
-    if change.get("loss") == "clip":
-        model_cfg.update(temperature_init=1 / 0.07, bias_init=None)
-    model = TwoTowers(**model_cfg)
-    batch, lr = change.get("batch", args.batch), change.get("lr", args.lr)
-    steps = round(args.steps * change.get("steps_scale", 1))
-    eval_every = round(args.eval_every * change.get("steps_scale", 1))
+def run_options(change: dict, args) -> dict:
+    """The variant's batch, lr, steps and eval interval (steps_scale scales both of those)."""
+    scale = change.get("steps_scale", 1)
+    return dict(batch=change.get("batch", args.batch), lr=change.get("lr", args.lr),
+                steps=round(args.steps * scale), eval_every=round(args.eval_every * scale))
+
+
+def task_config(change: dict, args) -> ml_collections.ConfigDict:
+    """The contrastive task's config sections for a variant (no evals: the sweep scores on its
+    in-memory validation images)."""
+    model = merge(BASE, change)
+    loss = change.get("loss", "siglip")
+    if loss == "clip":  # CLIP's initial temperature and no bias
+        model.update(temperature_init=1 / 0.07, bias_init=None)
+    return ml_collections.ConfigDict(dict(
+        model={**model, "dtype": "float32"},
+        loss=dict(name="clip") if loss == "clip" else dict(name="siglip", impl="dense"),
+        data=dict(source="vlm_shapes", split="train"),
+        input=dict(image_size=args.image_size, max_text_len=MAX_TEXT_LEN)))
+
+
+def optim_config(lr: float, warmup: int) -> dict:
+    """config.optim of the sweep: AdamW, warmup then cosine to lr / 100, clipping at 1."""
+    return dict(name="adamw", lr=lr, schedule="cosine", warmup_steps=warmup, end_lr=lr / 100,
+                weight_decay=1e-4, b1=0.9, b2=0.95, clip_norm=1.0)
+
+
+def run_variant(name, change, corpus, evaluation, tokenizer, args):
+    task = ContrastiveTask(task_config(change, args), mesh=None)
+    model = task.model
+    options = run_options(change, args)
+    batch, lr, steps, eval_every = (options[k] for k in ("batch", "lr", "steps", "eval_every"))
     train = {k: corpus[k] for k in ("images", "texts", "mask")}
     train.update(variant_texts(change, corpus, tokenizer))
-    params = model.init(jax.random.PRNGKey(0), train["images"][:1], train["texts"][:1, 0])["params"]
-    params = jax.tree.map(lambda x: getattr(x, "value", x), params,
-                          is_leaf=lambda x: hasattr(x, "value"))
-    schedule = optax.join_schedules([optax.linear_schedule(0, lr, args.warmup),
-                                     optax.cosine_decay_schedule(lr, steps - args.warmup,
-                                                                 alpha=0.01)], [args.warmup])
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, b2=0.95, weight_decay=1e-4,
-                                 mask=jax.tree.map(lambda x: x.ndim >= 2, params)))
-
-    def loss_fn(p, b, rng):
-        zimg, ztxt, out = model.apply({"params": p}, b["image"], b["text"], b["text_mask"])
-        if change.get("loss") == "clip":
-            loss = contrastive.clip_loss(zimg, ztxt, out["temperature"])
-        else:
-            loss = contrastive.siglip_loss(zimg, ztxt, out["temperature"], out["bias"])
-        if "neg" in b:
-            zneg = model.apply({"params": p}, b["neg"], b["neg_mask"], method=model.encode_text)
-            hn_loss = contrastive.hard_negative_loss(zimg, ztxt, zneg, b["neg_valid"],
-                                                     out["temperature"], out.get("bias"))
-            if hn_form == "both":
-                hn_loss += contrastive.hard_negative_loss(zimg, ztxt, zneg, b["neg_valid"],
-                                                          out["temperature"])
-            loss += change.get("hn_weight", 1.0) * hn_loss
-        return loss, {}
-
-    train_step = step_lib.make_train_step(loss_fn, tx, schedule)
+    params = nn.meta.unbox(task.init_params(jax.random.PRNGKey(0)))
+    tx, schedule = optim.make_optimizer(optim_config(lr, args.warmup), steps, params)
+    train_step = step_lib.make_train_step(task.loss_fn, tx, schedule)
 
     @jax.jit
     def step(state, train, key):
@@ -263,15 +259,15 @@ def run_variant(name, change, corpus, test, tokenizer, args):
     encode_image = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode_image))
     encode_text = jax.jit(lambda p, t, m: model.apply({"params": p}, t, m,
                                                       method=model.encode_text))
-    test_images, test_labels = test
+    eval_images, eval_labels = evaluation
 
     def evaluate(p):
         zcls = np.asarray(encode_text(p, class_ids, class_mask)).reshape(
             len(shapes_scene.CLASS_NAMES), len(zero_shot.VLM_SHAPES_TEMPLATES), -1).mean(1)
         zcls /= np.linalg.norm(zcls, axis=-1, keepdims=True)
-        zimg = np.concatenate([np.asarray(encode_image(p, test_images[i:i + 500]))
-                               for i in range(0, len(test_images), 500)])
-        return zero_shot.topk_accuracy(zimg, test_labels, zcls, (1,))["top1"]
+        zimg = np.concatenate([np.asarray(encode_image(p, eval_images[i:i + 500]))
+                               for i in range(0, len(eval_images), 500)])
+        return zero_shot.topk_accuracy(zimg, eval_labels, zcls, (1,))["top1"]
 
     state = step_lib.init_state(params, tx, jax.random.PRNGKey(1))
     key = jax.random.PRNGKey(2)
@@ -303,7 +299,8 @@ def tokenizer_batch(tokenizer, texts, max_len=MAX_TEXT_LEN):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train_size", type=int, default=50_000)
-    parser.add_argument("--test_size", type=int, default=2_000)
+    parser.add_argument("--eval_size", type=int, default=2_000,
+                        help="validation images generated (the single-object ones are scored)")
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--eval_every", type=int, default=500)
@@ -326,14 +323,14 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     if args.quick:
-        args.train_size, args.test_size, args.steps, args.eval_every = 512, 256, 4, 2
+        args.train_size, args.eval_size, args.steps, args.eval_every = 512, 256, 4, 2
         args.batch, args.warmup, args.workers = 32, 1, 2
     start = time.perf_counter()
-    (train_images, train_captions, train_labels, train_tags), (test_images, _, test_labels, _) = (
+    (train_images, train_captions, train_labels, train_tags), (eval_images, _, eval_labels, _) = (
         load_or_generate(args))
     if args.cache_only:
         return
-    keep = test_labels >= 0
+    keep = eval_labels >= 0
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = tokenizers.train_sentencepiece(
             [c for caps in train_captions[:20_000] for c in caps], os.path.join(tmp, "sp.model"))
@@ -345,14 +342,14 @@ def main(argv=None):
               "labels": train_labels, "tags": train_tags,
               "texts": jnp.asarray(ids.reshape(len(train_captions), n_caps, -1)),
               "mask": jnp.asarray(mask.reshape(len(train_captions), n_caps, -1))}
-    test = (to_float(test_images[keep]), test_labels[keep])
+    evaluation = (to_float(eval_images[keep]), eval_labels[keep])
     print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; data in "
           f"{time.perf_counter() - start:.0f} s; zero-shot top-1 on {keep.sum()} single-object "
-          "test images at step (examples seen)")
+          "validation images at step (examples seen)")
     print("| variant | batch | lr | accuracy over training | train time | train examples/s |")
     print("|---|---|---|---|---|---|")
     for name in args.variants.split(","):
-        run_variant(name, VARIANTS[name], corpus, test, tokenizer, args)
+        run_variant(name, VARIANTS[name], corpus, evaluation, tokenizer, args)
 
 
 if __name__ == "__main__":

@@ -74,5 +74,6 @@ def test_memory_quick_orders_the_remat_policies():
     # Recomputing more keeps less: a larger batch fits the same budget.
     assert 0 < batch["none"] < batch["save-dots"] < batch["full"], batch
     for r in rows.values():
-        assert number(r["peak MiB"]) <= 64 < number(r["peak without donation MiB"]) or \
-            number(r["peak MiB"]) < number(r["peak without donation MiB"])
+        # The largest batch fits --quick's 32 MiB budget, and donating the state saves memory.
+        assert number(r["peak MiB"]) <= 32, r
+        assert number(r["peak MiB"]) < number(r["peak without donation MiB"]), r

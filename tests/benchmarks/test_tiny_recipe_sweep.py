@@ -68,11 +68,11 @@ def test_cache_is_written_once_read_back_and_checked_against_the_sizes(tmp_path,
         return np.full((size, image_size, image_size, 3), len(calls), np.uint8), [], [], []
 
     monkeypatch.setattr(sweep, "generate", fake_generate)
-    args = sweep.argparse.Namespace(train_size=4, test_size=2, image_size=8, workers=1,
+    args = sweep.argparse.Namespace(train_size=4, eval_size=2, image_size=8, workers=1,
                                     cache=str(tmp_path / "data.pkl"))
     first = sweep.load_or_generate(args)
     again = sweep.load_or_generate(args)
-    assert calls == ["train", "test"]  # the second call read the file
+    assert calls == ["train", "validation"]  # scored on validation; the second call read the file
     np.testing.assert_array_equal(first[0][0], again[0][0])
     assert again[1][0].shape == (2, 8, 8, 3) and again[1][0][0, 0, 0, 0] == 2
     args.train_size = 5
@@ -80,10 +80,30 @@ def test_cache_is_written_once_read_back_and_checked_against_the_sizes(tmp_path,
         sweep.load_or_generate(args)
 
 
-def test_cheaper_text_variants_get_the_steps_of_the_same_cpu_time():
-    # The 2-core CPU's examples/s (hn7: ~283, 1 text layer: ~404, none: 679) set the scales.
-    assert sweep.VARIANTS["cnn_hn7_td1_long"]["steps_scale"] == pytest.approx(404 / 283, rel=0.02)
-    assert sweep.VARIANTS["cnn_hn7_td0_long"]["steps_scale"] == pytest.approx(679 / 283, rel=0.02)
+def test_run_options_scale_steps_and_eval_interval_and_override_batch_and_lr():
+    args = sweep.argparse.Namespace(batch=128, lr=1e-3, steps=1000, eval_every=200)
+    assert sweep.run_options({}, args) == dict(batch=128, lr=1e-3, steps=1000, eval_every=200)
+    td1 = sweep.run_options(sweep.VARIANTS["cnn_hn7_td1_long_b64"], args)
+    assert td1 == dict(batch=64, lr=1e-3, steps=2900, eval_every=580)
+    assert sweep.run_options(sweep.VARIANTS["cnn_hn7_td0_lr2e-3"], args)["lr"] == 2e-3
     cfg = sweep.merge(sweep.BASE, sweep.VARIANTS["cnn_hn7_td0_lr2e-3"])
     assert cfg["text"]["depth"] == 0 and cfg["text"]["pool"] == "map"
     assert "steps_scale" not in cfg and "lr" not in cfg  # run options, not model arguments
+
+
+def test_variants_train_through_the_task_config_and_the_trainer_optimiser():
+    args = sweep.argparse.Namespace(image_size=64)
+    siglip = sweep.task_config(sweep.VARIANTS["cnn_hn7"], args)
+    assert siglip.loss.to_dict() == {"name": "siglip", "impl": "dense"}
+    assert siglip.model.image_arch == "cnn" and siglip.model.bias_init == -10.0
+    clip = sweep.task_config(sweep.VARIANTS["cnn_hn7_clip"], args)
+    assert clip.loss.to_dict() == {"name": "clip"} and clip.model.bias_init is None
+    assert clip.model.temperature_init == pytest.approx(1 / 0.07)
+    task = sweep.ContrastiveTask(clip, mesh=None)  # the config is one the task accepts
+    assert task.loss_name == "clip" and task.image_size == 64
+    # The trainer's optimiser from optim_config: warmup, then cosine down to lr / 100.
+    tx, schedule = sweep.optim.make_optimizer(sweep.optim_config(2e-3, 10), 110, {})
+    assert float(schedule(5)) == pytest.approx(1e-3)
+    assert float(schedule(10)) == pytest.approx(2e-3)
+    assert float(schedule(110)) == pytest.approx(2e-5)
+    assert not any("hn_form" in v or "hn_weight" in v for v in sweep.VARIANTS.values())
