@@ -47,3 +47,16 @@ def test_unknown_top_level_key_names_it_and_the_valid_set(tmp_path):
     with pytest.raises(config_lib.ConfigError, match=r"config.modle is not used.*'model'.*"
                                                      r"'total_steps'"):
         trainer.check_config(config)
+
+
+def test_loss_impl_is_a_siglip_key_only(tmp_path):
+    """CLIP's softmax loss has one implementation: an impl it would not read is an error."""
+    mesh = sharding.make_mesh({"data": -1})
+    clip = config_lib.load_config("configs/clip/tiny.py:runlocal")
+    with clip.unlocked():
+        clip.loss.impl = "dense"
+    with pytest.raises(config_lib.ConfigError, match=r"loss.impl is not used.*\['name'\]"):
+        get_task("contrastive")(clip, mesh)
+    siglip = config_lib.load_config("configs/siglip/tiny.py:runlocal")
+    config_lib.apply_overrides(siglip, ["loss.impl=dense"])
+    assert get_task("contrastive")(siglip, mesh).impl == "dense"
