@@ -20,9 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from vlmjax import config as config_lib
 from vlmjax import sharding
-from vlmjax.losses import contrastive
-from vlmjax.models.two_towers import TwoTowers
 from vlmjax.train import flops, optim, prefetch, step as step_lib
+from vlmjax.train.tasks.contrastive import ContrastiveTask
 
 from vlmjax.models.layers import DTYPES  # one table: config name -> compute dtype
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,26 +114,21 @@ def host_batch_spec(batch: int, image_size: int, text_len: int) -> dict:
 def make_bench(shape: Shape, *, batch_per_device: int, dtype: str = "float32",
                remat: str = "none", scan: bool = False, fused_attention: bool = False,
                donate: bool = True, init_state: bool = True) -> Bench:
-    """SigLIP loss + AdamW (constant lr, no clipping) train step of `shape`, data parallel over
-    all devices. `init_state=False` leaves the state abstract (for memory analysis only)."""
+    """The contrastive task's SigLIP loss + AdamW (constant lr, no clipping) through the
+    trainer's train step, for `shape`, data parallel over all devices. `init_state=False` leaves
+    the state abstract (for memory analysis only)."""
     mesh = sharding.make_mesh({"data": -1})
     model_config = with_switches(shape.model(), remat=remat, scan=scan,
                                  fused_attention=fused_attention)
-    model = TwoTowers(**model_config, dtype=DTYPES[dtype])
     batch_size = batch_per_device * mesh.size
-    impl = "dense" if mesh.size == 1 else "ppermute"
-
-    def loss_fn(params, extra, batch, rng):  # the step_lib.make_train_step signature
-        zimg, ztxt, out = model.apply({"params": params}, batch["image"], batch["text"],
-                                      batch["text_mask"], train=True, rngs={"dropout": rng})
-        loss = contrastive.siglip_loss(zimg, ztxt, out["temperature"], out["bias"], mesh=mesh,
-                                       impl=impl)
-        return loss, {}
+    task = ContrastiveTask(ml_collections.ConfigDict(dict(
+        model={**model_config, "dtype": dtype},
+        loss=dict(name="siglip", impl="dense" if mesh.size == 1 else "ppermute"),
+        data=dict(source="vlm_shapes", split="train"),  # never read: batches are synthetic
+        input=dict(image_size=shape.image_size, max_text_len=shape.text_len))), mesh)
 
     def init_params(rng):
-        image = jnp.zeros((1, shape.image_size, shape.image_size, 3))
-        text = jnp.zeros((1, shape.text_len), jnp.int32)
-        return nn.meta.unbox(model.init(rng, image, text)["params"])
+        return nn.meta.unbox(task.init_params(rng))
 
     abstract_params = jax.eval_shape(init_params, jax.random.key(0))
     optim_config = ml_collections.ConfigDict(dict(
@@ -150,7 +144,7 @@ def make_bench(shape: Shape, *, batch_per_device: int, dtype: str = "float32",
     else:
         state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                              jax.eval_shape(make_state, jax.random.key(0)))
-    step = jax.jit(step_lib.make_train_step(loss_fn, tx, schedule, mesh=mesh),
+    step = jax.jit(step_lib.make_train_step(task.loss_fn, tx, schedule, mesh=mesh),
                    donate_argnums=0 if donate else ())
     return Bench(model_config, mesh, state, step, batch_size, shape.image_size, shape.text_len,
                  sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params)),
