@@ -441,7 +441,8 @@ def make_pipeline(data_config, input_config, *, training: bool, process_index: i
                          transform=transform)
 
 
-def to_global_arrays(batch: dict[str, np.ndarray], mesh, batch_axes=("data", "fsdp")) -> dict:
-    """Host-local batch -> global jax.Arrays split over the mesh's batch axes (leading dim)."""
-    from vlmjax.sharding import host_batch_to_global
-    return host_batch_to_global(batch, mesh, batch_axes)
+def to_global_arrays(batch: dict[str, np.ndarray], mesh, batch_axes=None) -> dict:
+    """Host-local batch -> global jax.Arrays split over the mesh's batch axes (leading dim;
+    default sharding.BATCH_AXES)."""
+    from vlmjax.sharding import BATCH_AXES, host_batch_to_global
+    return host_batch_to_global(batch, mesh, BATCH_AXES if batch_axes is None else batch_axes)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from vlmjax import sharding
 from vlmjax.config import ConfigError
 from vlmjax.train.optim import path_str
 
@@ -115,7 +116,7 @@ def _micro_batches(batch: dict, accum: int, mesh) -> dict:
         if x.shape[0] % accum:
             raise ValueError(f"batch {x.shape[0]} is not divisible by optim.accum_steps {accum}")
         x = x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
-        spec = P(None, ("data", "fsdp"), *(None,) * (x.ndim - 2))
+        spec = P(None, sharding.BATCH_AXES, *(None,) * (x.ndim - 2))
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
     return {k: split(v) for k, v in batch.items()}
 
