@@ -8,7 +8,7 @@ bidirectional text encoder pooled at its first (BOS) token, and ALIGN's caption 
 shared by many images, too short/long texts, rare-token gibberish). With `filter=True` the
 input pipeline drops examples by ALIGN's per-example text-length rule (3 to 20 words, counted in
 train/data/skipped/*); the corpus rules (shared captions, rare tokens) need a pass over the
-whole corpus: `python -m vlmjax.data.filter` on webdataset shards (see README "Data").
+whole corpus: `python -m vlmjax.data.align_filter` on webdataset shards (see README "Data").
 The images are 64 px, so ALIGN's 200 px minimum image side is off. README quotes the zero-shot
 accuracy with the filter on and off at the same number of steps.
 Presets: runlocal, steps, batch and filter (default True). The towers, no hard negatives and
