@@ -74,26 +74,23 @@ def _scaled_size(image: tf.Tensor, target: int, use_shorter: bool):
     return (tf.maximum(new, target) if use_shorter else tf.minimum(tf.maximum(new, 1), target))
 
 
-@register_op("resize_crop", kind="size")
-def resize_crop(size: int | None = None, *, context: OpContext | None = None) -> Op:
-    size = _size(size, context)
-
+def _fit_then_crop_or_pad(size: int, use_shorter: bool) -> Op:
+    """Scale so the shorter (crop) or longer (pad) side is `size`, then centre-crop/pad."""
     def op(example):
-        new = _scaled_size(example["image"], size, use_shorter=True)
+        new = _scaled_size(example["image"], size, use_shorter=use_shorter)
         image = _resize(example["image"], new[0], new[1])
         return {**example, "image": tf.image.resize_with_crop_or_pad(image, size, size)}
     return op
+
+
+@register_op("resize_crop", kind="size")
+def resize_crop(size: int | None = None, *, context: OpContext | None = None) -> Op:
+    return _fit_then_crop_or_pad(_size(size, context), use_shorter=True)
 
 
 @register_op("resize_pad", kind="size")
 def resize_pad(size: int | None = None, *, context: OpContext | None = None) -> Op:
-    size = _size(size, context)
-
-    def op(example):
-        new = _scaled_size(example["image"], size, use_shorter=False)
-        image = _resize(example["image"], new[0], new[1])
-        return {**example, "image": tf.image.resize_with_crop_or_pad(image, size, size)}
-    return op
+    return _fit_then_crop_or_pad(_size(size, context), use_shorter=False)
 
 
 @register_op("resize", kind="size")
