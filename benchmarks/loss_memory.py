@@ -21,8 +21,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
 
+from vlmjax import sharding  # noqa: E402
 from vlmjax.losses import contrastive  # noqa: E402
 
 LOSSES = {
@@ -37,9 +37,8 @@ LOSSES = {
 
 
 def measure(loss_name: str, devices: int, rows: int, dim: int, steps: int):
-    mesh = jax.make_mesh((devices, 1), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2,
-                         devices=jax.devices()[:devices])
-    batch_sharding, replicated = NamedSharding(mesh, P(("data", "fsdp"))), NamedSharding(mesh, P())
+    mesh = sharding.make_mesh({"data": devices}, jax.devices()[:devices])
+    batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     step = jax.jit(jax.value_and_grad(LOSSES[loss_name](mesh), argnums=(0, 1, 2, 3)))
     emb = jax.ShapeDtypeStruct((rows * devices, dim), jnp.float32, sharding=batch_sharding)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)

@@ -155,3 +155,21 @@ def test_activation_spec_names_conflicts_and_replicates_indivisible_dims():
         sharding.logical_rules({"act_batch": ["data", "dp"]})
     assert dict(sharding.logical_rules({"embed": None, "act_length": ["tensor"]}))["act_length"] \
         == ("tensor",)
+
+
+def test_trainer_traces_the_step_under_the_configured_activation_rules(tmp_path, monkeypatch):
+    from tests.train.test_config_checks import quick_config
+    seen_rules = []
+    original = sharding.activation_spec
+
+    def recording_spec(logical_axes, shape, rules, mesh_sizes):
+        seen_rules.append(dict(rules))
+        return original(logical_axes, shape, rules, mesh_sizes)
+
+    monkeypatch.setattr(sharding, "activation_spec", recording_spec)
+    config = quick_config(str(tmp_path / "tfds"), "mesh.data=4", "mesh.tensor=2")
+    with config.unlocked():
+        config.sharding_rules = {"act_embed": "tensor"}
+    trainer.train(config, str(tmp_path / "workdir"))
+    assert seen_rules, "the step constrained no activation"
+    assert all(rules["act_embed"] == "tensor" for rules in seen_rules)

@@ -179,7 +179,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         state, data_state = checkpointer.restore(latest, abstract)
         _log(f"resumed from {checkpointer.directory} at step {latest}")
     else:
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), sharding.axis_rules(rules):
             if config.get("model_init"):
                 params = task.pretrained_params(config.model_init, abstract_params,
                                                 param_shardings)
@@ -215,7 +215,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
          f"data shard(s), {_param_count(abstract_params) / 1e6:.2f}M params "
          f"({_param_count(abstract_trainable) / 1e6:.2f}M trainable)")
     try:
-        with distributed.StopSignal() as stop, jax.set_mesh(mesh):
+        # The step and the evals trace here, so `sharding_rules` act_* overrides apply to them.
+        with distributed.StopSignal() as stop, jax.set_mesh(mesh), sharding.axis_rules(rules):
             while step < total_steps:
                 batch = next(train_input)
                 if compiled_step is None:  # compiled once, for the step and its FLOP count

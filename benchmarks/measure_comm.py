@@ -1,6 +1,6 @@
 """Communication volume of the contrastive losses, read from XLA's compiled HLO.
 
-    python -m tests.scale.measure_comm [--b 1024 --d 768]   # prints the README table
+    python benchmarks/measure_comm.py [--b 1024 --d 768]   # prints the README table
 
 For `jit(value_and_grad(loss))` over N devices (each with b rows of width D, float32) it sums,
 per device, the bytes each collective moves in (ring algorithms), counting an op inside a while

@@ -1,6 +1,6 @@
 """A jax-only check of multi-process start-up and preemption agreement (no TensorFlow needed):
 
-    python -m tests.scale.preemption_probe [N]
+    python benchmarks/preemption_probe.py [N]
 
 starts N CPU processes (2 devices each) through vlmjax.distributed, runs a psum per step and
 sends SIGTERM to process 1 alone at step 20; every process must report the same stop step and
@@ -48,7 +48,7 @@ def main(processes: int = 2) -> int:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
            "JAX_NUM_PROCESSES": str(processes),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.scale.preemption_probe", "--worker"],
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"],
                               env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(processes)]
     for line in procs[1].stdout:
