@@ -99,3 +99,64 @@ def write_safetensors(path: str, state: dict[str, np.ndarray]) -> None:
     # np.array, not np.ascontiguousarray: the latter turns CLIP's 0-d logit_scale into shape [1]
     save_file({k: np.array(v, np.float32, order="C") for k, v in state.items()}, path,
               metadata={"format": "pt"})  # transformers checks for format=pt
+
+
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "I64": "int64", "I32": "int32"}
+
+
+class SafetensorsTensors:
+    """The tensors of a directory's `model.safetensors` or sharded `*.safetensors` (with
+    `model.safetensors.index.json`), read one at a time: `read(name)` seeks to that tensor and
+    reads only its bytes (no mmap, whose pages would stay in the process's RSS), so a loader
+    that places each tensor on device before reading the next holds one tensor on the host."""
+
+    def __init__(self, directory: str):
+        index = os.path.join(directory, "model.safetensors.index.json")
+        single = os.path.join(directory, "model.safetensors")
+        if os.path.exists(index):
+            files = sorted(set(read_json(index)["weight_map"].values()))
+        elif os.path.exists(single):
+            files = ["model.safetensors"]
+        else:
+            raise FileNotFoundError(f"no safetensors weights in {directory}: expected "
+                                    "model.safetensors or model.safetensors.index.json")
+        self.entries: dict[str, tuple[str, int, dict]] = {}
+        for file in files:
+            path = os.path.join(directory, file)
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self.entries[name] = (path, 8 + header_len, info)
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name][2]["shape"])
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name][2]["dtype"]
+
+    def nbytes(self) -> int:
+        return sum(info["data_offsets"][1] - info["data_offsets"][0]
+                   for _, _, info in self.entries.values())
+
+    def read(self, name: str, dtype=np.float32) -> np.ndarray:
+        """Tensor `name` as a numpy array of `dtype` (float tensors; bf16 through ml_dtypes)."""
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+        path, data_start, info = self.entries[name]
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of "
+                             f"{sorted(SAFETENSORS_DTYPES)}")
+        start, end = info["data_offsets"]
+        with open(path, "rb") as f:
+            f.seek(data_start + start)
+            raw = f.read(end - start)
+        stored = np.dtype(getattr(ml_dtypes, "bfloat16") if info["dtype"] == "BF16"
+                          else SAFETENSORS_DTYPES[info["dtype"]])
+        array = np.frombuffer(raw, stored).reshape(info["shape"])
+        return array.astype(dtype) if dtype is not None else array.copy()

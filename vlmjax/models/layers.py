@@ -85,19 +85,29 @@ def make_norm(kind: str, dtype: Dtype, epsilon: float, name: str | None = None) 
 
 # ------------------------------------------------------------------------------------- attention
 def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None, fused=False):
-    """q [B,Lq,H,K], k/v [B,Lk,H,K], mask [B,1|H,Lq,Lk] bool -> [B,Lq,H,K].
+    """q [B,Lq,H,K], k/v [B,Lk,Hkv,K], mask [B,1|H,Lq,Lk] bool -> [B,Lq,H,K].
 
-    Softmax runs in float32. `fused` uses `jax.nn.dot_product_attention` (cuDNN flash attention
-    on GPU where it applies, XLA elsewhere); it has no attention dropout.
+    Grouped-query attention when Hkv < H: query head h reads kv head h // (H // Hkv) (HF's
+    `repeat_kv` order), without materialising the repeated keys. Softmax runs in float32.
+    `fused` uses `jax.nn.dot_product_attention` (cuDNN flash attention on GPU where it applies,
+    XLA elsewhere); it has no attention dropout.
     """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not divide into {kv_heads} key/value heads")
     if fused:
         if dropout_rate > 0.0 and dropout_rng is not None:
             raise ValueError("fused attention has no attention dropout: set attention_dropout=0 "
                              "or fused_attention=False")
         return _fused_attention(q, k, v, mask)
-    scale = 1.0 / np.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
+    groups = heads // kv_heads
+    q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
+    scale = 1.0 / np.sqrt(head_dim)
+    logits = jnp.einsum("bqhgk,bshk->bhgqs", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:  # [B, 1|H, Lq, Lk] -> [B, 1|Hkv, 1|G, Lq, Lk]
+        mask = mask.reshape(mask.shape[0], -1, groups if mask.shape[1] > 1 else 1,
+                            *mask.shape[2:]) if mask.shape[1] > 1 else mask[:, :, None]
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     if mask is not None:  # rows with no valid key (fully padded queries) give zeros, not NaN
@@ -105,7 +115,8 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None, 
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhqs,bshk->bqhk", probs.astype(v.dtype), v)
+    out = jnp.einsum("bhgqs,bshk->bqhgk", probs.astype(v.dtype), v)
+    return out.reshape(batch, q_len, heads, head_dim)
 
 
 def _cudnn_applies(q, k) -> bool:

@@ -1,0 +1,304 @@
+"""Decoder-only language models of the Llama / Qwen2 family, with a pure KV cache.
+
+    model = Decoder(vocab_size, width, depth, num_heads, mlp_dim, num_kv_heads=..., ...)
+    logits = model.apply(v, tokens)                          # float32 [B, L, V]
+    hidden = model.apply(v, tokens, return_hidden=True)      # final-normed [B, L, D]
+
+RMSNorm, RoPE (rope.py: default / linear / llama3, HF's rotate_half layout), SwiGLU, grouped-
+query attention (`num_kv_heads`), explicit `head_dim`, optional q/k/v bias (Qwen2), tied or
+untied embeddings, optional sliding window (a query attends to the `sliding_window` latest
+slots, itself included, as HF's sliding attention). Parameters are float32 with logical axes;
+`dtype` is the compute dtype.
+
+Sequences: `segment_ids` int32 [B, L] (0 = padding, 1..n = documents). Attention is causal and
+stays within a document; `positions` default to restarting at 0 per document. A left-padded
+prompt is segment_ids = its mask (one document per row) and positions = cumsum(mask) - 1.
+
+`embeddings` [B, L, D] replaces the token embeddings (LLaVA puts projected image features into
+the image-token rows of `model.apply(v, tokens, method=model.embed)` and passes the result).
+
+KV cache (pure: the cache goes in and comes out of `apply`, nothing is stored in the module):
+    cache = model.init_cache(batch, max_length)              # zeros; no params needed
+    logits, cache = model.apply(v, prompt, segment_ids=mask, positions=pos, cache=cache)
+    logits, cache = model.apply(v, next_token[:, None], segment_ids=..., positions=..., cache=cache)
+The new tokens are written at slots [cache["index"], index + L) of every layer's keys/values;
+queries attend to the filled slots of their own document up to their own slot. The cache holds
+`k`, `v` [depth, B, S, Hkv, K] (compute dtype), `segment_ids` [B, S] (0 = empty) and `index`.
+`reorder_cache(cache, rows)` gathers batch rows (beam search); `cache_logical_axes` names the
+axes for sharding (kv heads over `tensor`, like the attention activations).
+
+Layers: `layers/block{i}` unrolled, or `layers/blocks` with a leading [depth] axis under
+`scan_layers` (vlmjax.models.scan_layout converts); `remat` as the encoders.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlmjax.models import layers, rope
+from vlmjax.sharding import constrain
+
+LOGITS_BLV = ("act_batch", "act_length", "act_vocab")
+CACHE_KV_AXES = (None, "act_batch", None, "act_heads", None)  # [depth, B, S, Hkv, K]
+_lecun = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+def segment_positions(segment_ids):
+    """[B, L] segment ids -> positions restarting at 0 wherever the segment changes."""
+    idx = jnp.arange(segment_ids.shape[1])[None]
+    change = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start = jax.lax.cummax(jnp.where(change, idx, 0), axis=1)
+    return (idx - start).astype(jnp.int32)
+
+
+def attention_mask(q_segments, k_segments, q_slots, k_slots, sliding_window=None):
+    """[B, 1, Lq, Lk] bool: same non-padding document, causal by slot, within the window."""
+    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+    causal = k_slots[None, None, :] <= q_slots[None, :, None]
+    mask = same & causal
+    if sliding_window:
+        mask &= q_slots[None, :, None] - k_slots[None, None, :] < sliding_window
+    return mask[:, None]
+
+
+def _dense(features, in_axes, out_axes, use_bias, dtype, name, axis=-1):
+    features = features if isinstance(features, tuple) else (features,)
+    return nn.DenseGeneral(
+        features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name,
+        kernel_init=layers.partitioned(_lecun, (*in_axes, *out_axes)),
+        bias_init=layers.partitioned(nn.initializers.zeros, out_axes))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm Llama block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)). With `kv_cache`
+    ({"k", "v"} of this layer, [B, S, Hkv, K]) the new keys/values are written at `index` and
+    the block returns (x, kv_cache)."""
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    activation: str = "silu"
+    norm_eps: float = 1e-6
+    inv_freq: Any = None
+    qkv_bias: bool = False
+    sliding_window: int | None = None
+    fused_attention: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, q_segments, k_segments, index, kv_cache=None):
+        width = x.shape[-1]
+        h = layers.RMSNorm(self.norm_eps, self.dtype, name="attn_norm")(x)
+        q, k, v = (_dense((heads, self.head_dim), ("embed",), (axes, "head_dim"), self.qkv_bias,
+                          self.dtype, name)(h)
+                   for name, heads, axes in (("query", self.num_heads, "heads"),
+                                             ("key", self.num_kv_heads, "kv_heads"),
+                                             ("value", self.num_kv_heads, "kv_heads")))
+        q = constrain(rope.apply_rope(q, positions, self.inv_freq), layers.HEADS_BLHK)
+        k = constrain(rope.apply_rope(k, positions, self.inv_freq), layers.HEADS_BLHK)
+        v = constrain(v, layers.HEADS_BLHK)
+        q_slots = index + jnp.arange(x.shape[1])
+        if kv_cache is not None:
+            start = (0, index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
+            kv_cache = {"k": k, "v": v}
+            k_slots = jnp.arange(k.shape[1])
+        else:
+            k_slots = q_slots
+        mask = attention_mask(q_segments, k_segments, q_slots, k_slots, self.sliding_window)
+        out = layers.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
+                                           fused=self.fused_attention)
+        out = constrain(out, layers.HEADS_BLHK)
+        x = x + _dense(width, ("heads", "head_dim"), ("embed",), False, self.dtype, "out",
+                       axis=(-2, -1))(out)
+        h = layers.RMSNorm(self.norm_eps, self.dtype, name="mlp_norm")(x)
+        gate = _dense(self.mlp_dim, ("embed",), ("mlp",), False, self.dtype, "gate")(h)
+        up = _dense(self.mlp_dim, ("embed",), ("mlp",), False, self.dtype, "up")(h)
+        hidden = constrain(layers.get_activation(self.activation)(gate) * up, layers.HIDDEN_BLF)
+        x = x + _dense(width, ("mlp",), ("embed",), False, self.dtype, "down")(hidden)
+        return constrain(x, layers.RESIDUAL_BLD), kv_cache
+
+
+class DecoderLayers(nn.Module):
+    """`depth` DecoderBlocks, unrolled (`block{i}`) or under nn.scan (`blocks`), with remat."""
+    depth: int
+    block_kwargs: Mapping[str, Any]
+    remat: str = "none"
+    scan_layers: bool = False
+
+    @nn.compact
+    def __call__(self, x, positions, q_segments, k_segments, index, kv_cache=None):
+        block_cls = DecoderBlock
+        if self.remat != "none":
+            block_cls = nn.remat(DecoderBlock, policy=layers.remat_policy(self.remat),
+                                 prevent_cse=not self.scan_layers)
+        args = (positions, q_segments, k_segments, index)
+        if not self.scan_layers:
+            new_k, new_v = [], []
+            for i in range(self.depth):
+                layer_cache = None if kv_cache is None else {n: kv_cache[n][i] for n in "kv"}
+                x, layer_cache = block_cls(**self.block_kwargs, name=f"block{i}")(
+                    x, *args, layer_cache)
+                if layer_cache is not None:
+                    new_k.append(layer_cache["k"])
+                    new_v.append(layer_cache["v"])
+            if kv_cache is None:
+                return x, None
+            return x, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+
+        def body(block, carry, layer_cache):
+            carry, layer_cache = block(carry, *args, layer_cache)
+            return carry, layer_cache
+
+        scanned = nn.scan(body, variable_axes={"params": 0}, length=self.depth,
+                          split_rngs={"params": True},
+                          metadata_params={nn.PARTITION_NAME: None})
+        return scanned(block_cls(**self.block_kwargs, name="blocks"), x, kv_cache)
+
+
+class LMHead(nn.Module):
+    """Untied unembedding: hidden [B, L, D] -> float32 logits [B, L, V] (param `kernel`)."""
+    vocab_size: int
+
+    @nn.compact
+    def __call__(self, hidden):
+        kernel = self.param("kernel", layers.partitioned(_lecun, ("embed", "vocab")),
+                            (hidden.shape[-1], self.vocab_size))
+        return project_logits(hidden, kernel)
+
+
+def project_logits(hidden, kernel_DV):
+    """hidden [B, L, D] @ kernel [D, V] in the compute dtype, accumulated in float32."""
+    logits = jnp.einsum("bld,dv->blv", hidden, kernel_DV.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, LOGITS_BLV)
+
+
+class Decoder(nn.Module):
+    vocab_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_dim: int
+    num_kv_heads: int | None = None   # default num_heads (multi-head); 1 = multi-query
+    head_dim: int | None = None       # default width // num_heads
+    activation: str = "silu"
+    norm_eps: float = 1e-6
+    rope_theta: float = 10_000.0
+    rope_scaling: Mapping[str, Any] | None = None  # HF rope_parameters without rope_theta
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    sliding_window: int | None = None
+    embed_init_std: float = 0.02
+    remat: str = "none"
+    scan_layers: bool = False
+    fused_attention: bool = False
+    dtype: Any = jnp.float32
+
+    # ------------------------------------------------------------------------------ structure
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dims_per_head(self) -> int:
+        return self.head_dim or self.width // self.num_heads
+
+    def _dtype(self):
+        return layers.DTYPES[self.dtype] if isinstance(self.dtype, str) else self.dtype
+
+    def setup(self):
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                             f"{self.kv_heads}")
+        dtype = self._dtype()
+        self.embedder = nn.Embed(
+            self.vocab_size, self.width, dtype=dtype, param_dtype=jnp.float32, name="embed",
+            embedding_init=layers.partitioned(nn.initializers.normal(self.embed_init_std),
+                                              ("vocab", "embed")))
+        inv_freq = rope.inverse_frequencies(self.dims_per_head, self.rope_theta,
+                                            self.rope_scaling)
+        block_kwargs = dict(num_heads=self.num_heads, num_kv_heads=self.kv_heads,
+                            head_dim=self.dims_per_head, mlp_dim=self.mlp_dim,
+                            activation=self.activation, norm_eps=self.norm_eps,
+                            inv_freq=tuple(float(f) for f in inv_freq), qkv_bias=self.qkv_bias,
+                            sliding_window=self.sliding_window,
+                            fused_attention=self.fused_attention, dtype=dtype)
+        self.layers = DecoderLayers(self.depth, block_kwargs, self.remat, self.scan_layers)
+        self.final_norm = layers.RMSNorm(self.norm_eps, dtype)
+        if not self.tie_embeddings:
+            self.lm_head = LMHead(self.vocab_size)
+
+    # ------------------------------------------------------------------------------- compute
+    def embed(self, tokens):
+        """Token embeddings [B, L, D] in the compute dtype."""
+        # Gather the table's embed dim first (FSDP): see models/text.py.
+        table = constrain(self.embedder.embedding, ("act_vocab", None))
+        return constrain(jnp.take(table.astype(self._dtype()), tokens, axis=0),
+                         layers.RESIDUAL_BLD)
+
+    def logits(self, hidden):
+        """Final-normed hidden [B, L, D] -> float32 logits [B, L, V]."""
+        if self.tie_embeddings:
+            return project_logits(hidden, self.embedder.embedding.T)
+        return self.lm_head(hidden)
+
+    def __call__(self, tokens, *, segment_ids=None, positions=None, embeddings=None,
+                 cache=None, return_hidden=False):
+        x = self.embed(tokens) if embeddings is None else embeddings.astype(self._dtype())
+        batch, length = x.shape[:2]
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
+        if positions is None:
+            if cache is not None:
+                raise ValueError("a cached call needs explicit positions (they continue the "
+                                 "prompt's, see vlmjax.inference.generate)")
+            positions = segment_positions(segment_ids)
+        if cache is None:
+            index, k_segments, kv = 0, segment_ids, None
+        else:
+            index = cache["index"]
+            k_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids,
+                                                      (0, index))
+            kv = {"k": cache["k"], "v": cache["v"]}
+        x, kv = self.layers(x, positions.astype(jnp.int32), segment_ids, k_segments, index, kv)
+        hidden = self.final_norm(x)
+        if return_hidden and not self.tie_embeddings and self.is_initializing():
+            self.lm_head(hidden)  # create the head's params at init
+        out = hidden if return_hidden else self.logits(hidden)
+        if cache is None:
+            return out
+        return out, {**kv, "segment_ids": k_segments, "index": index + length}
+
+    # --------------------------------------------------------------------------------- cache
+    def init_cache(self, batch: int, max_length: int) -> dict:
+        """An empty cache for `batch` rows of up to `max_length` tokens (prompt + new)."""
+        shape = (self.depth, batch, max_length, self.kv_heads, self.dims_per_head)
+        return {"k": jnp.zeros(shape, self._dtype()), "v": jnp.zeros(shape, self._dtype()),
+                "segment_ids": jnp.zeros((batch, max_length), jnp.int32),
+                "index": jnp.zeros((), jnp.int32)}
+
+    @staticmethod
+    def reorder_cache(cache: dict, rows) -> dict:
+        """The cache of batch rows `rows` (int [B']), e.g. the surviving beams."""
+        return {"k": cache["k"][:, rows], "v": cache["v"][:, rows],
+                "segment_ids": cache["segment_ids"][rows], "index": cache["index"]}
+
+    @staticmethod
+    def cache_logical_axes() -> dict:
+        return {"k": CACHE_KV_AXES, "v": CACHE_KV_AXES, "segment_ids": ("act_batch", None),
+                "index": ()}
+
+
+def output_kernel(params) -> jax.Array:
+    """The unembedding matrix [D, V] of Decoder params (tied: the embedding transposed)."""
+    params = nn.meta.unbox(params)
+    if "lm_head" in params:
+        return params["lm_head"]["kernel"]
+    return params["embed"]["embedding"].T
