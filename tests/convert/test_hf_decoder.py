@@ -14,7 +14,7 @@ def test_per_tensor_reader_matches_torch_state_dict_sharded_bf16(tmp_path_factor
     assert len(files) > 1, "the fixture should have written several shards"
     state = load_hf(directory).state_dict()
     # Tied qwen2 saves no lm_head; neither side has rotary buffers in the file.
-    assert set(tensors.names()) == set(state) - {"lm_head.weight"} * (kind == "qwen2")
+    assert set(tensors.names()) == set(state) - ({"lm_head.weight"} if kind == "qwen2" else set())
     for name in tensors.names():
         assert tensors.dtype(name) == "BF16"
         np.testing.assert_array_equal(tensors.read(name), state[name].float().numpy(), err_msg=name)
