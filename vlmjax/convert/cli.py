@@ -5,6 +5,8 @@
   python -m vlmjax.convert export --to hf SRC OUT     # SRC: converted DIR, HF dir, .npz,
                                                       # trainer WORKDIR (latest checkpoint) or
                                                       # WORKDIR/checkpoints/<step>
+Decoder LMs (HF LlamaForCausalLM / Qwen2ForCausalLM, their converted DIRs, `lm` workdirs) use
+the same commands; `export --dtype bfloat16` writes their weights in bfloat16.
 """
 from __future__ import annotations
 
@@ -12,15 +14,23 @@ import argparse
 import os
 import sys
 
-from vlmjax.convert import hf_io, tokenizer as tok
+from vlmjax.convert import decoder_pretrained as decoder_lib, hf_io, tokenizer as tok
+from vlmjax.convert.hf_decoder_export import EXPORT_DTYPES
 from vlmjax.convert.hf_export import export_hf
-from vlmjax.convert.pretrained import import_pretrained, read_pretrained
+from vlmjax.convert.pretrained import import_pretrained, read_pretrained, source_kind
 from vlmjax.convert.workdir import preprocessor_config
 
 
-def export_pretrained(src: str, out_dir: str) -> str:
+def export_pretrained(src: str, out_dir: str, dtype: str = "float32") -> str:
     """Any pretrained source (a trainer workdir or checkpoint directory too) -> HF directory
-    with its tokenizer files and an image processor config; returns the family."""
+    with its tokenizer files and, for two towers, an image processor config; returns the
+    family. `dtype` (float32 / bfloat16 / float16) applies to decoder LMs."""
+    kind = source_kind(src)
+    if decoder_lib.is_decoder_source(src, kind):
+        return decoder_lib.export_decoder(src, kind, out_dir, dtype)
+    if dtype != "float32":
+        raise ValueError(f"{src}: only decoder LMs export in {dtype}; CLIP / SigLIP export "
+                         "float32")
     pretrained = read_pretrained(src)
     family = export_hf(pretrained.params, pretrained.model_config, out_dir,
                        token_ids=pretrained.tokenizer)
@@ -64,6 +74,8 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--to", choices=["hf"], required=True)
     exp.add_argument("src")
     exp.add_argument("out")
+    exp.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32",
+                     help="weight dtype of an exported decoder LM")
     return p
 
 
@@ -74,11 +86,16 @@ def main(argv: list[str] | None = None) -> None:
             config = import_pretrained(args.src, args.out, args.kind, args.image_size,
                                        args.tokenizer, args.overwrite)
             model = config["model"]
+            if config.get("architecture") == decoder_lib.ARCHITECTURE:
+                print(f"imported {args.src} ({model['model_type']}, {model['depth']} layers, "
+                      f"width {model['width']}, vocab {model['vocab_size']}, tokenizer "
+                      f"{(config['tokenizer'] or {}).get('file')}) -> {os.path.abspath(args.out)}")
+                return
             print(f"imported {args.src} ({config['source']['family']}, image "
                   f"{config['image']['size']}, embed_dim {model['embed_dim']}, tokenizer "
                   f"{(config['tokenizer'] or {}).get('file')}) -> {os.path.abspath(args.out)}")
         else:
-            family = export_pretrained(args.src, args.out)
+            family = export_pretrained(args.src, args.out, args.dtype)
             print(f"exported {args.src} -> {os.path.abspath(args.out)} ({family})")
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

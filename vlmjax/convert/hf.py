@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from vlmjax.convert import hf_io
+from vlmjax.convert.hf_decoder_config import ARCHITECTURES as DECODER_ARCHITECTURES
 from vlmjax.convert.hf_names import split_packed_attention, weight_map
 
 MODEL_TYPES = {"clip": "clip", "siglip": "siglip"}  # config.json model_type -> family
@@ -56,7 +57,9 @@ def family_of(hf_config: dict, where: str) -> str:
     model_type = hf_config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(f"{where}: model_type {model_type!r} is not supported; expected one of "
-                         f"{sorted(MODEL_TYPES)} (CLIPModel, SiglipModel)")
+                         f"{sorted(MODEL_TYPES)} (CLIPModel, SiglipModel) or one of "
+                         f"{sorted(DECODER_ARCHITECTURES)} ("
+                         f"{', '.join(sorted(DECODER_ARCHITECTURES.values()))})")
     return MODEL_TYPES[model_type]
 
 

@@ -160,3 +160,68 @@ class SafetensorsTensors:
                           else SAFETENSORS_DTYPES[info["dtype"]])
         array = np.frombuffer(raw, stored).reshape(info["shape"])
         return array.astype(dtype) if dtype is not None else array.copy()
+
+
+# numpy dtype name -> safetensors dtype (the inverse of SAFETENSORS_DTYPES)
+SAFETENSORS_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def _safetensors_header(specs: list[tuple[str, tuple, str]]) -> bytes:
+    """The length-prefixed JSON header for tensors (name, shape, numpy dtype name) stored in
+    this order, padded to 8 bytes as safetensors does."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0  # transformers checks format=pt
+    for name, shape, dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_numpy_dtype(dtype)).itemsize
+        header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def _numpy_dtype(name: str):
+    import ml_dtypes
+
+    return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
+
+
+def write_safetensors_streaming(directory: str, specs, produce, dtype: str = "float32",
+                                max_shard_bytes: int = 5 * 2**30) -> list[str]:
+    """Writes tensors one at a time: `specs` is a list of (name, shape) and `produce(name)`
+    returns that tensor (any float numpy/jax array), which is cast to `dtype`, written and
+    dropped before the next is produced. One `model.safetensors`, or shards
+    `model-0000i-of-0000n.safetensors` of at most `max_shard_bytes` (a tensor larger than that
+    gets its own) with `model.safetensors.index.json`. Returns the files written."""
+    if dtype not in SAFETENSORS_CODES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(SAFETENSORS_CODES)}")
+    itemsize = np.dtype(_numpy_dtype(dtype)).itemsize
+    shards, size = [[]], 0
+    for name, shape in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tuple(int(s) for s in shape)))
+        size += nbytes
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map, total = {}, 0
+    for file, shard in zip(files, shards):
+        with open(os.path.join(directory, file), "wb") as f:
+            f.write(_safetensors_header([(name, shape, dtype) for name, shape in shard]))
+            for name, shape in shard:
+                array = np.asarray(produce(name), np.float32)
+                if array.shape != shape:
+                    raise ValueError(f"tensor {name}: produced shape {array.shape}, declared "
+                                     f"{shape}")
+                data = np.ascontiguousarray(array.astype(_numpy_dtype(dtype)))
+                f.write(data.reshape(-1).view(np.uint8))  # no bytes copy
+                total += data.nbytes
+                weight_map[name] = file
+                del array, data
+    if len(files) > 1:
+        write_json(os.path.join(directory, SHARD_INDEX),
+                   {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return files

@@ -18,6 +18,8 @@ import numpy as np
 from vlmjax.models.two_towers import TwoTowers
 
 SEP = "/"
+FORMAT = "vlmjax.convert/1"   # config.json "format" of a converted directory
+PARAMS_DIR = "params"         # its orbax checkpoint of the params
 
 
 @dataclass

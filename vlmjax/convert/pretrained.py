@@ -1,6 +1,8 @@
 """`load_pretrained(SRC)`: a TwoTowers model, its params and its model config from an HF
 directory, a big_vision `.npz`, a converted directory, or a trainer workdir (see
-convert.workdir); and writing converted directories.
+convert.workdir); and writing converted directories. Decoder LMs (HF LlamaForCausalLM /
+Qwen2ForCausalLM, their converted directories, workdirs of task `lm`) go through
+convert.decoder_pretrained and give a `Decoder`.
 
 A converted directory holds
   config.json   {"format": FORMAT, "model": <model config>, "image": {"size": [H, W], "mean",
@@ -11,21 +13,19 @@ A converted directory holds
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlmjax.convert import decoder_pretrained as decoder_lib
 from vlmjax.convert import hf_io, params as params_lib, posemb, tokenizer as tok
 from vlmjax.convert.big_vision import load_big_vision
 from vlmjax.convert.hf import load_hf, model_config_from_hf
-from vlmjax.convert.params import Pretrained
+from vlmjax.convert.params import FORMAT, PARAMS_DIR, Pretrained
 from vlmjax.convert.workdir import read_trainer_checkpoint, trainer_checkpoint
 
-FORMAT = "vlmjax.convert/1"
-PARAMS_DIR = "params"
 SOURCES = ("hf", "big_vision", "converted", "trainer")
 
 
@@ -85,12 +85,7 @@ def resized(pretrained: Pretrained, image_size: Sequence[int] | None) -> Pretrai
 def write_converted(pretrained: Pretrained, out_dir: str, overwrite: bool = False) -> None:
     params_lib.check_params(params_lib.unflatten(pretrained.params), pretrained.model_config,
                             pretrained.image["size"], pretrained.source["path"])
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True "
-                                  "(--overwrite) to replace it")
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    decoder_lib.fresh_dir(out_dir, overwrite)
     import orbax.checkpoint as ocp
 
     ocp.v1.save(os.path.join(os.path.abspath(out_dir), PARAMS_DIR),
@@ -107,6 +102,10 @@ def import_pretrained(src: str, out_dir: str, kind: str | None = None,
                       image_size: Sequence[int] | None = None,
                       tokenizer_path: str | None = None, overwrite: bool = False) -> dict:
     """HF dir / big_vision .npz -> converted directory. Returns its config.json dict."""
+    if (kind or source_kind(src)) == "hf" and decoder_lib.is_decoder_source(src, "hf"):
+        if image_size is not None or tokenizer_path is not None:
+            raise ValueError(f"{src} is a decoder LM: image_size and tokenizer_path do not apply")
+        return decoder_lib.import_decoder(src, out_dir, overwrite)
     pretrained = resized(read_source(src, kind, tokenizer_path), image_size)
     write_converted(pretrained, out_dir, overwrite)
     return hf_io.read_json(os.path.join(out_dir, "config.json"))
@@ -142,6 +141,8 @@ def _load_converted(directory: str, shardings: Any) -> tuple[dict, dict]:
 def read_pretrained(src: str) -> Pretrained:
     """Any source (including converted dirs and trainer workdirs) as numpy `Pretrained`."""
     kind = source_kind(src)
+    if decoder_lib.is_decoder_source(src, kind):
+        return decoder_lib.read_decoder(src, kind)
     if kind == "trainer":
         return read_trainer_checkpoint(src)
     if kind != "converted":
@@ -153,16 +154,27 @@ def read_pretrained(src: str) -> Pretrained:
 
 
 def load_pretrained(src: str, *, image_size: Sequence[int] | None = None,
-                    shardings: Any = None, dtype=jnp.float32):
+                    shardings: Any = None, dtype=jnp.float32, scan_layers: bool | None = None):
     """-> (model, params, model_config) from an HF directory, a big_vision .npz, a converted
     directory or a trainer workdir / checkpoint directory.
+
+    Decoder LMs (HF Llama / Qwen2, their converted directories, `lm` workdirs): `model` is a
+    `Decoder`, `params` float32 streamed tensor by tensor into `shardings`, `model_config` the
+    Decoder arguments plus model_type / bos_id / eos_id / pad_id / max_position_embeddings
+    (convert.hf_decoder_config); `scan_layers` (default: the layout of `shardings`) stacks the
+    layers.
 
     `model` is a `TwoTowers` (compute `dtype`); `params` are float32 jax arrays placed by
     `shardings` (a pytree of shardings matching the params, or one sharding for all) when given;
     `model_config` is the JSON-serialisable dict of TwoTowers arguments. `image_size` (H, W)
     resizes the learned image position embedding for another resolution.
     """
-    if source_kind(src) == "converted":
+    kind = source_kind(src)
+    if decoder_lib.is_decoder_source(src, kind):
+        if image_size is not None:
+            raise ValueError(f"{src} is a decoder LM: image_size does not apply")
+        return decoder_lib.load_decoder(src, kind, shardings, dtype, scan_layers)
+    if kind == "converted":
         stored_size = hf_io.read_json(os.path.join(src, "config.json"))["image"]["size"]
         if image_size is None or list(image_size) == stored_size:
             params, config = _load_converted(src, shardings)  # straight into the shardings
@@ -180,7 +192,9 @@ def load_pretrained_tokenizer(src: str):
     `tokenizer.encode_batch(texts, settings["max_len"], settings["add_bos"], settings["eos"])`
     and pass the mask to the model only if `settings["text_mask"]`."""
     kind = source_kind(src)
-    if kind == "hf":
+    if decoder_lib.is_decoder_source(src, kind):
+        settings = decoder_lib.read_decoder_tokenizer_settings(src, kind)
+    elif kind == "hf":
         config_path = os.path.join(src, "config.json")
         model_config, info = model_config_from_hf(hf_io.read_json(config_path), config_path)
         settings = tok.hf_tokenizer_settings(src, info["family"], model_config["text"]["max_len"])

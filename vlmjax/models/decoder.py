@@ -5,9 +5,10 @@
     hidden = model.apply(v, tokens, return_hidden=True)      # final-normed [B, L, D]
 
 RMSNorm, RoPE (rope.py: default / linear / llama3, HF's rotate_half layout), SwiGLU, grouped-
-query attention (`num_kv_heads`), explicit `head_dim`, optional q/k/v bias (Qwen2), tied or
-untied embeddings, optional sliding window (a query attends to the `sliding_window` latest
-slots, itself included, as HF's sliding attention). Parameters are float32 with logical axes;
+query attention (`num_kv_heads`), explicit `head_dim`, optional q/k/v bias (Qwen2) and output
+bias (`out_bias`: Llama's attention_bias=True biases q/k/v and o), tied or untied embeddings,
+optional sliding window (a query attends to the `sliding_window` latest slots, itself
+included, as HF's sliding attention). Parameters are float32 with logical axes;
 `dtype` is the compute dtype.
 
 Sequences: `segment_ids` int32 [B, L] (0 = padding, 1..n = documents). Attention is causal and
@@ -85,6 +86,7 @@ class DecoderBlock(nn.Module):
     norm_eps: float = 1e-6
     inv_freq: Any = None
     qkv_bias: bool = False
+    out_bias: bool = False
     sliding_window: int | None = None
     fused_attention: bool = False
     dtype: Any = jnp.float32
@@ -114,7 +116,7 @@ class DecoderBlock(nn.Module):
         out = layers.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
                                            fused=self.fused_attention)
         out = constrain(out, layers.HEADS_BLHK)
-        x = x + _dense(width, ("heads", "head_dim"), ("embed",), False, self.dtype, "out",
+        x = x + _dense(width, ("heads", "head_dim"), ("embed",), self.out_bias, self.dtype, "out",
                        axis=(-2, -1))(out)
         h = layers.RMSNorm(self.norm_eps, self.dtype, name="mlp_norm")(x)
         gate = _dense(self.mlp_dim, ("embed",), ("mlp",), False, self.dtype, "gate")(h)
@@ -192,6 +194,7 @@ class Decoder(nn.Module):
     rope_theta: float = 10_000.0
     rope_scaling: Mapping[str, Any] | None = None  # HF rope_parameters without rope_theta
     qkv_bias: bool = False
+    out_bias: bool = False            # Llama attention_bias=True biases o_proj too
     tie_embeddings: bool = False
     sliding_window: int | None = None
     embed_init_std: float = 0.02
@@ -227,7 +230,7 @@ class Decoder(nn.Module):
                             head_dim=self.dims_per_head, mlp_dim=self.mlp_dim,
                             activation=self.activation, norm_eps=self.norm_eps,
                             inv_freq=tuple(float(f) for f in inv_freq), qkv_bias=self.qkv_bias,
-                            sliding_window=self.sliding_window,
+                            out_bias=self.out_bias, sliding_window=self.sliding_window,
                             fused_attention=self.fused_attention, dtype=dtype)
         self.layers = DecoderLayers(self.depth, block_kwargs, self.remat, self.scan_layers)
         self.final_norm = layers.RMSNorm(self.norm_eps, dtype)
