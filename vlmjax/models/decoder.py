@@ -76,8 +76,9 @@ def _dense(features, in_axes, out_axes, use_bias, dtype, name, axis=-1):
 
 class DecoderBlock(nn.Module):
     """Pre-norm Llama block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)). With `kv_cache`
-    ({"k", "v"} of this layer, [B, S, Hkv, K]) the new keys/values are written at `index` and
-    the block returns (x, kv_cache)."""
+    the new keys/values are written at slot `index` and the block returns (x, kv_cache): the
+    cache is this layer's {"k", "v"} [B, S, Hkv, K] (under scan), or, with `layer_index` set,
+    every layer's [depth, B, S, Hkv, K], updated in place at this layer (no per-step copy)."""
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -90,6 +91,7 @@ class DecoderBlock(nn.Module):
     sliding_window: int | None = None
     fused_attention: bool = False
     dtype: Any = jnp.float32
+    layer_index: int | None = None
 
     @nn.compact
     def __call__(self, x, positions, q_segments, k_segments, index, kv_cache=None):
@@ -105,10 +107,16 @@ class DecoderBlock(nn.Module):
         v = constrain(v, layers.HEADS_BLHK)
         q_slots = index + jnp.arange(x.shape[1])
         if kv_cache is not None:
-            start = (0, index, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
-            kv_cache = {"k": k, "v": v}
+            if self.layer_index is None:
+                kv_cache = {n: jax.lax.dynamic_update_slice(
+                    kv_cache[n], new.astype(kv_cache[n].dtype), (0, index, 0, 0))
+                    for n, new in (("k", k), ("v", v))}
+                k, v = kv_cache["k"], kv_cache["v"]
+            else:
+                kv_cache = {n: jax.lax.dynamic_update_slice(
+                    kv_cache[n], new[None].astype(kv_cache[n].dtype),
+                    (self.layer_index, 0, index, 0, 0)) for n, new in (("k", k), ("v", v))}
+                k, v = kv_cache["k"][self.layer_index], kv_cache["v"][self.layer_index]
             k_slots = jnp.arange(k.shape[1])
         else:
             k_slots = q_slots
@@ -141,17 +149,10 @@ class DecoderLayers(nn.Module):
                                  prevent_cse=not self.scan_layers)
         args = (positions, q_segments, k_segments, index)
         if not self.scan_layers:
-            new_k, new_v = [], []
             for i in range(self.depth):
-                layer_cache = None if kv_cache is None else {n: kv_cache[n][i] for n in "kv"}
-                x, layer_cache = block_cls(**self.block_kwargs, name=f"block{i}")(
-                    x, *args, layer_cache)
-                if layer_cache is not None:
-                    new_k.append(layer_cache["k"])
-                    new_v.append(layer_cache["v"])
-            if kv_cache is None:
-                return x, None
-            return x, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+                x, kv_cache = block_cls(**self.block_kwargs, layer_index=i, name=f"block{i}")(
+                    x, *args, kv_cache)
+            return x, kv_cache
 
         def body(block, carry, layer_cache):
             carry, layer_cache = block(carry, *args, layer_cache)
