@@ -1,0 +1,156 @@
+"""`python -m vlmjax.generate`: text from a pretrained or trained decoder LM, printed as it comes.
+
+  python -m vlmjax.generate --model SRC --prompt "a photo of" [--max_new_tokens 32]
+      [--strategy greedy|sample|beam] [--num_beams 4] [--temperature 1.0] [--top_k 0]
+      [--top_p 1.0] [--seed 0] [--length_penalty 1.0] [--early_stopping true|false|never]
+      [--tokenizer PATH] [--add_bos | --no-add_bos] [--chunk 4]
+
+SRC is anything `vlmjax.convert.load_pretrained` reads: an HF Llama / Qwen2 directory, a
+directory written by `python -m vlmjax.convert import`, or a trainer workdir of an LM task. The
+prompt is encoded with the model's own tokenizer (tokenizer.json or SentencePiece, with BOS as
+the model's tokenizer config says, unless --add_bos / --no-add_bos); `--tokenizer` names a
+tokenizer file for a source that has none. Generation stops at the tokenizer's EOS (and the
+model config's / generation_config.json's EOS ids). Greedy and sampling print the text every
+`--chunk` tokens; beam search prints it at the end. Only the generated text is printed
+(stdout), followed by a newline.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+
+def early_stopping_arg(text: str):
+    value = {"true": True, "false": False, "never": "never"}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"early_stopping {text!r}: expected true, false or never")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vlmjax.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF dir, converted dir or trainer workdir")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="greedy")
+    p.add_argument("--num_beams", type=int, default=4, help="beam search only")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--length_penalty", type=float, default=1.0)
+    p.add_argument("--early_stopping", type=early_stopping_arg, default=False)
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json / .model to use instead of the model's own")
+    p.add_argument("--add_bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="start the prompt with BOS (default: as the model's tokenizer config)")
+    p.add_argument("--chunk", type=int, default=4, help="tokens per streamed print")
+    return p
+
+
+def load_tokenizer(src: str, path: str | None):
+    """(tokenizer, add_bos) of the model at `src`, or of the file `path`."""
+    from vlmjax.data.tokenizers import load_model_tokenizer
+
+    if path is not None:
+        return load_model_tokenizer(path), False
+    from vlmjax.convert import load_pretrained_tokenizer, read_pretrained
+    from vlmjax.convert.tokenizer import open_tokenizer
+
+    try:
+        tokenizer, settings = load_pretrained_tokenizer(src)
+        return tokenizer, bool(settings.get("add_bos"))
+    except (FileNotFoundError, KeyError, TypeError, ValueError) as error:
+        pretrained = read_pretrained(src)  # a trainer workdir: its data config's tokenizer
+        settings, directory = pretrained.tokenizer, pretrained.tokenizer_dir
+        if not settings or not settings.get("file") or directory is None:
+            raise FileNotFoundError(f"{src} names no tokenizer ({error}); pass --tokenizer "
+                                    "PATH (tokenizer.json or a SentencePiece .model)") from error
+        return open_tokenizer(directory, settings), bool(settings.get("add_bos"))
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def stop_ids(src: str, tokenizer, model_config) -> list[int]:
+    """EOS ids: the tokenizer's, the model config's and an HF generation_config.json's."""
+    ids = _ids(tokenizer.eos_id) + _ids(model_config.get("eos_id"))
+    path = os.path.join(src, "generation_config.json")
+    if os.path.isfile(path):
+        from vlmjax.convert import hf_io
+        ids += _ids(hf_io.read_json(path).get("eos_token_id"))
+    return sorted(set(ids))
+
+
+class TextStream:
+    """Prints the decoding of a growing token list, only ever appending."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out, self.printed = tokenizer, out or sys.stdout, ""
+
+    def update(self, ids, final: bool = False) -> None:
+        text = self.tokenizer.decode(np.asarray(ids))
+        if not text.startswith(self.printed):  # a retokenised prefix: say it again, whole
+            if final:
+                self.out.write("\n" + text)
+                self.printed = text
+            return
+        if text.endswith("\ufffd") and not final:  # an incomplete UTF-8 character
+            return
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def run(args: argparse.Namespace, out=None):
+    """Generates for `args`, printing to `out` (stdout); returns (text, GenerateOutput)."""
+    import jax
+
+    from vlmjax.convert import load_pretrained
+    from vlmjax.inference import generate, generate_stream
+
+    model, params, model_config = load_pretrained(args.model)
+    if not hasattr(model, "init_cache"):
+        raise ValueError(f"{args.model} holds a {type(model).__name__}, which does not generate "
+                         "text; expected a decoder LM (HF Llama / Qwen2, or an `lm` workdir)")
+    tokenizer, add_bos = load_tokenizer(args.model, args.tokenizer)
+    add_bos = add_bos if args.add_bos is None else args.add_bos
+    prompt = list(tokenizer.encode_raw([args.prompt])[0])
+    if add_bos and tokenizer.bos_id is not None:
+        prompt = [tokenizer.bos_id] + prompt
+    if not prompt:
+        raise ValueError("the prompt encodes to no tokens; give some text")
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    kwargs = dict(max_new_tokens=args.max_new_tokens, strategy=args.strategy,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  eos_id=stop_ids(args.model, tokenizer, model_config) or None,
+                  rng=jax.random.key(args.seed), pad_id=pad_id)
+    tokens = np.asarray([prompt], np.int32)
+    stream = TextStream(tokenizer, out)
+    if args.strategy == "beam":
+        result = generate(model, params, tokens, num_beams=args.num_beams,
+                          length_penalty=args.length_penalty,
+                          early_stopping=args.early_stopping, **kwargs)
+    else:
+        for result in generate_stream(model, params, tokens, chunk=args.chunk, **kwargs):
+            stream.update(result.tokens[0, :int(result.lengths[0])])
+    stream.update(result.tokens[0, :int(result.lengths[0])], final=True)
+    stream.out.write("\n")
+    stream.out.flush()
+    return stream.printed, result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
