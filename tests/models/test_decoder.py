@@ -218,3 +218,55 @@ def test_cached_call_needs_positions_and_heads_must_divide(model_params):
         model.apply({"params": params}, tokens_of(1, 2), cache=model.init_cache(1, 4))
     with pytest.raises(ValueError, match="num_kv_heads"):
         make(num_kv_heads=3).init(jax.random.PRNGKey(0), tokens_of(1, 2))
+
+
+def test_prefix_mask_is_bidirectional_over_the_prefix_only(model_params):
+    seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 0]])
+    prefix = jnp.array([[1, 1, 0, 0, 1, 1, 0, 1]], bool)
+    slots = jnp.arange(8)
+    mask = np.asarray(attention_mask(seg, seg, slots, slots, q_prefix=prefix, k_prefix=prefix))
+    expected = np.zeros((8, 8), bool)
+    for q in range(8):
+        for k in range(8):
+            visible = k <= q or (prefix[0, q] and prefix[0, k])
+            expected[q, k] = bool(seg[0, q] == seg[0, k] != 0 and visible)
+    np.testing.assert_array_equal(mask[0, 0], expected)
+
+    model, params = model_params
+    tokens = tokens_of(2, 8, seed=5)
+    prefix_len = np.array([5, 3])
+    prefix_mask = jnp.asarray(np.arange(8)[None] < prefix_len[:, None])
+    run = lambda t, **kw: np.asarray(model.apply({"params": params}, t, **kw))  # noqa: E731
+    base = run(tokens, prefix_mask=prefix_mask)
+    changed = tokens.at[:, 2].set((tokens[:, 2] + 1) % VOCAB)  # a prefix token of both rows
+    other = run(changed, prefix_mask=prefix_mask)
+    assert np.abs(other[:, :2] - base[:, :2]).max() > 1e-3  # earlier prefix positions see it
+    np.testing.assert_allclose(run(changed)[:, :2], run(tokens)[:, :2], atol=1e-6)  # causal: not
+    later = tokens.at[:, 6].set((tokens[:, 6] + 1) % VOCAB)  # an answer token of both rows
+    np.testing.assert_allclose(run(later, prefix_mask=prefix_mask)[:, :6], base[:, :6], atol=1e-6)
+    # Cached: the prompt (= the prefix) in one prefill call, then causal decode steps.
+    for row in range(2):
+        n = int(prefix_len[row])
+        cache = model.init_cache(1, 8)
+        pos = jnp.arange(8)[None]
+        out, cache = model.apply({"params": params}, tokens[row:row + 1, :n], positions=pos[:, :n],
+                                 cache=cache, prefix_mask=jnp.ones((1, n), bool))
+        steps = [np.asarray(out)]
+        for t in range(n, 8):
+            out, cache = model.apply({"params": params}, tokens[row:row + 1, t:t + 1],
+                                     positions=pos[:, t:t + 1], cache=cache,
+                                     prefix_mask=jnp.zeros((1, 1), bool))
+            steps.append(np.asarray(out))
+        np.testing.assert_allclose(np.concatenate(steps, axis=1)[0], base[row], atol=1e-5)
+    # A prefix that starts after a causal chunk (cache index > 0) is bidirectional within its call.
+    prefix_mask = jnp.asarray([[False, False, True, True, True, False, False, False]])
+    whole = run(tokens[:1], prefix_mask=prefix_mask)
+    cache = model.init_cache(1, 8)
+    pos = jnp.arange(8)[None]
+    steps = []
+    for start, stop in ((0, 2), (2, 5), (5, 8)):
+        out, cache = model.apply({"params": params}, tokens[:1, start:stop],
+                                 positions=pos[:, start:stop], cache=cache,
+                                 prefix_mask=prefix_mask[:, start:stop])
+        steps.append(np.asarray(out))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), whole, atol=1e-5)

@@ -17,6 +17,10 @@ prompt is segment_ids = its mask (one document per row) and positions = cumsum(m
 
 `embeddings` [B, L, D] replaces the token embeddings (LLaVA puts projected image features into
 the image-token rows of `model.apply(v, tokens, method=model.embed)` and passes the result).
+`prefix_mask` bool [B, L] (PaliGemma-style prefix LM): the True tokens of a document also attend
+to the later True tokens of the same call (bidirectional over the prefix); the others stay
+causal. With a cache, the keys of earlier calls are all before the new queries, so a prefix must
+come in one call (generation: the prompt).
 
 KV cache (pure: the cache goes in and comes out of `apply`, nothing is stored in the module):
     cache = model.init_cache(batch, max_length)              # zeros; no params needed
@@ -56,10 +60,14 @@ def segment_positions(segment_ids):
     return (idx - start).astype(jnp.int32)
 
 
-def attention_mask(q_segments, k_segments, q_slots, k_slots, sliding_window=None):
-    """[B, 1, Lq, Lk] bool: same non-padding document, causal by slot, within the window."""
+def attention_mask(q_segments, k_segments, q_slots, k_slots, sliding_window=None,
+                   q_prefix=None, k_prefix=None):
+    """[B, 1, Lq, Lk] bool: same non-padding document, causal by slot (or both prefix tokens:
+    `q_prefix` [B, Lq], `k_prefix` [B, Lk]), within the window."""
     same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
     causal = k_slots[None, None, :] <= q_slots[None, :, None]
+    if q_prefix is not None:
+        causal = causal | (q_prefix[:, :, None] & k_prefix[:, None, :])
     mask = same & causal
     if sliding_window:
         mask &= q_slots[None, :, None] - k_slots[None, None, :] < sliding_window
@@ -94,7 +102,7 @@ class DecoderBlock(nn.Module):
     layer_index: int | None = None
 
     @nn.compact
-    def __call__(self, x, positions, q_segments, k_segments, index, kv_cache=None):
+    def __call__(self, x, positions, q_segments, k_segments, index, kv_cache=None, prefix=None):
         width = x.shape[-1]
         h = layers.RMSNorm(self.norm_eps, self.dtype, name="attn_norm")(x)
         q, k, v = (_dense((heads, self.head_dim), ("embed",), (axes, "head_dim"), self.qkv_bias,
@@ -120,7 +128,8 @@ class DecoderBlock(nn.Module):
             k_slots = jnp.arange(k.shape[1])
         else:
             k_slots = q_slots
-        mask = attention_mask(q_segments, k_segments, q_slots, k_slots, self.sliding_window)
+        mask = attention_mask(q_segments, k_segments, q_slots, k_slots, self.sliding_window,
+                              *(prefix or (None, None)))
         out = layers.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
                                            fused=self.fused_attention)
         out = constrain(out, layers.HEADS_BLHK)
@@ -142,7 +151,7 @@ class DecoderLayers(nn.Module):
     scan_layers: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, q_segments, k_segments, index, kv_cache=None):
+    def __call__(self, x, positions, q_segments, k_segments, index, kv_cache=None, prefix=None):
         block_cls = DecoderBlock
         if self.remat != "none":
             block_cls = nn.remat(DecoderBlock, policy=layers.remat_policy(self.remat),
@@ -151,11 +160,11 @@ class DecoderLayers(nn.Module):
         if not self.scan_layers:
             for i in range(self.depth):
                 x, kv_cache = block_cls(**self.block_kwargs, layer_index=i, name=f"block{i}")(
-                    x, *args, kv_cache)
+                    x, *args, kv_cache, prefix)
             return x, kv_cache
 
         def body(block, carry, layer_cache):
-            carry, layer_cache = block(carry, *args, layer_cache)
+            carry, layer_cache = block(carry, *args, layer_cache, prefix)
             return carry, layer_cache
 
         scanned = nn.scan(body, variable_axes={"params": 0}, length=self.depth,
@@ -253,7 +262,7 @@ class Decoder(nn.Module):
         return self.lm_head(hidden)
 
     def __call__(self, tokens, *, segment_ids=None, positions=None, embeddings=None,
-                 cache=None, return_hidden=False):
+                 cache=None, return_hidden=False, prefix_mask=None):
         x = self.embed(tokens) if embeddings is None else embeddings.astype(self._dtype())
         batch, length = x.shape[:2]
         if segment_ids is None:
@@ -271,7 +280,14 @@ class Decoder(nn.Module):
             k_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids,
                                                       (0, index))
             kv = {"k": cache["k"], "v": cache["v"]}
-        x, kv = self.layers(x, positions.astype(jnp.int32), segment_ids, k_segments, index, kv)
+        prefix = None
+        if prefix_mask is not None:
+            q_prefix = prefix_mask.astype(bool)
+            k_prefix = q_prefix if cache is None else jax.lax.dynamic_update_slice(
+                jnp.zeros(k_segments.shape, bool), q_prefix, (0, index))
+            prefix = (q_prefix, k_prefix)
+        x, kv = self.layers(x, positions.astype(jnp.int32), segment_ids, k_segments, index, kv,
+                            prefix)
         hidden = self.final_norm(x)
         if return_hidden and not self.tie_embeddings and self.is_initializing():
             self.lm_head(hidden)  # create the head's params at init

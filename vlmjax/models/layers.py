@@ -285,7 +285,9 @@ class Encoder(nn.Module):
     use. `scan_layers=True` runs one block under `nn.scan` (name `blocks`, every parameter with a
     leading [depth] axis): compile time stays flat in depth; `vlmjax.models.scan_layout`
     converts between the two layouts. `remat` (none | full | save-dots) wraps each block in
-    `jax.checkpoint` with that policy. Returns the output of the last block.
+    `jax.checkpoint` with that policy. Returns the output of the last block; with
+    `return_states=True`, (that output, every block's output: a sequence indexable by block,
+    under scan one [depth, ...] array).
     """
     depth: int
     block_kwargs: dict
@@ -293,7 +295,7 @@ class Encoder(nn.Module):
     scan_layers: bool = False
 
     @nn.compact
-    def __call__(self, x, mask=None, *, train: bool = False):
+    def __call__(self, x, mask=None, *, train: bool = False, return_states: bool = False):
         block_cls = EncoderBlock
         if self.remat != "none":
             # Under scan, the loop already keeps XLA from merging recomputation into the forward
@@ -301,18 +303,21 @@ class Encoder(nn.Module):
             block_cls = nn.remat(EncoderBlock, policy=remat_policy(self.remat),
                                  prevent_cse=not self.scan_layers, static_argnums=(3,))
         if not self.scan_layers:
+            states = []
             for i in range(self.depth):
                 x = block_cls(**self.block_kwargs, name=f"block{i}")(x, mask, train)
-            return x
+                states.append(x)
+            return (x, tuple(states)) if return_states else x
 
         def body(block, carry, _):
-            return block(carry, mask, train), None
+            carry = block(carry, mask, train)
+            return carry, carry if return_states else None
 
         scanned = nn.scan(body, variable_axes={"params": 0}, length=self.depth,
                           split_rngs={"params": True, "dropout": True},
                           metadata_params={nn.PARTITION_NAME: None})  # layer axis: unsharded
-        x, _ = scanned(block_cls(**self.block_kwargs, name="blocks"), x, None)
-        return x
+        x, states = scanned(block_cls(**self.block_kwargs, name="blocks"), x, None)
+        return (x, states) if return_states else x
 
 
 # -------------------------------------------------------------------------- position embeddings

@@ -51,6 +51,11 @@ class ViT(layers.EncoderTower):
     that block's hidden states instead: blocks after it are not built and no final norm is applied;
     the pooling still applies. A class token (CLIP layout: prepended, covered by the learned
     position embedding) is used when `class_token` is set, by default iff `pool="cls"`.
+
+    `return_layers` (LLaVA's `vision_feature_layer`) returns a tuple of hidden states [B, N, width]
+    (the class token included), indexed as HF's `hidden_states`: 0 is the embedded tokens, i the
+    output of the i-th block, negative from the end (-1 the last block, -2 the penultimate one);
+    no final norm, no pooling, and the blocks after the deepest one asked for are not built.
     The encoder's fields (width 768, depth 12, num_heads 12, ...) are layers.EncoderTower's.
     """
     patch_size: int = 16
@@ -61,6 +66,7 @@ class ViT(layers.EncoderTower):
     patch_bias: bool = True      # CLIP's patch embedding has no bias
     stem: str = "patch"          # "conv": ConvStem (patch_size must be a power of two)
     output_layer: int | None = None
+    return_layers: tuple[int, ...] | None = None
 
     def _check(self):
         if self.pool not in POOLS:
@@ -75,6 +81,14 @@ class ViT(layers.EncoderTower):
         if self.output_layer is not None and not -self.depth <= self.output_layer < self.depth:
             raise ValueError(f"ViT output_layer {self.output_layer} is outside [-{self.depth}, "
                              f"{self.depth - 1}] for depth {self.depth}")
+        if self.return_layers is not None:
+            if self.output_layer is not None:
+                raise ValueError("ViT: set output_layer or return_layers, not both")
+            for layer in self.return_layers:
+                if not -self.depth - 1 <= layer <= self.depth:
+                    raise ValueError(f"ViT return_layers entry {layer} is outside "
+                                     f"[-{self.depth + 1}, {self.depth}] for depth {self.depth} "
+                                     f"({self.depth + 1} hidden states)")
 
     @nn.compact
     def __call__(self, images, *, train: bool = False):
@@ -107,6 +121,12 @@ class ViT(layers.EncoderTower):
         x = nn.Dropout(self.dropout)(layers.constrain(x, layers.RESIDUAL_BLD),
                                      deterministic=not train)
 
+        if self.return_layers is not None:
+            blocks = [layer % (self.depth + 1) for layer in self.return_layers]
+            if max(blocks) == 0:
+                return tuple(x for _ in blocks)
+            _, states = layers.encoder(self, max(blocks))(x, train=train, return_states=True)
+            return tuple(x if block == 0 else states[block - 1] for block in blocks)
         depth = self.depth if self.output_layer is None else self.output_layer % self.depth + 1
         x = layers.encoder(self, depth)(x, train=train)
         if self.output_layer is None:

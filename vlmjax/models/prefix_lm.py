@@ -1,0 +1,239 @@
+"""PrefixLM (LLaVA, PaliGemma-style): projected image features in place of image tokens of a
+decoder LLM.
+
+    model = PrefixLM(vision=vit_kwargs, llm=decoder_kwargs, image_token_id=32000)
+    logits = model.apply(v, tokens, images=images)            # float32 [B, L, V]
+    cache = model.init_cache(batch, max_length)
+    logits, cache = model.apply(v, prompt, images=images, segment_ids=m, positions=p, cache=cache)
+    logits, cache = model.apply(v, next_tokens, segment_ids=..., positions=..., cache=cache)
+
+Vision tower: a vlmjax ViT (`vision`: its keyword arguments, e.g. the `model.image` of a
+SigLIP / CLIP config, or a ViT module whose fields are taken), under `vision/` in its own layout,
+so an image tower's params drop in (the blocks after the deepest feature layer, the final norm and
+the pooling head are not built: leave them out). Its features are the hidden states
+`vision_feature_layer` (HF's `hidden_states` index: -2 is LLaVA's penultimate layer; a list:
+those layers concatenated on the feature axis), then `vision_feature_select_strategy`:
+`default` drops the class token (the tower must have one), `full` keeps every token.
+
+Projector (`projector/`): `linear` (one Dense, `linear_1`) or `mlp{N}x_gelu` (N Dense layers
+`linear_1` .. `linear_N` with exact GELU between them; LLaVA-1.5 is mlp2x_gelu), to the LLM's
+width, with biases (`projector_bias`).
+
+LLM (`llm/`): vlmjax.models.decoder.Decoder with the keyword arguments `llm`.
+
+Images: float32 [B, H, W, 3], or [B, N, H, W, 3] for several per sample, normalised as the tower
+expects. `tokens` hold `image_token_id` once per visual token (HF convention: T tokens per image,
+T = the tower's tokens after the select strategy); a row's image tokens take the row's visual
+tokens in order: image 0's T tokens, then image 1's. A row may hold fewer images' tokens than it
+has images (text-only samples of a mixed batch hold none: their images are padding), but only
+whole images: a count that is not a multiple of T, or more than the row's N*T, is an error
+(ValueError naming both counts when the tokens are concrete; under jit, where the counts are not
+known while tracing, that row's logits are NaN, never a silent misalignment).
+
+Attention over the prefix (`prefix_attention`): `causal` (LLaVA) or `full` (PaliGemma: the
+prefix, image + prompt, attends bidirectionally; the answer stays causal). `full` reads
+`prefix_mask` bool [B, L] (True on the prefix tokens) for an uncached call; with a cache and no
+`prefix_mask`, the first call's (the prompt's) real tokens are the prefix and later calls are
+causal, which is what generation needs.
+
+KV cache: `init_cache`, `reorder_cache`, `cache_logical_axes` are the Decoder's; images go only
+to the call that holds their tokens (the prefill), after which their features live in the cache
+(vlmjax.inference.generate).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlmjax.models import layers
+from vlmjax.models.decoder import Decoder
+from vlmjax.models.two_towers import build_tower
+from vlmjax.models.vit import ViT
+
+SELECT_STRATEGIES = ("default", "full")
+PREFIX_ATTENTION = ("causal", "full")
+_MLP_PROJECTOR = re.compile(r"mlp(\d+)x_gelu")
+
+
+def projector_depth(projector: str) -> int:
+    """Dense layers of a projector name: 'linear' -> 1, 'mlp{N}x_gelu' -> N."""
+    if projector == "linear":
+        return 1
+    match = _MLP_PROJECTOR.fullmatch(projector)
+    if match is None or int(match.group(1)) < 1:
+        raise ValueError(f"projector {projector!r} is not 'linear' or 'mlp{{N}}x_gelu' (N >= 1, "
+                         "e.g. 'mlp2x_gelu')")
+    return int(match.group(1))
+
+
+class Projector(nn.Module):
+    """[..., Dv] -> [..., D]: `linear_1`, then GELU + `linear_{i}` for each further layer."""
+    width: int
+    depth: int = 2
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.depth):
+            if i:
+                x = layers.get_activation("gelu")(x)
+            x = nn.Dense(self.width, use_bias=self.use_bias, dtype=self.dtype,
+                         param_dtype=jnp.float32, name=f"linear_{i + 1}",
+                         kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
+                                                        (None, "embed")),
+                         bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))(x)
+        return x
+
+
+def _module_fields(module) -> dict:
+    """The constructor fields of a (config-only) module instance, without parent and name."""
+    return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+            if f.init and f.name not in ("parent", "name")}
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+class PrefixLM(nn.Module):
+    vision: Mapping[str, Any] | ViT
+    llm: Mapping[str, Any]
+    image_token_id: int
+    vision_feature_layer: int | Sequence[int] = -2
+    vision_feature_select_strategy: str = "default"
+    projector: str = "mlp2x_gelu"
+    projector_bias: bool = True
+    prefix_attention: str = "causal"
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if isinstance(self.vision, nn.Module):  # a ViT instance: its fields are the config
+            object.__setattr__(self, "vision", _module_fields(self.vision))
+        super().__post_init__()
+
+    # ------------------------------------------------------------------------------ structure
+    def _dtype(self):
+        return layers.DTYPES[self.dtype] if isinstance(self.dtype, str) else self.dtype
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        layer = self.vision_feature_layer
+        return (int(layer),) if isinstance(layer, (int, np.integer)) else tuple(map(int, layer))
+
+    def _vision_kwargs(self) -> dict:
+        kwargs = dict(self.vision)
+        if kwargs.get("output_layer") is not None:
+            raise ValueError("model.vision.output_layer is set: PrefixLM picks the tower's "
+                             "layers with vision_feature_layer")
+        kwargs.pop("output_layer", None)
+        return {"dtype": self.dtype, **kwargs, "return_layers": self.feature_layers}
+
+    def _llm_kwargs(self) -> dict:
+        return {"dtype": self.dtype, **dict(self.llm)}
+
+    def _check(self):
+        if self.vision_feature_select_strategy not in SELECT_STRATEGIES:
+            raise ValueError(f"vision_feature_select_strategy "
+                             f"{self.vision_feature_select_strategy!r} is not one of "
+                             f"{SELECT_STRATEGIES}")
+        if self.prefix_attention not in PREFIX_ATTENTION:
+            raise ValueError(f"prefix_attention {self.prefix_attention!r} is not one of "
+                             f"{PREFIX_ATTENTION}")
+        if not self.feature_layers:
+            raise ValueError("vision_feature_layer is an empty list")
+
+    def setup(self):
+        self._check()
+        vision = self._vision_kwargs()
+        build_tower(ViT, vision, "model.vision")  # unknown keys: an error naming the valid ones
+        self.vision_tower = ViT(**vision, name="vision")
+        has_cls = vision.get("class_token")
+        if has_cls is None:
+            has_cls = vision.get("pool", "map") == "cls"
+        if self.vision_feature_select_strategy == "default" and not has_cls:
+            raise ValueError("vision_feature_select_strategy 'default' drops the class token, "
+                             "and this vision tower has none (class_token / pool='cls'): use "
+                             "'full'")
+        self.mm_projector = Projector(self._llm_kwargs()["width"], projector_depth(self.projector),
+                                      self.projector_bias, self._dtype(), name="projector")
+        self.language_model = Decoder(**self._llm_kwargs(), name="llm")
+
+    # ------------------------------------------------------------------------------- compute
+    def image_features(self, images):
+        """[B, H, W, 3] or [B, N, H, W, 3] -> projected visual tokens [B, N * T, D] (compute
+        dtype), image by image."""
+        if images.ndim == 4:
+            images = images[:, None]
+        if images.ndim != 5:
+            raise ValueError(f"images must be [B, H, W, 3] or [B, N, H, W, 3], got "
+                             f"{images.shape}")
+        batch, count = images.shape[:2]
+        states = self.vision_tower(images.reshape(batch * count, *images.shape[2:]))
+        if self.vision_feature_select_strategy == "default":
+            states = [s[:, 1:] for s in states]
+        features = self.mm_projector(jnp.concatenate(states, axis=-1).astype(self._dtype()))
+        return features.reshape(batch, count * features.shape[1], features.shape[-1])
+
+    def embed_inputs(self, tokens, images=None):
+        """Token embeddings [B, L, D] with the visual tokens in the image-token rows, and a
+        bool [B] that is True for rows whose image-token count is not whole images."""
+        embeddings = self.language_model.embed(tokens)
+        bad = jnp.zeros(tokens.shape[:1], bool)
+        if images is None:
+            return embeddings, bad
+        features = self.image_features(images)  # [B, M, D]
+        per_image = features.shape[1] // (1 if images.ndim == 4 else images.shape[1])
+        is_image = tokens == self.image_token_id
+        counts = jnp.sum(is_image, axis=1)
+        if _is_concrete(counts):
+            for row, count in enumerate(np.asarray(counts)):
+                if count % per_image or count > features.shape[1]:
+                    raise ValueError(
+                        f"row {row} holds {int(count)} image tokens (image_token_id "
+                        f"{self.image_token_id}), and its images give {features.shape[1]} "
+                        f"visual tokens ({features.shape[1] // per_image} image(s) x "
+                        f"{per_image}): the tokens must hold {per_image} per image "
+                        "(HF convention: one image token per visual token)")
+        bad = (counts % per_image != 0) | (counts > features.shape[1])
+        rank = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+        visual = jnp.take_along_axis(features, rank[..., None], axis=1)
+        embeddings = jnp.where(is_image[..., None], visual.astype(embeddings.dtype), embeddings)
+        return layers.constrain(embeddings, layers.RESIDUAL_BLD), bad
+
+    def __call__(self, tokens, images=None, *, segment_ids=None, positions=None, cache=None,
+                 prefix_mask=None, return_hidden=False):
+        embeddings, bad = self.embed_inputs(tokens, images)
+        if self.prefix_attention == "causal" and prefix_mask is not None:
+            raise ValueError("prefix_mask is given, and prefix_attention is 'causal': set "
+                             "prefix_attention='full' for a bidirectional prefix")
+        if self.prefix_attention == "full" and prefix_mask is None:
+            if cache is None:
+                raise ValueError("prefix_attention 'full' needs prefix_mask [B, L] (True on the "
+                                 "image + prompt tokens) for a call without a cache")
+            real = jnp.ones(tokens.shape, bool) if segment_ids is None else segment_ids != 0
+            prefix_mask = real & (cache["index"] == 0)  # the prompt: the first cached call
+        out = self.language_model(tokens, segment_ids=segment_ids, positions=positions,
+                                  embeddings=embeddings, cache=cache, prefix_mask=prefix_mask,
+                                  return_hidden=return_hidden)
+        logits, new_cache = (out, None) if cache is None else out
+        logits = jnp.where(bad[:, None, None], jnp.nan, logits)
+        return logits if cache is None else (logits, new_cache)
+
+    # --------------------------------------------------------------------------------- cache
+    def init_cache(self, batch: int, max_length: int) -> dict:
+        return Decoder(**self._llm_kwargs(), parent=None).init_cache(batch, max_length)
+
+    @staticmethod
+    def reorder_cache(cache: dict, rows) -> dict:
+        return Decoder.reorder_cache(cache, rows)
+
+    @staticmethod
+    def cache_logical_axes() -> dict:
+        return Decoder.cache_logical_axes()
