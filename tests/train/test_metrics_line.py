@@ -26,3 +26,17 @@ def test_progress_line_shows_only_the_tasks_summary_metrics():
     assert "t 10.00" not in plain and "-3.00" not in plain
     shown, _ = metrics.Progress(10, 0, 4, summary_metrics=("bias",)).report(1, values)
     assert "bias -3.00" in shown and "10.00" not in shown
+
+
+def test_a_rate_summary_metric_is_shown_and_logged_per_second():
+    """The LM's counted tokens: per-step num_tokens over the step time (tasks/lm.py)."""
+    progress = metrics.Progress(10, 0, 4, summary_metrics=(("perplexity", "ppl"),
+                                                           ("num_tokens", "tok/s", "rate")))
+    progress.last_time -= 2.0  # 10 steps of 1000 counted tokens in 2 s
+    line, rates = progress.report(10, {"loss": 1.0, "learning_rate": 1e-3, "perplexity": 2.72,
+                                       "num_tokens": 1000.0})
+    assert 4900 < rates["perf/num_tokens_per_s"] <= 5000
+    assert "ppl 2.72" in line and f"tok/s {rates['perf/num_tokens_per_s']:.0f}" in line
+    assert "tok/s 1000" not in line
+    assert metrics.summary_labels((("num_tokens", "tok/s", "rate"), "bias")) == [
+        ("num_tokens", "tok/s"), ("bias", "bias")]

@@ -7,7 +7,7 @@ from vlmjax import config as config_lib, sharding
 from vlmjax.train import trainer
 from vlmjax.train.tasks import TASKS, base, get_task
 
-CONFIGS = {"contrastive": "configs/siglip/tiny.py:runlocal"}
+CONFIGS = {"contrastive": "configs/siglip/tiny.py:runlocal", "lm": "configs/lm/tiny.py:runlocal"}
 
 
 def test_every_registered_task_has_a_config_here():
@@ -60,3 +60,12 @@ def test_loss_impl_is_a_siglip_key_only(tmp_path):
     siglip = config_lib.load_config("configs/siglip/tiny.py:runlocal")
     config_lib.apply_overrides(siglip, ["loss.impl=dense"])
     assert get_task("contrastive")(siglip, mesh).impl == "dense"
+
+
+def test_lm_task_contract_values(tmp_path):
+    config = config_lib.load_config("configs/lm/tiny.py:runlocal")
+    config_lib.apply_overrides(config, [f"data.data_dir={tmp_path}"])
+    task = get_task("lm")(config, sharding.make_mesh({"data": -1}))
+    assert task.trainable is None and task.extra_state({"w": jnp.ones(2)}) == {}
+    assert task.summary_metrics == (("perplexity", "ppl"), ("num_tokens", "tok/s", "rate"))
+    assert task.example_transform(True) == ["texts_as_documents|qa_documents"]

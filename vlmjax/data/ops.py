@@ -36,7 +36,7 @@ Example = dict
 Op = Callable[[Example], Example]
 # Modules whose import registers the built-in ops (tasks import their own op modules).
 BUILTIN_OP_MODULES = ("vlmjax.data.ops_image", "vlmjax.data.ops_contrastive",
-                      "vlmjax.data.ops_text")
+                      "vlmjax.data.ops_text", "vlmjax.data.ops_lm")
 
 
 @dataclasses.dataclass(frozen=True)

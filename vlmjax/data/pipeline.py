@@ -23,7 +23,8 @@ every key the ops produce (and `label`), not the record fields they only read. T
 batched ops (`tokenize`, `hard_negatives`) run on whole batches, after eval padding.
 
 config.data (`pipeline_config.default_data_config()`):
-  source        "vlm_shapes" | "tfds" | "webdataset" | "llava_json" | "csv" | "mixture"
+  source        "vlm_shapes" | "tfds" | "webdataset" | "llava_json" | "csv" | "text_file" |
+                "mixture"
   split         split to read (vlm_shapes/tfds: e.g. "train", "validation", "test_novel",
                 "train[:10%]"; ignored by the file sources, which read all they are given)
   filters       per-example ALIGN rules, all off by default: filter_image_size (min_image_side),
@@ -33,11 +34,15 @@ config.data (`pipeline_config.default_data_config()`):
                 the dataset is built on first use (hosts sharing one data_dir: build it once
                 beforehand with `python -m vlmjax.data.build`, so they do not race)
   tfds:         name, data_dir, image_key ("image"), text_key (None: no captions), label_key
+                (a text dataset for the `lm` task: text_key its text feature, e.g. "text")
   webdataset:   paths (paths / globs / {000..099} braces, comma-separated), text_extension
                 ("txt"), label_field (integer field of KEY.json, None: no labels)
   llava_json:   json_path (.json list or .jsonl), image_dir
   csv:          csv_path (.csv, or .tsv for tabs), image_dir, image_column ("image"),
                 text_column ("caption"), label_column (None), delimiter (None: from extension)
+  text_file:    paths (as webdataset's), text_field ("text": the JSONL field), format ("auto":
+                .jsonl/.json files JSONL, others plain text; "jsonl" | "text"): one document
+                per line, no images; text tasks only (data/text_files.py)
   mixture:      sources: {name: {<a source config above, without filters>, weight: float}};
                 training only; data.filters applies to all of them
 
@@ -57,6 +62,13 @@ config.input (`pipeline_config.default_input_config()`):
                      negatives (data/hard_negatives.py), as `neg_text`, `neg_text_mask`
                      [B, count, L] and `neg_valid` [B, count] (read by the contrastive
                      transform: its hard_negatives op)
+  special_tokens     optional list of texts the tokenizer never splits (a text the vocabulary
+                     has keeps its id, a new one is added after it; tokenizers.py), e.g.
+                     tokenizers.VLM_SHAPES_LM_TOKENS
+
+`images=False` (text tasks, e.g. the `lm` task's text_pipeline.py): input.preprocess is not
+read, TFDS sources (vlm_shapes included) read no image feature, nothing is decoded, and
+text-only sources are allowed.
 
 Bad data is skipped and counted, never fatal: placeholders from the sources carry a reason;
 images that fail to decode are dropped (tf.data `ignore_errors`) and recognised by the gap they
@@ -159,9 +171,15 @@ class InputPipeline:
 
     def __init__(self, data_config, input_config, *, training: bool, process_index=None,
                  process_count=None, state: dict | None = None,
-                 transform: str | Sequence[str] | None = None):
+                 transform: str | Sequence[str] | None = None, images: bool = True,
+                 fingerprint_extra=None):
         pipeline_config.validate_data_config(data_config)
-        pipeline_config.validate_input_config(input_config)
+        pipeline_config.validate_input_config(input_config, images=images)
+        self.images = images
+        if not images and any(data_config.get("filters", {}).get(k) for k in (
+                "filter_image_size", "filter_aspect_ratio")):
+            raise ValueError("data.filters: the image rules need images, and this pipeline "
+                             "reads none (a text task); turn them off")
         if data_config.source == "mixture" and not training:
             raise ValueError("data.source='mixture' is for training; evaluate one source at a "
                              "time")
@@ -176,11 +194,13 @@ class InputPipeline:
         default = ops_contrastive.example_transform(input_config, training)
         self.transform = default if transform is None else (
             [transform] if isinstance(transform, str) else list(transform))
-        self._example_ops, self._batch_ops = _split_transform(input_config.preprocess,
-                                                              self.transform)
+        self._example_ops, self._batch_ops = _split_transform(
+            input_config.preprocess if images else "", self.transform)
+        extra = None if self.transform == default else self.transform
+        if not images or fingerprint_extra is not None:
+            extra = [extra, {"images": images, "extra": fingerprint_extra}]
         self.fingerprint = _fingerprint(data_config, input_config, training, self.process_index,
-                                        self.process_count,
-                                        None if self.transform == default else self.transform)
+                                        self.process_count, extra)
         self.position, skip_offset = 0, np.zeros(skips.NUM_REASONS, np.int64)
         if state is not None:
             if state.get("fingerprint") != self.fingerprint:
@@ -210,12 +230,13 @@ class InputPipeline:
         if config.source == "mixture":
             names = sorted(config.sources.keys())
             subs = [config.sources[name] for name in names]
-            self._sources = [pipeline_config.make_source(sub, self.training, self.record_fields)
+            self._sources = [pipeline_config.make_source(sub, self.training, self.record_fields,
+                                                         images=self.images)
                              for sub in subs]
             self._weights = [float(sub.weight) for sub in subs]
         else:
             self._sources = [pipeline_config.make_source(config, self.training,
-                                                         self.record_fields)]
+                                                         self.record_fields, images=self.images)]
             self._weights = [1.0]
 
     def _eval_num_batches(self) -> int:
@@ -274,8 +295,11 @@ class InputPipeline:
             reason = tf.where((reason == 0) & (tf.size(texts) == 0),
                               skips.reason_id("empty_text"), reason)
             texts = tf.cond(tf.size(texts) > 0, lambda: texts, lambda: tf.constant([""]))
-            image = tf.cond(reason == 0, lambda: ops_image.decode_image(example["image"]),
-                            lambda: tf.zeros([1, 1, 3], tf.uint8))
+            if self.images:
+                image = tf.cond(reason == 0, lambda: ops_image.decode_image(example["image"]),
+                                lambda: tf.zeros([1, 1, 3], tf.uint8))
+            else:  # a text pipeline: the bytes (b"") pass untouched and leave no batch key
+                image = example["image"]
             if active_filters:
                 filter_reason, kept_texts = filters.online_skip_reason(tf.shape(image), texts,
                                                                        filter_config)
@@ -336,20 +360,22 @@ class InputPipeline:
         dataset = dataset.ignore_errors()
         initial = (tf.constant(start - 1, tf.int64), tf.zeros([skips.NUM_REASONS], tf.int64),
                    tf.constant(0, tf.int64))
-        dataset = dataset.scan(initial, _plain(self._count_skips_fn()))
-        if self.training:
-            dataset = dataset.filter(_plain(lambda ex: ex["_keep"]))
-            dataset = dataset.map(_plain(lambda ex: {k: v for k, v in ex.items()
-                                                     if k not in ("_keep", "_end")}))
-            dataset = dataset.batch(self.local_batch_size, drop_remainder=True)
-        else:
-            dataset = self._pad_for_eval(dataset)
+        dataset = self._batch_examples(dataset.scan(initial, _plain(self._count_skips_fn())))
         if self._batch_ops:
             dataset = dataset.map(_plain(ops.compose(self._batch_ops, self.op_context)),
                                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         options = tf.data.Options()
         options.deterministic = True
         return dataset.with_options(options).prefetch(self.input_config.prefetch_batches)
+
+    def _batch_examples(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
+        """Counted examples -> batches (a subclass may batch otherwise: text_pipeline.py)."""
+        if not self.training:
+            return self._pad_for_eval(dataset)
+        dataset = dataset.filter(_plain(lambda ex: ex["_keep"]))
+        dataset = dataset.map(_plain(lambda ex: {k: v for k, v in ex.items()
+                                                 if k not in ("_keep", "_end")}))
+        return dataset.batch(self.local_batch_size, drop_remainder=True)
 
     def _pad_for_eval(self, dataset: tf.data.Dataset) -> tf.data.Dataset:
         # Real examples pass with _mask True. The end-of-data sentinel becomes the first padding
@@ -374,19 +400,7 @@ class InputPipeline:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._closed:
-            raise RuntimeError("this input pipeline is closed; make a new one with "
-                               "state=get_state() to continue")
-        if self._iterator is None:
-            self._iterator = self.dataset.as_numpy_iterator()
-        try:
-            batch = next(self._iterator)
-        except tf.errors.InvalidArgumentError as error:
-            message = error.message
-            if "assertion failed: [" in message:  # ours: keep the text, drop TF's node names
-                message = message.split("assertion failed: [", 1)[1].rsplit("]", 1)[0]
-                message = message.split("]\n", 1)[0]
-            raise ValueError(f"input pipeline stopped: {message}") from None
+        batch = self._next_raw()
         # Counts are cumulative; all-padding batches carry zeros, hence the running maximum.
         self._skips = np.maximum(self._skips, self._skip_offset + batch["_skips"].max(axis=0))
         real_index = batch["_index"][batch["_index"] >= 0]
@@ -400,6 +414,23 @@ class InputPipeline:
         if not self.training:
             output["_mask"] = batch["_mask"]
         return output
+
+    def _next_raw(self) -> dict[str, np.ndarray]:
+        """The dataset's next batch as it comes (with `_index`, `_skips`, ...)."""
+        if self._closed:
+            raise RuntimeError("this input pipeline is closed; make a new one with "
+                               "state=get_state() to continue")
+        if self._iterator is None:
+            self._iterator = self.dataset.as_numpy_iterator()
+        try:
+            batch = next(self._iterator)
+        except tf.errors.InvalidArgumentError as error:
+            message = error.message
+            if "assertion failed: [" in message:  # ours: keep the text, drop TF's node names
+                message = message.split("assertion failed: [", 1)[1].rsplit("]", 1)[0]
+                message = message.split("]\n", 1)[0]
+            raise ValueError(f"input pipeline stopped: {message}") from None
+        return batch
 
     def close(self) -> None:
         """Releases the tf.data iterator (done for every open pipeline at exit too). To go on

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from vlmjax.data import filters, hard_negatives, preprocess, shapes, sources, tokenizers
+from vlmjax.data import (filters, hard_negatives, preprocess, shapes, sources, text_files,
+                         tokenizers)
 
 SOURCE_KEYS = {  # the keys each source reads, besides `source`, `split` and `filters`
     "vlm_shapes": ("config", "data_dir", "train_size", "eval_size", "novel_size",
@@ -16,10 +17,11 @@ SOURCE_KEYS = {  # the keys each source reads, besides `source`, `split` and `fi
     "webdataset": ("paths", "text_extension", "label_field"),
     "llava_json": ("json_path", "image_dir"),
     "csv": ("csv_path", "image_dir", "image_column", "text_column", "label_column", "delimiter"),
+    "text_file": ("paths", "text_field", "format"),
     "mixture": ("sources",),
 }
 REQUIRED_KEYS = {"tfds": ("name",), "webdataset": ("paths",), "llava_json": ("json_path",),
-                 "csv": ("csv_path",), "mixture": ("sources",)}
+                 "csv": ("csv_path",), "text_file": ("paths",), "mixture": ("sources",)}
 COMMON_KEYS = ("source", "split", "filters")
 INPUT_DEFAULTS = dict(
     global_batch_size=256, image_size=64,
@@ -27,8 +29,10 @@ INPUT_DEFAULTS = dict(
     shuffle_buffer=10_000, seed=0, tokenizer="vlm_shapes", max_text_len=32, add_bos=False,
     eos="sticky", prefetch_batches=2,
 )
-# May be absent (= off): hard_negatives = {count, vocabulary}, see data/hard_negatives.py.
-OPTIONAL_INPUT_KEYS = ("hard_negatives",)
+# May be absent (= off): hard_negatives = {count, vocabulary}, see data/hard_negatives.py;
+# special_tokens = texts the tokenizer keeps whole (added to its vocabulary if new, see
+# tokenizers.py; resolve_tokenizer).
+OPTIONAL_INPUT_KEYS = ("hard_negatives", "special_tokens")
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -69,6 +73,13 @@ def validate_data_config(config, path: str = "data", allow_mixture: bool = True)
                          f"{list(filters.ONLINE_KEYS)}")
     if source == "vlm_shapes" and config.get("config", "64px") not in shapes.BASE_CONFIGS:
         raise _error(f"{path}.config", f"{config.config!r}; valid: {sorted(shapes.BASE_CONFIGS)}")
+    if source == "text_file" and config.get("format", "auto") not in text_files.FORMATS:
+        raise _error(f"{path}.format", f"{config.format!r}; valid: {list(text_files.FORMATS)}")
+    if source == "text_file" and config.get("split") not in (None, "train"):
+        # "train": everything it is given, as training data; any other split it cannot honour
+        raise _error(f"{path}.split", f"{config.split!r}: source 'text_file' has no splits (it "
+                     f"reads the files of {path}.paths); name held-out files in a data config "
+                     "of their own")
     if source == "mixture":
         if not config.sources:
             raise _error(f"{path}.sources", "a mixture needs at least one source")
@@ -78,7 +89,8 @@ def validate_data_config(config, path: str = "data", allow_mixture: bool = True)
                 raise _error(f"{path}.sources.{name}.weight", "needs a positive number")
 
 
-def validate_input_config(config) -> None:
+def validate_input_config(config, images: bool = True) -> None:
+    """`images=False` (text tasks): input.preprocess is not read, so not checked."""
     valid = set(INPUT_DEFAULTS) | set(OPTIONAL_INPUT_KEYS)
     unknown = sorted(set(config.keys()) - valid)
     if unknown:
@@ -95,10 +107,15 @@ def validate_input_config(config) -> None:
         raise _error("input.eos", f"{config.eos!r}; valid: {list(tokenizers.EOS_MODES)}")
     if not 0.0 < config.crop_area_min <= 1.0:
         raise _error("input.crop_area_min", f"{config.crop_area_min} must be in (0, 1]")
-    try:
-        preprocess.parse_ops(config.preprocess)
-    except ValueError as error:
-        raise _error("input.preprocess", str(error)) from None
+    if images:
+        try:
+            preprocess.parse_ops(config.preprocess)
+        except ValueError as error:
+            raise _error("input.preprocess", str(error)) from None
+    special = config.get("special_tokens")
+    if special is not None and (isinstance(special, str) or not all(
+            isinstance(t, str) and t.strip() for t in special)):
+        raise _error("input.special_tokens", f"{special!r} must be a list of non-empty strings")
     hard_negatives.make_swapper(config.get("hard_negatives"))  # raises on a bad value
 
 
@@ -107,9 +124,11 @@ def _get(config, key, default=None):
     return default if value is None else value
 
 
-def make_source(config, training: bool, fields=()) -> sources.Source:
+def make_source(config, training: bool, fields=(), images: bool = True) -> sources.Source:
     """The source a (validated, non-mixture) data config names; vlm_shapes is built if needed.
-    `fields`: record fields beyond the base ones that the ops read (sources.py).
+    `fields`: record fields beyond the base ones that the ops read (sources.py). `images=False`
+    (text tasks): TFDS sources (vlm_shapes included) read no image feature, and text-only
+    sources (text_file) are allowed.
 
     `training` is accepted for callers' clarity; sources shuffle (or not) in `records()`."""
     del training
@@ -122,10 +141,11 @@ def make_source(config, training: bool, fields=()) -> sources.Source:
             novel_size=config.get("novel_size"), noise_fraction=config.get("noise_fraction")))
         return sources.TfdsSource(name="vlm_shapes", split=split, text_key="captions",
                                   label_key="label", builder=builder, fields=fields,
-                                  aliases=sources.VLM_SHAPES_FIELDS)
+                                  aliases=sources.VLM_SHAPES_FIELDS,
+                                  image_key="image" if images else None)
     if source == "tfds":
         return sources.TfdsSource(name=config.name, data_dir=config.get("data_dir"), split=split,
-                                  image_key=_get(config, "image_key", "image"),
+                                  image_key=_get(config, "image_key", "image") if images else None,
                                   text_key=config.get("text_key"),
                                   label_key=config.get("label_key"), fields=fields)
     if source == "webdataset":
@@ -141,6 +161,13 @@ def make_source(config, training: bool, fields=()) -> sources.Source:
             image_column=_get(config, "image_column", "image"),
             text_column=_get(config, "text_column", "caption"),
             label_column=config.get("label_column"), delimiter=config.get("delimiter"))
+    elif source == "text_file":
+        if images:
+            raise _error("data.source", "'text_file' holds text documents without images; it "
+                         "is for text tasks (task 'lm'), use an image-text source here")
+        built = text_files.TextFileSource(paths=config.paths,
+                                          text_field=_get(config, "text_field", "text"),
+                                          format=_get(config, "format", "auto"))
     else:
         built = None
     if built is not None:
@@ -163,7 +190,17 @@ def has_labels(config) -> bool:
 def resolve_tokenizer(input_config, built_sources: list[sources.Source]) -> tokenizers.Tokenizer:
     """`input.tokenizer`: a .model / tokenizer.json path, or "vlm_shapes" for the model stored
     beside the vlm_shapes data the pipeline reads. A file in a Hugging Face model directory gets
-    the special tokens (pad, ...) that directory's tokenizer_config.json declares."""
+    the special tokens (pad, ...) that directory's tokenizer_config.json declares; then
+    `input.special_tokens` (optional) are added: a text the vocabulary has keeps its id, a new
+    one gets the next free id (tokenizers.py), and none of them is ever split."""
+    tokenizer = _base_tokenizer(input_config, built_sources)
+    special = list(input_config.get("special_tokens") or ())
+    if special:
+        tokenizer.add_special_tokens(special)
+    return tokenizer
+
+
+def _base_tokenizer(input_config, built_sources: list[sources.Source]) -> tokenizers.Tokenizer:
     if input_config.tokenizer == "vlm_shapes":
         for source in built_sources:
             if isinstance(source, sources.TfdsSource) and isinstance(source.builder,

@@ -1,4 +1,4 @@
-"""Why an example was skipped. Bad data is skipped and counted, never fatal and never silent.
+"""Why an example (or, for the text LM, a document or its tail) was skipped. Bad data is skipped and counted, never fatal and never silent.
 
 Sources that read files in Python (webdataset, LLaVA JSON, CSV) do not drop bad examples: they emit
 a placeholder carrying a reason code, which travels through shuffling like any example and is
@@ -24,6 +24,9 @@ SKIP_REASONS = (
     "bad_aspect_ratio",     # online ALIGN rule: aspect ratio >= max_aspect_ratio
     "text_too_short",       # online ALIGN rule: fewer than min_words unigrams
     "text_too_long",        # online ALIGN rule: more than max_words unigrams
+    # Per document of the text LM's rows (data/lm_rows.py), not per record:
+    "no_targets",           # a document with no token to predict (one token after BOS/EOS)
+    "truncated_document",   # a document longer than a row: its tail beyond max_len is dropped
 )
 REASON_IDS = {name: i for i, name in enumerate(SKIP_REASONS)}
 NUM_REASONS = len(SKIP_REASONS)

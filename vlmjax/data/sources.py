@@ -14,7 +14,8 @@ what the ops produce reaches the batch.
 
 Sources: `TfdsSource` (any TFDS dataset, vlm_shapes included), `WebdatasetSource` (tar shards),
 `LlavaJsonSource` (LLaVA JSON / JSONL + image folder), `CsvSource` (CSV/TSV with image path and
-caption columns). Hosts split TFDS data with `tfds.even_splits`, shards by file, and single
+caption columns); `text_files.TextFileSource` (plain-text / JSONL documents, no images, for
+text tasks). Hosts split TFDS data with `tfds.even_splits`, shards by file, and single
 annotation files by record index.
 """
 from __future__ import annotations
@@ -112,6 +113,7 @@ class Source:
     """Records for one host; `num_records` counts them (placeholders included) for eval padding."""
 
     name = "source"
+    has_images = True  # False: text-only records (image b""), for text tasks
 
     def records(self, process_index: int, process_count: int, training: bool,
                 seed: int) -> tf.data.Dataset:
@@ -141,11 +143,12 @@ class Source:
 
 @dataclasses.dataclass
 class TfdsSource(Source):
-    """Any prepared TFDS dataset; `builder` may be given (vlm_shapes) instead of a name."""
+    """Any prepared TFDS dataset; `builder` may be given (vlm_shapes) instead of a name.
+    `image_key=None` reads no image (text tasks: records carry image b"")."""
     name: str
     data_dir: str | None = None
     split: str = "train"
-    image_key: str = "image"
+    image_key: str | None = "image"
     text_key: str | None = None
     label_key: str | None = None
     builder: tfds.core.DatasetBuilder | None = None
@@ -173,6 +176,7 @@ class TfdsSource(Source):
             raise ValueError(f"data.split={self.split!r} is not a split of {self.name}; splits: "
                              f"{sorted(self.builder.info.splits.keys())}")
         self.check_fields(self.fields)
+        self.has_images = self.image_key is not None
 
     def _feature_paths(self) -> list[str]:
         paths = []
@@ -214,8 +218,12 @@ class TfdsSource(Source):
             for parent in parents:
                 node = node.setdefault(parent, {})
             node[leaf] = True
-        decoders = tfds.decode.PartialDecoding(
-            {**wanted, self.image_key: True}, decoders={self.image_key: tfds.decode.SkipDecoding()})
+        if self.image_key is None:
+            decoders = tfds.decode.PartialDecoding(wanted)
+        else:
+            decoders = tfds.decode.PartialDecoding(
+                {**wanted, self.image_key: True},
+                decoders={self.image_key: tfds.decode.SkipDecoding()})
         dataset = self.builder.as_dataset(
             split=self._host_split(process_index, process_count), shuffle_files=training,
             read_config=read_config, decoders=decoders)
@@ -233,7 +241,9 @@ class TfdsSource(Source):
             for part in self._path(field).split("/"):
                 value = value[part]
             extra[field] = value
-        return {"image": features[self.image_key], "texts": texts, "label": label,
+        image = (features[self.image_key] if self.image_key is not None
+                 else tf.constant(b""))
+        return {"image": image, "texts": texts, "label": label,
                 "key": features["tfds_id"], "conversation": tf.constant(""),
                 "_skip_reason": tf.constant(0, tf.int32), **extra}
 

@@ -42,6 +42,12 @@ EOS_MODES = ("none", "append", "sticky")
 # Extra pieces for the vlm_shapes model: LLaVA's image placeholder and the LLaVA-CoT stage tags.
 VLM_SHAPES_SYMBOLS = ("<image>", "<SUMMARY>", "</SUMMARY>", "<CAPTION>", "</CAPTION>",
                       "<REASONING>", "</REASONING>", "<CONCLUSION>", "</CONCLUSION>")
+# The special tokens of the vlm_shapes language models (configs/lm/tiny.py and the LLaVA, BLIP-2
+# and fusion demos built on it): the symbols above, ChatML's turn markers and BLIP's [ENC] /
+# [DEC]. They are added when the tokenizer is loaded (input.special_tokens), not trained into the
+# SentencePiece model, so the vlm_shapes model and the contrastive configs' ids stay as they are:
+# the symbols above keep their pieces' ids, the other four get the ids after the vocabulary.
+VLM_SHAPES_LM_TOKENS = VLM_SHAPES_SYMBOLS + ("<|im_start|>", "<|im_end|>", "[ENC]", "[DEC]")
 
 
 def _as_str(text) -> str:
@@ -85,6 +91,13 @@ class Tokenizer(abc.ABC):
     @property
     def special_ids(self) -> dict[str, int | None]:
         return {"pad": self.pad_id, "bos": self.bos_id, "eos": self.eos_id}
+
+    @property
+    def adds_prefix_space(self) -> bool:
+        """Whether every encoded text starts a new word (SentencePiece's dummy prefix, a
+        Metaspace pre-tokenizer): a text encoded after other ids then needs no leading space of
+        its own (vlmjax.data.conversations tokenises segment by segment)."""
+        return False
 
     def encode_batch(self, texts: Iterable, max_len: int, add_bos: bool = False,
                      eos: str = "none") -> tuple[np.ndarray, np.ndarray]:
@@ -202,6 +215,11 @@ class SentencePieceTokenizer(Tokenizer):
     def piece_id(self, piece: str) -> int:
         return self._sp.piece_to_id(piece)
 
+    @property
+    def adds_prefix_space(self) -> bool:
+        pieces = self._sp.encode("a", out_type=str)
+        return bool(pieces) and pieces[0].startswith("\u2581")
+
 
 _BOS_CANDIDATES = ("<|startoftext|>", "<|begin_of_text|>", "<s>", "<bos>", "[CLS]")
 _EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[SEP]")
@@ -272,6 +290,11 @@ class HuggingFaceTokenizer(Tokenizer):
     def decode_raw(self, ids):
         # BOS/EOS/pad are removed by `decode`; added tokens are written back as their text.
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    @property
+    def adds_prefix_space(self) -> bool:
+        pieces = self._tokenizer.encode("a", add_special_tokens=False).tokens
+        return bool(pieces) and pieces[0][:1] in ("\u2581", "\u0120")  # Metaspace / ByteLevel
 
 
 def load_tokenizer(path: str, **kwargs) -> Tokenizer:

@@ -22,7 +22,8 @@ from vlmjax.data.tf_cpu import tf
 from vlmjax.evals import embed
 
 # The key naming the files each file source reads.
-FILE_SOURCES = {"webdataset": "paths", "csv": "csv_path", "llava_json": "json_path"}
+FILE_SOURCES = {"webdataset": "paths", "csv": "csv_path", "llava_json": "json_path",
+                "text_file": "paths"}
 DETERMINISTIC_SIZE_OP = {"inception_crop": "resize_crop", "random_resized_crop": "resize_crop"}
 
 

@@ -27,6 +27,7 @@ from vlmjax.config import ConfigError, check_keys
 TYPES = {
     "zero_shot": "vlmjax.evals.zero_shot:ZeroShotEvaluator",
     "retrieval": "vlmjax.evals.retrieval:RetrievalEvaluator",
+    "perplexity": "vlmjax.evals.perplexity:PerplexityEvaluator",
 }
 COMMON_KEYS = {
     "type": f"evaluator type, one of {sorted(TYPES)}",
@@ -60,8 +61,9 @@ def entries(evals) -> dict[str, ml_collections.ConfigDict]:
     return {name: entry for name, entry in (evals or {}).items() if name not in RESERVED_KEYS}
 
 
-def check_evals(evals, train_data, where: str = "evals") -> None:
-    """Validate every entry of config.evals against its type, data included; reads nothing."""
+def check_evals(evals, train_data, where: str = "evals", types=None) -> None:
+    """Validate every entry of config.evals against its type, data included; reads nothing.
+    `types`: the evaluator types the task can run (None: all)."""
     from vlmjax.evals.data import resolve_data_config  # late: TensorFlow is slow to import
     for name, entry in entries(evals).items():
         here = f"{where}.{name}"
@@ -71,6 +73,9 @@ def check_evals(evals, train_data, where: str = "evals") -> None:
                 f"{sorted(RESERVED_KEYS)} is a dict {{type, data, every, batch_size, ...}} "
                 f"with type one of {sorted(TYPES)}")
         cls = evaluator_class(entry["type"], here)
+        if types is not None and entry["type"] not in types:
+            raise ConfigError(f"{here}.type {entry['type']!r} does not apply to this task's "
+                              f"model; it runs {sorted(types)}")
         check_keys(entry, {**COMMON_KEYS, **cls.KEYS}, here)
         for key, minimum in (("every", 0), ("batch_size", 1)):
             value = entry.get(key, minimum)

@@ -58,14 +58,25 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+RATE = "rate"  # a summary metric shown per second: its per-step value / the step time
+
+
 def summary_labels(summary_metrics) -> list[tuple[str, str]]:
-    """A task's summary_metrics (names, or (name, label) pairs) as (name, label) pairs."""
-    return [(m, m) if isinstance(m, str) else tuple(m) for m in summary_metrics]
+    """A task's summary_metrics (names, (name, label) pairs or (name, label, "rate") triples)
+    as (name, label) pairs."""
+    return [(m, m) if isinstance(m, str) else tuple(m)[:2] for m in summary_metrics]
+
+
+def _rate_names(summary_metrics) -> set[str]:
+    return {m[0] for m in summary_metrics if not isinstance(m, str) and len(m) > 2
+            and m[2] == RATE}
 
 
 class Progress:
     """Rate, ETA and MFU over the steps since the last report; loss, learning rate and the
-    task's `summary_metrics` (see tasks/base.py) of the interval."""
+    task's `summary_metrics` (see tasks/base.py) of the interval. A (name, label, "rate")
+    summary metric is shown per second (e.g. the LM's counted tokens/s) and logged as
+    perf/{name}_per_s."""
 
     def __init__(self, total_steps: int, start_step: int, batch_size: int,
                  flops_per_example: float = 0.0, peak_flops: float = 0.0,
@@ -74,6 +85,7 @@ class Progress:
         self.flops, self.peak = flops_per_example, peak_flops
         self.shown = [("loss", "loss", ".4f"), ("learning_rate", "lr", ".2e")] + [
             (name, label, ".2f") for name, label in summary_labels(summary_metrics)]
+        self.rates = _rate_names(summary_metrics)
         self.last_step, self.last_time = start_step, time.perf_counter()
 
     def report(self, step: int, metrics: Mapping[str, float]) -> tuple[str, dict]:
@@ -86,7 +98,10 @@ class Progress:
             rates["perf/mfu"] = self.flops * rates["perf/examples_per_s"] / self.peak
         parts = [f"step {step}/{self.total}"]
         for key, label, fmt in self.shown:
-            if key in metrics:
+            if key in metrics and key in self.rates:
+                rates[f"perf/{key}_per_s"] = metrics[key] / step_time
+                parts.append(f"{label} {rates[f'perf/{key}_per_s']:.0f}")
+            elif key in metrics:
                 parts.append(f"{label} {metrics[key]:{fmt}}")
         parts += [f"{rates['perf/examples_per_s']:.1f} ex/s", f"{step_time * 1e3:.0f} ms/step",
                   f"ETA {format_duration(step_time * (self.total - step))}"]

@@ -15,6 +15,7 @@ from vlmjax.config import ConfigError
 
 TASKS = {
     "contrastive": "vlmjax.train.tasks.contrastive:ContrastiveTask",
+    "lm": "vlmjax.train.tasks.lm:LMTask",
 }
 
 

@@ -112,7 +112,8 @@ class ContrastiveTask(TaskDefaults):
         self.image_size = int(config.input.image_size)
         self.text_length = int(config.input.max_text_len)
         from vlmjax.evals import registry  # late: TensorFlow is slow to import
-        registry.check_evals(config.get("evals"), config.data)  # pure: evaluators read lazily
+        registry.check_evals(config.get("evals"), config.data,  # pure: evaluators read lazily
+                             types=("zero_shot", "retrieval"))
 
     # ------------------------------------------------------------------------------ model/loss
     def init_params(self, rng):
