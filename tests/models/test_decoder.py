@@ -199,7 +199,7 @@ def test_sharded_forward_and_cache_equal_single_device(model_params):
     reference = model.apply({"params": params}, tokens)
     np.testing.assert_allclose(sharded, reference, atol=1e-5)
     np.testing.assert_allclose(cached, reference, atol=1e-5)
-    assert cache["k"].shape == (2, 4, 8, 2, 8)
+    assert cache["k"].shape == (2, 4, 2, 8, 8)  # [depth, B, Hkv, S, K]
 
 
 def test_bfloat16_compute_close_to_float32(model_params):

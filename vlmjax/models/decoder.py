@@ -28,7 +28,8 @@ KV cache (pure: the cache goes in and comes out of `apply`, nothing is stored in
     logits, cache = model.apply(v, next_token[:, None], segment_ids=..., positions=..., cache=cache)
 The new tokens are written at slots [cache["index"], index + L) of every layer's keys/values;
 queries attend to the filled slots of their own document up to their own slot. The cache holds
-`k`, `v` [depth, B, S, Hkv, K] (compute dtype), `segment_ids` [B, S] (0 = empty) and `index`.
+`k`, `v` [depth, B, Hkv, S, K] (compute dtype; heads before slots, so that decoding reads
+them without a transpose), `segment_ids` [B, S] (0 = empty) and `index`.
 `reorder_cache(cache, rows)` gathers batch rows (beam search); `cache_logical_axes` names the
 axes for sharding (kv heads over `tensor`, like the attention activations).
 
@@ -47,7 +48,7 @@ from vlmjax.models import layers, rope
 from vlmjax.sharding import constrain
 
 LOGITS_BLV = ("act_batch", "act_length", "act_vocab")
-CACHE_KV_AXES = (None, "act_batch", None, "act_heads", None)  # [depth, B, S, Hkv, K]
+CACHE_KV_AXES = (None, "act_batch", "act_heads", None, None)  # [depth, B, Hkv, S, K]
 _lecun = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
@@ -85,8 +86,8 @@ def _dense(features, in_axes, out_axes, use_bias, dtype, name, axis=-1):
 class DecoderBlock(nn.Module):
     """Pre-norm Llama block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)). With `kv_cache`
     the new keys/values are written at slot `index` and the block returns (x, kv_cache): the
-    cache is this layer's {"k", "v"} [B, S, Hkv, K] (under scan), or, with `layer_index` set,
-    every layer's [depth, B, S, Hkv, K], updated in place at this layer (no per-step copy)."""
+    cache is this layer's {"k", "v"} [B, Hkv, S, K] (under scan), or, with `layer_index` set,
+    every layer's [depth, B, Hkv, S, K], updated in place at this layer (no per-step copy)."""
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -114,24 +115,28 @@ class DecoderBlock(nn.Module):
         k = constrain(rope.apply_rope(k, positions, self.inv_freq), layers.HEADS_BLHK)
         v = constrain(v, layers.HEADS_BLHK)
         q_slots = index + jnp.arange(x.shape[1])
+        kv_layout = "BSHK"
         if kv_cache is not None:
+            # The cache keeps heads before slots ([.., B, Hkv, S, K]): attention then reads it
+            # as a batched matmul with no per-step transpose (a copy of the whole cache).
+            new_kv = {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}
             if self.layer_index is None:
                 kv_cache = {n: jax.lax.dynamic_update_slice(
-                    kv_cache[n], new.astype(kv_cache[n].dtype), (0, index, 0, 0))
-                    for n, new in (("k", k), ("v", v))}
+                    kv_cache[n], new_kv[n].astype(kv_cache[n].dtype), (0, 0, index, 0))
+                    for n in ("k", "v")}
                 k, v = kv_cache["k"], kv_cache["v"]
             else:
                 kv_cache = {n: jax.lax.dynamic_update_slice(
-                    kv_cache[n], new[None].astype(kv_cache[n].dtype),
-                    (self.layer_index, 0, index, 0, 0)) for n, new in (("k", k), ("v", v))}
+                    kv_cache[n], new_kv[n][None].astype(kv_cache[n].dtype),
+                    (self.layer_index, 0, 0, index, 0)) for n in ("k", "v")}
                 k, v = kv_cache["k"][self.layer_index], kv_cache["v"][self.layer_index]
-            k_slots = jnp.arange(k.shape[1])
+            k_slots, kv_layout = jnp.arange(k.shape[2]), "BHSK"
         else:
             k_slots = q_slots
         mask = attention_mask(q_segments, k_segments, q_slots, k_slots, self.sliding_window,
                               *(prefix or (None, None)))
         out = layers.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask,
-                                           fused=self.fused_attention)
+                                           fused=self.fused_attention, kv_layout=kv_layout)
         out = constrain(out, layers.HEADS_BLHK)
         x = x + _dense(width, ("heads", "head_dim"), ("embed",), self.out_bias, self.dtype, "out",
                        axis=(-2, -1))(out)
@@ -299,7 +304,7 @@ class Decoder(nn.Module):
     # --------------------------------------------------------------------------------- cache
     def init_cache(self, batch: int, max_length: int) -> dict:
         """An empty cache for `batch` rows of up to `max_length` tokens (prompt + new)."""
-        shape = (self.depth, batch, max_length, self.kv_heads, self.dims_per_head)
+        shape = (self.depth, batch, self.kv_heads, max_length, self.dims_per_head)
         return {"k": jnp.zeros(shape, self._dtype()), "v": jnp.zeros(shape, self._dtype()),
                 "segment_ids": jnp.zeros((batch, max_length), jnp.int32),
                 "index": jnp.zeros((), jnp.int32)}

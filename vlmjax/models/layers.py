@@ -84,8 +84,11 @@ def make_norm(kind: str, dtype: Dtype, epsilon: float, name: str | None = None) 
 
 
 # ------------------------------------------------------------------------------------- attention
-def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None, fused=False):
+def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None, fused=False,
+                          kv_layout="BSHK"):
     """q [B,Lq,H,K], k/v [B,Lk,Hkv,K], mask [B,1|H,Lq,Lk] bool -> [B,Lq,H,K].
+
+    `kv_layout="BHSK"`: k/v are [B,Hkv,Lk,K] (a decoder's KV cache), read without transposing.
 
     Grouped-query attention when Hkv < H: query head h reads kv head h // (H // Hkv) (HF's
     `repeat_kv` order), without materialising the repeated keys. Softmax runs in float32.
@@ -93,7 +96,12 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None, 
     XLA elsewhere); it has no attention dropout.
     """
     batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    if kv_layout not in ("BSHK", "BHSK"):
+        raise ValueError(f"kv_layout {kv_layout!r} is not one of ['BSHK', 'BHSK']")
+    if kv_layout == "BHSK" and fused:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        kv_layout = "BSHK"
+    kv_heads = k.shape[2] if kv_layout == "BSHK" else k.shape[1]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not divide into {kv_heads} key/value heads")
     if fused:
@@ -104,7 +112,8 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None, 
     groups = heads // kv_heads
     q = q.reshape(batch, q_len, kv_heads, groups, head_dim)
     scale = 1.0 / np.sqrt(head_dim)
-    logits = jnp.einsum("bqhgk,bshk->bhgqs", q, k, preferred_element_type=jnp.float32) * scale
+    kv = "bshk" if kv_layout == "BSHK" else "bhsk"
+    logits = jnp.einsum(f"bqhgk,{kv}->bhgqs", q, k, preferred_element_type=jnp.float32) * scale
     if mask is not None:  # [B, 1|H, Lq, Lk] -> [B, 1|Hkv, 1|G, Lq, Lk]
         mask = mask.reshape(mask.shape[0], -1, groups if mask.shape[1] > 1 else 1,
                             *mask.shape[2:]) if mask.shape[1] > 1 else mask[:, :, None]
@@ -115,7 +124,7 @@ def dot_product_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None, 
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bhgqs,bshk->bqhgk", probs.astype(v.dtype), v)
+    out = jnp.einsum(f"bhgqs,{kv}->bqhgk", probs.astype(v.dtype), v)
     return out.reshape(batch, q_len, heads, head_dim)
 
 
