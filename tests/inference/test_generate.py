@@ -391,5 +391,5 @@ def test_generation_under_a_mesh_equals_one_device(lm):
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_array_equal(a.lengths, b.lengths)
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
-    spec = state["cache"]["k"].sharding.spec  # [depth, B, Hkv, S, K]
-    assert spec[1] == ("data", "fsdp") and spec[2] == "tensor", spec
+    spec = state["cache"]["k"][0].sharding.spec  # layer 0's [B, Hkv, S, K]
+    assert spec[0] == ("data", "fsdp") and spec[1] == "tensor", spec

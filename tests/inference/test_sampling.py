@@ -47,3 +47,13 @@ def test_sampled_support_and_frequencies():
     np.testing.assert_allclose(np.bincount(drawn, minlength=3)[:3] / len(drawn),
                                np.array([0.5, 0.25, 0.15]) / 0.9, atol=0.03)
     np.testing.assert_array_equal(sampling.sample(keys, logits, 1.0, 1, 1.0, False), 0)
+
+
+def test_greedy_equals_argmax_with_ties_and_nan():
+    rng = np.random.default_rng(0)
+    logits = rng.integers(-3, 3, (64, 1000)).astype(np.float32)  # many ties at the maximum
+    logits[5, 17] = np.nan
+    logits[6, [3, 900]] = np.nan
+    expected = np.argmax(logits, axis=-1)  # numpy and torch: the first NaN, else the first max
+    np.testing.assert_array_equal(jax.jit(sampling.greedy)(jnp.asarray(logits)), expected)
+    assert expected[5] == 17 and expected[6] == 3

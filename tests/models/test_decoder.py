@@ -144,9 +144,14 @@ def test_scan_layers_and_remat_equal_unrolled(model_params):
     np.testing.assert_allclose(scanned.apply({"params": scanned_params}, tokens),
                                model.apply({"params": params}, tokens), atol=1e-5)
     cache = scanned.init_cache(2, 6)
-    cached, _ = scanned.apply({"params": scanned_params}, tokens,
-                              positions=jnp.broadcast_to(jnp.arange(6), (2, 6)), cache=cache)
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    cached, cache = scanned.apply({"params": scanned_params}, tokens, positions=positions,
+                                  cache=cache)
     np.testing.assert_allclose(cached, model.apply({"params": params}, tokens), atol=1e-5)
+    _, unrolled_cache = model.apply({"params": params}, tokens, positions=positions,
+                                    cache=model.init_cache(2, 6))
+    assert cache["k"].shape == (CONFIG["depth"], 2, CONFIG["num_kv_heads"], 6, 8)
+    np.testing.assert_allclose(cache["v"], jnp.stack(unrolled_cache["v"]), atol=1e-5)
     loss = lambda p, m: m.apply({"params": p}, tokens).sum()  # noqa: E731
     grads = jax.grad(loss)(scanned_params, scanned)
     np.testing.assert_allclose(scan_layout.to_unrolled(grads)["layers"]["block1"]["up"]["kernel"],
@@ -199,7 +204,8 @@ def test_sharded_forward_and_cache_equal_single_device(model_params):
     reference = model.apply({"params": params}, tokens)
     np.testing.assert_allclose(sharded, reference, atol=1e-5)
     np.testing.assert_allclose(cached, reference, atol=1e-5)
-    assert cache["k"].shape == (2, 4, 2, 8, 8)  # [depth, B, Hkv, S, K]
+    assert len(cache["k"]) == 2 and cache["k"][0].shape == (4, 2, 8, 8)  # depth x [B, Hkv, S, K]
+    assert cache["k"][0].sharding.spec[:2] == (("data", "fsdp"), "tensor")
 
 
 def test_bfloat16_compute_close_to_float32(model_params):

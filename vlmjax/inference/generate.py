@@ -80,7 +80,13 @@ class GenerateOutput:
 
 def _constrain_cache(model, cache):
     axes = model.cache_logical_axes()
-    return {name: constrain(value, axes[name]) if name in axes else value
+
+    def constrain_all(value, names):  # a tuple of per-layer arrays shares their axes
+        if isinstance(value, tuple):
+            return tuple(constrain(v, names) for v in value)
+        return constrain(value, names)
+
+    return {name: constrain_all(value, axes[name]) if name in axes else value
             for name, value in cache.items()}
 
 
@@ -129,13 +135,14 @@ def _select(settings: Settings, state, logits, temperature, top_p):
     """Greedy / sampling: pick each row's next token, record it, check its stop."""
     stops = stop_checker(settings)
     t, done, window = state["step"], state["done"], settings.window
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
     if settings.strategy == "sample":
         picked = sampling.sample(jax.random.fold_in(state["rng"], t), logits, temperature,
                                  settings.top_k, top_p, settings.use_top_p)
     else:
         picked = sampling.greedy(logits)
-    token_lp = jnp.take_along_axis(log_probs, picked[:, None], axis=1)[:, 0]
+    # log_softmax at the picked token only (one pass over the vocabulary, no [B, V] output)
+    token_lp = (jnp.take_along_axis(logits, picked[:, None], axis=1)[:, 0]
+                - jax.nn.logsumexp(logits, axis=-1))
     token = jnp.where(done, settings.pad_id, picked)
     buf = jax.lax.dynamic_update_slice_in_dim(state["buf"], token[:, None], window - 1 + t, 1)
     recent = jax.lax.dynamic_slice_in_dim(buf, t, window, axis=1)

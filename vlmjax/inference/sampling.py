@@ -56,4 +56,11 @@ def sample(rng, logits_BV, temperature, top_k: int, top_p, use_top_p: bool):
 
 def greedy(logits_BV):
     """int32 [B]: the most likely token (the first on ties, as torch.argmax)."""
-    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    # max, then the first index holding it: two plain reductions that XLA:CPU vectorises,
+    # about 2x faster than jnp.argmax's (value, index) reduce at a 32k vocabulary. A NaN counts
+    # as the maximum, as in jnp.argmax and torch.argmax.
+    best = jnp.max(logits_BV, axis=-1, keepdims=True)
+    nan = jnp.isnan(logits_BV)
+    hit = jnp.where(nan.any(axis=-1, keepdims=True), nan, logits_BV == best)
+    index = jnp.arange(logits_BV.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, logits_BV.shape[-1] - 1), axis=-1)

@@ -28,7 +28,8 @@ KV cache (pure: the cache goes in and comes out of `apply`, nothing is stored in
     logits, cache = model.apply(v, next_token[:, None], segment_ids=..., positions=..., cache=cache)
 The new tokens are written at slots [cache["index"], index + L) of every layer's keys/values;
 queries attend to the filled slots of their own document up to their own slot. The cache holds
-`k`, `v` [depth, B, Hkv, S, K] (compute dtype; heads before slots, so that decoding reads
+`k`, `v`: a tuple of `depth` arrays [B, Hkv, S, K] (compute dtype), or one stacked
+[depth, B, Hkv, S, K] array under `scan_layers` (heads before slots, so that decoding reads
 them without a transpose), `segment_ids` [B, S] (0 = empty) and `index`.
 `reorder_cache(cache, rows)` gathers batch rows (beam search); `cache_logical_axes` names the
 axes for sharding (kv heads over `tensor`, like the attention activations).
@@ -85,9 +86,8 @@ def _dense(features, in_axes, out_axes, use_bias, dtype, name, axis=-1):
 
 class DecoderBlock(nn.Module):
     """Pre-norm Llama block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)). With `kv_cache`
-    the new keys/values are written at slot `index` and the block returns (x, kv_cache): the
-    cache is this layer's {"k", "v"} [B, Hkv, S, K] (under scan), or, with `layer_index` set,
-    every layer's [depth, B, Hkv, S, K], updated in place at this layer (no per-step copy)."""
+    the new keys/values are written at slot `index` of this layer's {"k", "v"} [B, Hkv, S, K]
+    and the block returns (x, kv_cache)."""
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -100,7 +100,6 @@ class DecoderBlock(nn.Module):
     sliding_window: int | None = None
     fused_attention: bool = False
     dtype: Any = jnp.float32
-    layer_index: int | None = None
 
     @nn.compact
     def __call__(self, x, positions, q_segments, k_segments, index, kv_cache=None, prefix=None):
@@ -119,17 +118,10 @@ class DecoderBlock(nn.Module):
         if kv_cache is not None:
             # The cache keeps heads before slots ([.., B, Hkv, S, K]): attention then reads it
             # as a batched matmul with no per-step transpose (a copy of the whole cache).
-            new_kv = {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}
-            if self.layer_index is None:
-                kv_cache = {n: jax.lax.dynamic_update_slice(
-                    kv_cache[n], new_kv[n].astype(kv_cache[n].dtype), (0, 0, index, 0))
-                    for n in ("k", "v")}
-                k, v = kv_cache["k"], kv_cache["v"]
-            else:
-                kv_cache = {n: jax.lax.dynamic_update_slice(
-                    kv_cache[n], new_kv[n][None].astype(kv_cache[n].dtype),
-                    (self.layer_index, 0, 0, index, 0)) for n in ("k", "v")}
-                k, v = kv_cache["k"][self.layer_index], kv_cache["v"][self.layer_index]
+            kv_cache = {n: jax.lax.dynamic_update_slice(
+                kv_cache[n], new.transpose(0, 2, 1, 3).astype(kv_cache[n].dtype),
+                (0, 0, index, 0)) for n, new in (("k", k), ("v", v))}
+            k, v = kv_cache["k"], kv_cache["v"]
             k_slots, kv_layout = jnp.arange(k.shape[2]), "BHSK"
         else:
             k_slots = q_slots
@@ -163,10 +155,17 @@ class DecoderLayers(nn.Module):
                                  prevent_cse=not self.scan_layers)
         args = (positions, q_segments, k_segments, index)
         if not self.scan_layers:
+            # One cache array per layer (a tuple): a layer reads and updates its own buffer in
+            # place, where slicing a stacked [depth, ...] cache would copy it every step.
+            kv_out = []
             for i in range(self.depth):
-                x, kv_cache = block_cls(**self.block_kwargs, layer_index=i, name=f"block{i}")(
-                    x, *args, kv_cache, prefix)
-            return x, kv_cache
+                layer_cache = None if kv_cache is None else {n: kv_cache[n][i] for n in ("k", "v")}
+                x, layer_cache = block_cls(**self.block_kwargs, name=f"block{i}")(
+                    x, *args, layer_cache, prefix)
+                kv_out.append(layer_cache)
+            if kv_cache is None:
+                return x, None
+            return x, {n: tuple(c[n] for c in kv_out) for n in ("k", "v")}
 
         def body(block, carry, layer_cache):
             carry, layer_cache = block(carry, *args, layer_cache, prefix)
@@ -304,21 +303,27 @@ class Decoder(nn.Module):
     # --------------------------------------------------------------------------------- cache
     def init_cache(self, batch: int, max_length: int) -> dict:
         """An empty cache for `batch` rows of up to `max_length` tokens (prompt + new)."""
-        shape = (self.depth, batch, self.kv_heads, max_length, self.dims_per_head)
-        return {"k": jnp.zeros(shape, self._dtype()), "v": jnp.zeros(shape, self._dtype()),
+        shape = (batch, self.kv_heads, max_length, self.dims_per_head)
+        if self.scan_layers:
+            zeros = jnp.zeros((self.depth, *shape), self._dtype())
+        else:
+            zeros = tuple(jnp.zeros(shape, self._dtype()) for _ in range(self.depth))
+        return {"k": zeros, "v": jax.tree.map(jnp.zeros_like, zeros),
                 "segment_ids": jnp.zeros((batch, max_length), jnp.int32),
                 "index": jnp.zeros((), jnp.int32)}
 
     @staticmethod
     def reorder_cache(cache: dict, rows) -> dict:
         """The cache of batch rows `rows` (int [B']), e.g. the surviving beams."""
-        return {"k": cache["k"][:, rows], "v": cache["v"][:, rows],
+        def take(kv):  # a tuple of [B, ...] per layer, or one stacked [depth, B, ...]
+            return tuple(x[rows] for x in kv) if isinstance(kv, tuple) else kv[:, rows]
+        return {"k": take(cache["k"]), "v": take(cache["v"]),
                 "segment_ids": cache["segment_ids"][rows], "index": cache["index"]}
 
-    @staticmethod
-    def cache_logical_axes() -> dict:
-        return {"k": CACHE_KV_AXES, "v": CACHE_KV_AXES, "segment_ids": ("act_batch", None),
-                "index": ()}
+    def cache_logical_axes(self) -> dict:
+        """Logical axes of each cache array (for "k"/"v": of every layer's array)."""
+        kv = CACHE_KV_AXES if self.scan_layers else CACHE_KV_AXES[1:]
+        return {"k": kv, "v": kv, "segment_ids": ("act_batch", None), "index": ()}
 
 
 def output_kernel(params) -> jax.Array:

@@ -234,6 +234,5 @@ class PrefixLM(nn.Module):
     def reorder_cache(cache: dict, rows) -> dict:
         return Decoder.reorder_cache(cache, rows)
 
-    @staticmethod
-    def cache_logical_axes() -> dict:
-        return Decoder.cache_logical_axes()
+    def cache_logical_axes(self) -> dict:
+        return Decoder(**self._llm_kwargs(), parent=None).cache_logical_axes()
