@@ -1,22 +1,42 @@
-"""Exports a vlm_shapes split as webdataset tar shards (KEY.png, KEY.txt, KEY.json).
+"""Exports a vlm_shapes split as webdataset tar shards, or as LLaVA instruction data.
 
     python -m vlmjax.data.export vlm_shapes OUT --data_dir DIR [--config noisy] [--split train]
         [--captions one|all] [--train_size N] [--samples_per_shard 10000]
+    python -m vlmjax.data.export llava OUT --data_dir DIR [--config 64px] [--split train]
+        [--kinds caption,conversation,detailed_description,complex_reasoning] [--limit N]
+        [--seed 0] [--train_size N]
 
-`--captions one` writes one sample per image with caption number (index mod 3), `all` one sample
-per caption. KEY.json records {"id", "label", "caption_index", "noise"} ("clean" or the junk kind),
-which is what `benchmarks/data_align_filter.py` scores the ALIGN filter against.
+vlm_shapes: webdataset shards (KEY.png, KEY.txt, KEY.json). `--captions one` writes one sample
+per image with caption number (index mod 3), `all` one sample per caption. KEY.json records
+{"id", "label", "caption_index", "noise"} ("clean" or the junk kind), which is what
+`benchmarks/data_align_filter.py` scores the ALIGN filter against.
+
+llava: LLaVA JSON made by `shapes_instruct` (true to each scene), one file per kind so that stage 1
+(caption) and stage 2 (the other kinds, e.g. as a `mixture` of `llava_json` sources) read their
+own: `OUT/images/{id}.png` once per image, `OUT/{split}_{kind}.json` a list of
+{id, image, conversations, type, objects, background, ...} (see `shapes_instruct`). Read one with
+data.source="llava_json", json_path=OUT/{split}_{kind}.json, image_dir=OUT/images. `--limit N`
+exports the split's first N images; `--seed` picks other questions and wordings.
+
+--train_size / --eval_size / --novel_size name a derived vlm_shapes config as
+`python -m vlmjax.data.build` does (built here if it is not on disk yet).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import tensorflow_datasets as tfds
 import tqdm
 
-from vlmjax.data import shapes, shapes_noise, webdataset
+from vlmjax.data import shapes, shapes_instruct, shapes_noise, webdataset
+
+DATASETS = ("vlm_shapes", "llava")
+# Options of one dataset only: giving them to the other is an error, not silently ignored.
+VLM_SHAPES_OPTIONS = {"captions": "one", "samples_per_shard": 10_000}
+LLAVA_OPTIONS = {"kinds": ",".join(shapes_instruct.KINDS), "limit": None, "seed": 0}
 
 
 def export(builder, out: str, split: str = "train", captions: str = "one",
@@ -42,23 +62,103 @@ def export(builder, out: str, split: str = "train", captions: str = "one",
     return writer.paths
 
 
-def main(argv: list[str] | None = None) -> int:
+def check_split(builder, split: str) -> None:
+    splits = builder.builder_config.split_sizes()
+    if split not in splits:
+        raise ValueError(f"split={split!r} is not a split of vlm_shapes; valid splits: "
+                         f"{', '.join(splits)}")
+
+
+def export_llava(builder, out: str, split: str = "train", kinds=shapes_instruct.KINDS,
+                 limit: int | None = None, seed: int = 0,
+                 show_progress: bool = False) -> dict[str, int]:
+    """Writes LLaVA JSON of `kinds` for a vlm_shapes split (see the module docstring); returns
+    the number of entries per kind and of images ("images")."""
+    kinds = shapes_instruct.check_kinds(kinds)
+    check_split(builder, split)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be >= 1 (or None for the whole split)")
+    total = builder.info.splits[split].num_examples
+    dataset = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    if limit is not None:
+        dataset, total = dataset.take(limit), min(limit, total)
+    image_dir = os.path.join(out, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    entries = {kind: [] for kind in kinds}
+    images = 0
+    for example in tqdm.tqdm(dataset.as_numpy_iterator(), total=total, unit="img",
+                             desc=f"llava {split}", disable=not show_progress):
+        made = shapes_instruct.make_entries(example, kinds, seed)
+        if not made:
+            continue
+        with open(os.path.join(image_dir, made[0]["image"]), "wb") as file:
+            file.write(example["image"])  # the PNG as stored: no re-encoding
+        images += 1
+        for entry in made:
+            entries[entry["type"]].append(entry)
+    for kind, kind_entries in entries.items():
+        with open(os.path.join(out, f"{split}_{kind}.json"), "w") as file:
+            json.dump(kind_entries, file)
+    return {"images": images, **{kind: len(e) for kind, e in entries.items()}}
+
+
+def _parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m vlmjax.data.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=("vlm_shapes",))
+    parser.add_argument("dataset", choices=DATASETS)
     parser.add_argument("out")
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--config", default="64px")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--captions", default="one", choices=("one", "all"))
     parser.add_argument("--train_size", type=int, default=None)
-    parser.add_argument("--samples_per_shard", type=int, default=10_000)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    builder = shapes.prepare(shapes.make_builder(args.config, args.data_dir,
-                                                 train_size=args.train_size, show_progress=True))
-    paths = export(builder, args.out, args.split, args.captions, args.samples_per_shard,
-                   show_progress=True)
-    print(f"wrote {len(paths)} shard(s) to {args.out}")
+    parser.add_argument("--eval_size", type=int, default=None)
+    parser.add_argument("--novel_size", type=int, default=None)
+    parser.add_argument("--captions", choices=("one", "all"), help="vlm_shapes: default one")
+    parser.add_argument("--samples_per_shard", type=int, help="vlm_shapes: default 10000")
+    parser.add_argument("--kinds", help="llava: comma-separated, default all: "
+                                        + LLAVA_OPTIONS["kinds"])
+    parser.add_argument("--limit", type=int, help="llava: the first N images of the split")
+    parser.add_argument("--seed", type=int, help="llava: default 0")
+    args = parser.parse_args(argv)
+    own, other = ((VLM_SHAPES_OPTIONS, LLAVA_OPTIONS) if args.dataset == "vlm_shapes"
+                  else (LLAVA_OPTIONS, VLM_SHAPES_OPTIONS))
+    misplaced = [f"--{name}" for name in other if getattr(args, name) is not None]
+    if misplaced:
+        parser.error(f"{args.dataset} takes no {' / '.join(misplaced)} (valid for it: "
+                     f"{', '.join('--' + name for name in own)})")
+    for name, default in own.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    return parser, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = _parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        builder = shapes.make_builder(args.config, args.data_dir, train_size=args.train_size,
+                                      eval_size=args.eval_size, novel_size=args.novel_size,
+                                      show_progress=True)
+        # Checked before building: a mistyped argument should not wait for a 55,000 image build.
+        check_split(builder, args.split)
+        if args.dataset == "llava":
+            kinds = shapes_instruct.check_kinds(args.kinds)
+            if args.limit is not None and args.limit < 1:
+                raise ValueError(f"--limit {args.limit} must be >= 1")
+    except ValueError as error:
+        parser.error(str(error))
+    shapes.prepare(builder)
+    if args.dataset == "vlm_shapes":
+        paths = export(builder, args.out, args.split, args.captions, args.samples_per_shard,
+                       show_progress=True)
+        print(f"wrote {len(paths)} shard(s) to {args.out}")
+        return 0
+    counts = export_llava(builder, args.out, args.split, kinds, args.limit, args.seed,
+                          show_progress=True)
+    images = counts.pop("images")
+    print(f"wrote {images} image(s) to {os.path.join(args.out, 'images')}")
+    for kind, count in counts.items():
+        print(f"wrote {count} {kind} entries to "
+              f"{os.path.join(args.out, f'{args.split}_{kind}.json')}")
     return 0
 
 
