@@ -2,7 +2,8 @@
 directory, a big_vision `.npz`, a converted directory, or a trainer workdir (see
 convert.workdir); and writing converted directories. Decoder LMs (HF LlamaForCausalLM /
 Qwen2ForCausalLM, their converted directories, workdirs of task `lm`) go through
-convert.decoder_pretrained and give a `Decoder`.
+convert.decoder_pretrained and give a `Decoder`; HF LlavaForConditionalGeneration directories go
+through convert.hf_llava and give a `PrefixLM`.
 
 A converted directory holds
   config.json   {"format": FORMAT, "model": <model config>, "image": {"size": [H, W], "mean",
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.convert import decoder_pretrained as decoder_lib
-from vlmjax.convert import hf_io, params as params_lib, posemb, tokenizer as tok
+from vlmjax.convert import hf_io, hf_llava, params as params_lib, posemb, tokenizer as tok
 from vlmjax.convert.big_vision import load_big_vision
 from vlmjax.convert.hf import load_hf, model_config_from_hf
 from vlmjax.convert.params import FORMAT, PARAMS_DIR, Pretrained
@@ -164,12 +165,19 @@ def load_pretrained(src: str, *, image_size: Sequence[int] | None = None,
     (convert.hf_decoder_config); `scan_layers` (default: the layout of `shardings`) stacks the
     layers.
 
+    HF LLaVA (LlavaForConditionalGeneration): `model` is a `PrefixLM`, `model_config` its
+    arguments plus image size / mean / std and the LLM's special ids (convert.hf_llava).
+
     `model` is a `TwoTowers` (compute `dtype`); `params` are float32 jax arrays placed by
     `shardings` (a pytree of shardings matching the params, or one sharding for all) when given;
     `model_config` is the JSON-serialisable dict of TwoTowers arguments. `image_size` (H, W)
     resizes the learned image position embedding for another resolution.
     """
     kind = source_kind(src)
+    if kind == "hf" and hf_llava.is_llava_source(src):
+        if image_size is not None:
+            raise ValueError(f"{src} is a LLaVA model: image_size does not apply")
+        return hf_llava.load_hf_llava(src, shardings, dtype, scan_layers)
     if decoder_lib.is_decoder_source(src, kind):
         if image_size is not None:
             raise ValueError(f"{src} is a decoder LM: image_size does not apply")
