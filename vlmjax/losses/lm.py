@@ -13,9 +13,12 @@ Per counted token, with logits z = hidden @ kernel in float32 and lse = logsumex
     loss   = ce + z_loss * lse**2                    z-loss (PaLM) keeps lse near 0
 and the loss is the mean over the counted tokens of the whole batch (0 when none count).
 
-`next_token_loss` scans over chunks of `chunk_size` positions; each chunk is a jax.checkpoint,
-so the forward keeps no logits and the backward recomputes one chunk's [B, C, V] logits at a
-time: the [B, L, V] float32 logits never exist. `naive_next_token_loss` computes the same dense
+`next_token_loss` scans over chunks of `chunk_size` positions and computes each chunk's
+gradient (d hidden, and d kernel summed over chunks) in the same pass, while the chunk's
+[B, C, V] logits exist (a custom VJP; the backward only scales it by the cotangent): the
+[B, L, V] float32 logits never exist, and the vocabulary matmul runs 3 times, not the 4 of
+recomputing the logits in the backward. Only `loss` is differentiable; the other metrics are
+stop-gradient. `naive_next_token_loss` computes the same dense
 (the reference; also fine at small vocabularies).
 
 metrics: loss (the returned loss), nll (mean nll, without smoothing or z-loss: log perplexity),
@@ -31,15 +34,21 @@ F32 = jnp.float32
 _SUMS = ("loss", "nll", "z_loss", "correct")  # per-token terms summed over counted tokens
 
 
-def _token_terms(hidden, kernel, targets, mask, z_loss, label_smoothing):
-    """Sums over the counted tokens of one block: {loss, nll, z_loss, correct}."""
+def _chunk_logits(hidden, kernel, targets, mask):
     # Zero an uncounted position's hidden state and target before the matmul: a non-finite one
     # (e.g. NaN from a fully masked attention row at padding) would otherwise poison the kernel's
     # gradient through hidden^T @ dlogits (inf * 0 = NaN), though not the value.
-    hidden = jnp.where(mask[..., None], hidden, jnp.zeros((), hidden.dtype))
+    hidden = jnp.where(mask[..., None], hidden, jnp.zeros((), hidden.dtype)).astype(F32)
     targets = jnp.where(mask, targets, 0)
-    logits = jnp.einsum("...d,dv->...v", hidden.astype(F32), kernel.astype(F32),
-                        preferred_element_type=F32)
+    logits = jnp.einsum("...d,dv->...v", hidden, kernel.astype(F32), preferred_element_type=F32)
+    return hidden, targets, logits
+
+
+def _token_terms(hidden, kernel, targets, mask, z_loss, label_smoothing, with_grad=False):
+    """Sums over the counted tokens of one block: {loss, nll, z_loss, correct}; with
+    `with_grad`, also d(loss sum)/d hidden [..., D] and d(loss sum)/d kernel [D, V]."""
+    hidden, targets, logits = _chunk_logits(hidden, kernel, targets, mask)
+    top = jnp.max(logits, axis=-1)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     nll = lse - target_logit
@@ -47,10 +56,22 @@ def _token_terms(hidden, kernel, targets, mask, z_loss, label_smoothing):
     if label_smoothing:
         ce = (1.0 - label_smoothing) * nll + label_smoothing * (lse - jnp.mean(logits, axis=-1))
     z_term = z_loss * jnp.square(lse) if z_loss else jnp.zeros_like(lse)
-    correct = lax.stop_gradient(jnp.argmax(logits, axis=-1) == targets).astype(F32)
+    # The target is the argmax when its logit is the maximum (cheaper than an argmax pass; only
+    # an exact tie, which argmax breaks towards the lower index, can differ).
+    correct = lax.stop_gradient(target_logit >= top).astype(F32)
     terms = {"loss": ce + z_term, "nll": nll, "z_loss": z_term, "correct": correct}
     # where, not multiply: a masked position's terms never reach the sums.
-    return {k: jnp.sum(jnp.where(mask, v, 0.0)) for k, v in terms.items()}
+    sums = {k: jnp.sum(jnp.where(mask, v, 0.0)) for k, v in terms.items()}
+    if not with_grad:
+        return sums
+    # d loss / d logits = softmax * (1 + 2 z lse) - (1 - s) onehot - s / V, on counted rows.
+    probs = jnp.exp(logits - lse[..., None])
+    dlogits = probs * (1.0 + 2.0 * z_loss * lse)[..., None] - label_smoothing / logits.shape[-1]
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=F32)
+    dlogits = jnp.where(mask[..., None], dlogits - (1.0 - label_smoothing) * onehot, 0.0)
+    dhidden = jnp.einsum("...v,dv->...d", dlogits, kernel.astype(F32))
+    dkernel = jnp.einsum("...d,...v->dv", hidden, dlogits)
+    return sums, dhidden, dkernel
 
 
 def _finish(sums, mask):
@@ -102,14 +123,35 @@ def next_token_loss(hidden_BLD, kernel_DV, targets_BL, loss_mask_BL, *, chunk_si
     def chunks(x):  # [B, n*C, ...] -> [n, B, C, ...]: the scan runs over the chunk axis
         return jnp.moveaxis(x.reshape(batch, num_chunks, chunk, *x.shape[2:]), 1, 0)
 
-    @jax.checkpoint  # keep only the chunk's inputs; recompute its logits in the backward
-    def chunk_sums(kernel, hidden, targets, chunk_mask):
-        return _token_terms(hidden, kernel, targets, chunk_mask, z_loss, label_smoothing)
-
-    def body(carry, xs):
-        sums = chunk_sums(kernel_DV, *xs)
-        return {k: carry[k] + sums[k] for k in _SUMS}, None
-
     zero = {k: jnp.zeros((), F32) for k in _SUMS}
-    sums, _ = lax.scan(body, zero, (chunks(hidden_BLD), chunks(targets_BL), chunks(mask_padded)))
+    xs = (chunks(hidden_BLD), chunks(targets_BL), chunks(mask_padded))
+
+    # The gradient is computed in the forward scan, chunk by chunk, while each chunk's logits
+    # exist anyway; the backward only scales it. The vocabulary matmul runs 3 times (logits,
+    # d hidden, d kernel) instead of the 4 of a checkpointed chunk (logits again).
+    @jax.custom_vjp
+    def summed(hidden_chunks, kernel):
+        def body(carry, xs):
+            sums = _token_terms(xs[0], kernel, xs[1], xs[2], z_loss, label_smoothing)
+            return {k: carry[k] + sums[k] for k in _SUMS}, None
+        return lax.scan(body, zero, (hidden_chunks, *xs[1:]))[0]
+
+    def summed_fwd(hidden_chunks, kernel):
+        def body(carry, xs):
+            sums, dkernel = carry
+            chunk_sums, dh, dk = _token_terms(xs[0], kernel, xs[1], xs[2], z_loss,
+                                              label_smoothing, with_grad=True)
+            return ({k: sums[k] + chunk_sums[k] for k in _SUMS}, dkernel + dk), dh
+        init = (zero, jnp.zeros(kernel.shape, F32))
+        (sums, dkernel), dhidden = lax.scan(body, init, (hidden_chunks, *xs[1:]))
+        return sums, (dhidden.astype(hidden_chunks.dtype), dkernel.astype(kernel.dtype))
+
+    def summed_bwd(residuals, cotangent):
+        dhidden, dkernel = residuals
+        g = cotangent["loss"]  # the other sums are metrics: they carry no gradient
+        return (g * dhidden).astype(dhidden.dtype), (g * dkernel).astype(dkernel.dtype)
+
+    summed.defvjp(summed_fwd, summed_bwd)
+    sums = summed(xs[0], kernel_DV)
+    sums = {k: v if k == "loss" else lax.stop_gradient(v) for k, v in sums.items()}
     return _finish(sums, mask)
