@@ -7,7 +7,9 @@ decodes all of them) at each batch size. Columns: new tokens/s of transformers (
 KV cache, eager attention), of `vlmjax.inference.generate` (KV cache, jitted loop), of vlmjax
 without the cache (a jitted loop re-running the whole forward on the growing sequence each
 step), the ratio vlmjax / transformers, and prefill tokens/s of each side (the prompt through
-the model once, filling the cache). Compile time is excluded (the first call, compile included, is its own column); times are the
+the model once, filling the cache), and the weight bytes each side streams per second (weights
+read per decode step x steps/s: at batch 1 decoding is bound by this, compare it with the
+machine's memory stream rate in the header). Compile time is excluded (the first call, compile included, is its own column); times are the
 median of `--repeats` runs after one warm-up.
 
     python benchmarks/decode.py                       # sizes 15m and 125m, batch 1 and 8
@@ -38,7 +40,27 @@ SIZES = {
 }
 VOCAB = 32_000
 HEADER = ("| size | params | batch | HF tok/s | vlmjax tok/s | vlmjax no-cache tok/s | "
-          "vlmjax / HF | HF prefill tok/s | vlmjax prefill tok/s | vlmjax first call s |")
+          "vlmjax / HF | HF weights GB/s | vlmjax weights GB/s | HF prefill tok/s | "
+          "vlmjax prefill tok/s | vlmjax first call s |")
+
+
+def stream_bandwidth() -> float:
+    """GB/s of a jitted sum over 512 MiB of float32: what streaming weights from memory can
+    reach on this machine (decoding at batch 1 reads every weight once per token)."""
+    x = jnp.ones((128 * 2**20,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    seconds = median_time(lambda: total(x).block_until_ready(), 5)
+    return x.nbytes / seconds / 1e9
+
+
+def weight_bytes_per_step(size: str) -> float:
+    """float32 bytes of the weights one decode step reads: all but the embedding table, of
+    which only the fed tokens' rows are gathered."""
+    c = SIZES[size]
+    width, mlp, depth = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    per_layer = 4 * width * width + 3 * width * mlp + 2 * width  # MHA (kv heads = heads)
+    assert c["num_key_value_heads"] == c["num_attention_heads"]
+    return 4.0 * (depth * per_layer + width + width * VOCAB)
 
 
 def save_random_llama(size: str, directory: str, seed: int = 0):
@@ -156,7 +178,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     print(common.machine_line(), f"torch {torch.__version__} ({args.threads} threads)")
     print(f"greedy, float32, prompt {args.prompt} tokens, {args.new} new tokens, median of "
-          f"{args.repeats}")
+          f"{args.repeats}; memory stream {stream_bandwidth():.1f} GB/s (jitted sum, 512 MiB)")
     print(HEADER)
     print("|" + " --- |" * (HEADER.count("|") - 1))
     rows = []
@@ -169,9 +191,11 @@ def main(argv=None):
                 hf_tps, hf_prefill = hf_side(directory, prompt, args.new, args.repeats)
                 ours, uncached, prefill, compile_s = vlmjax_side(
                     directory, prompt, args.new, args.repeats, None)
+                step_gb = weight_bytes_per_step(size) / 1e9 / batch  # per token
                 row = (f"| {size} | {params / 1e6:.1f}M | {batch} | {hf_tps:.0f} | {ours:.0f} | "
-                       f"{uncached:.0f} | {ours / hf_tps:.2f}x | {hf_prefill:.0f} | "
-                       f"{prefill:.0f} | {compile_s:.1f} |")
+                       f"{uncached:.0f} | {ours / hf_tps:.2f}x | {hf_tps * step_gb:.1f} | "
+                       f"{ours * step_gb:.1f} | {hf_prefill:.0f} | {prefill:.0f} | "
+                       f"{compile_s:.1f} |")
                 print(row, flush=True)
                 rows.append((size, batch, ours / hf_tps))
     return rows
