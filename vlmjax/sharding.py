@@ -116,6 +116,11 @@ def axis_rules(rules: Sequence[tuple[str, Any]]):
         _ACTIVATION_RULES.reset(token)
 
 
+def active_rules() -> tuple:
+    """The activation rules in effect (the innermost `axis_rules`, else the defaults)."""
+    return _ACTIVATION_RULES.get()
+
+
 def _mesh_axes(rule) -> tuple[str, ...]:
     return (rule,) if isinstance(rule, str) else tuple(rule or ())
 

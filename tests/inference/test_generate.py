@@ -393,3 +393,26 @@ def test_generation_under_a_mesh_equals_one_device(lm):
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
     spec = state["cache"]["k"][0].sharding.spec  # layer 0's [B, Hkv, S, K]
     assert spec[0] == ("data", "fsdp") and spec[1] == "tensor", spec
+
+
+def test_compiled_cache_is_bounded_and_never_reuses_a_freed_models_id(lm):
+    import importlib
+    generate_lib = importlib.import_module("vlmjax.inference.generate")  # the module
+    model, _ = lm
+
+    class Unhashable:  # generate caches such a model by id
+        __hash__ = None
+
+    generate_lib.clear_compiled()
+    first = Unhashable()
+    settings = object()  # any hashable stands in for Settings: nothing is traced here
+    fns = compiled(first, settings)
+    assert compiled(first, settings) is fns
+    key = next(iter(generate_lib._COMPILED))
+    generate_lib._COMPILED[key] = (Unhashable(), fns)  # as if `first` died and its id was reused
+    assert compiled(first, settings) is not fns
+    for i in range(generate_lib._MAX_COMPILED + 5):
+        compiled(model, ("settings", i))
+    assert len(generate_lib._COMPILED) == generate_lib._MAX_COMPILED
+    generate_lib.clear_compiled()
+    assert not generate_lib._COMPILED

@@ -39,7 +39,8 @@ stops once its generated tokens end with one; the sequence stays in the output a
 `lengths`). Rows stop independently.
 
 Compilation. One prefill and one decode function are jitted per (model, static settings)
-and cached here; jax caches them per shapes. The decode loop is a `lax.while_loop` that stops
+and cached here (the 32 most recently used; `clear_compiled()` drops them); jax caches them
+per shapes. The decode loop is a `lax.while_loop` that stops
 once every row is done; the state (the KV cache included) is donated to it. Temperature and
 top_p are traced values (changing them does not recompile); top_k, max_new_tokens, num_beams,
 stops and the beam settings are static.
@@ -57,6 +58,7 @@ other names with `from vlmjax.inference.generate import start`.)
 """
 from __future__ import annotations
 
+import collections
 from typing import Any, Iterator, Mapping
 
 import flax.struct
@@ -229,30 +231,45 @@ def _output(settings: Settings, state) -> GenerateOutput:
     return GenerateOutput(tokens=tokens, lengths=lengths, scores=scores)
 
 
-_COMPILED: dict = {}
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_MAX_COMPILED = 32  # (model, settings) pairs kept; the least recently used is dropped
+
+
+def _cached(key, build, owner=None):
+    """The value cached at `key`, built on a miss. `owner` is kept with it: an id-keyed entry
+    of a model that was freed (whose id a new object may reuse) is rebuilt, never reused."""
+    entry = _COMPILED.get(key)
+    if entry is None or entry[0] is not owner:
+        entry = _COMPILED[key] = (owner, build())
+        while len(_COMPILED) > _MAX_COMPILED:
+            _COMPILED.popitem(last=False)
+    _COMPILED.move_to_end(key)
+    return entry[1]
+
+
+def clear_compiled() -> None:
+    """Drops every jitted prefill / decode function held here (and their compilations)."""
+    _COMPILED.clear()
 
 
 def compiled(model, settings: Settings):
     """(prefill, decode) jitted for `model` and `settings` (and the activation sharding rules
     of the enclosing `vlmjax.sharding.axis_rules`, which jax's own cache does not see), cached
     in this module."""
-    rules = sharding._ACTIVATION_RULES.get()
+    rules = sharding.active_rules()
+    owner = None
     try:
         key = (model, settings, rules)
         hash(key)
     except TypeError:  # an unhashable model object: cache per instance
-        key = (id(model), settings, rules)
-    if key not in _COMPILED:
-        _COMPILED[key] = (jax.jit(_prefill_fn(model, settings)),
-                          jax.jit(_decode_fn(model, settings), donate_argnums=(1,)))
-    return _COMPILED[key]
+        key, owner = (id(model), settings, rules), model
+    return _cached(key, lambda: (jax.jit(_prefill_fn(model, settings)),
+                                 jax.jit(_decode_fn(model, settings), donate_argnums=(1,))),
+                   owner=owner)
 
 
 def compiled_output(settings: Settings):
-    key = ("output", settings)
-    if key not in _COMPILED:
-        _COMPILED[key] = jax.jit(lambda state: _output(settings, state))
-    return _COMPILED[key]
+    return _cached(("output", settings), lambda: jax.jit(lambda state: _output(settings, state)))
 
 
 # ----------------------------------------------------------------------------- public API
