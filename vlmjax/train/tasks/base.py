@@ -102,3 +102,22 @@ class TaskDefaults:
     def flops_per_example(self, compiled_step, global_batch: int, accum_steps: int = 1) -> float:
         from vlmjax.train import flops
         return flops.compiled_flops_per_example(compiled_step, global_batch, accum_steps)
+
+
+def with_compute_dtype(kwargs: Mapping[str, Any]) -> dict:
+    """config.model as a dict with `dtype` ('float32' | 'bfloat16', default float32) mapped to
+    the jnp dtype the modules take."""
+    from vlmjax.models.layers import DTYPES
+    kwargs = dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
+    dtype = kwargs.pop("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ConfigError(f"model.dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return {**kwargs, "dtype": DTYPES[dtype]}
+
+
+def raise_architecture_diffs(diffs: Sequence[str], where: str, src: str) -> None:
+    """A ConfigError listing (the first six of) the fields where config.model and the
+    pretrained source `src` (`where`: e.g. model_init.image) compute different functions."""
+    if diffs:
+        raise ConfigError(f"config.model differs from the architecture of {where} {src}: "
+                          + "; ".join(diffs[:6]))

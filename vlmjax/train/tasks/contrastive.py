@@ -27,10 +27,9 @@ from vlmjax import sharding
 from vlmjax.config import ConfigError, check_keys
 from vlmjax.losses import contrastive
 from vlmjax.models import scan_layout
-from vlmjax.models.layers import DTYPES
 from vlmjax.models.text import TextTransformer
 from vlmjax.models.two_towers import IMAGE_TOWERS, TwoTowers, with_defaults
-from vlmjax.train.tasks.base import TaskDefaults
+from vlmjax.train.tasks.base import TaskDefaults, raise_architecture_diffs, with_compute_dtype
 
 LOSSES = ("clip", "siglip")
 # model_init sub-models: the parameter subtrees each one owns (vlmjax/convert/model_init.py).
@@ -38,11 +37,7 @@ SUB_MODELS = {"image": ("image_tower", "image_proj"), "text": ("text_tower", "te
 
 
 def model_kwargs(model_config) -> dict:
-    kwargs = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
-    dtype = kwargs.pop("dtype", "float32")
-    if dtype not in DTYPES:
-        raise ConfigError(f"model.dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    return {**kwargs, "dtype": DTYPES[dtype]}
+    return with_compute_dtype(model_config)
 
 
 IGNORED_IN_ARCHITECTURE = ("temperature_init", "bias_init", "dtype", "use_text_mask")
@@ -79,9 +74,7 @@ def _check_architecture(src: str, model_config, sub_model: str | None = None):
             continue
         if theirs[key] != mine[key]:
             diffs.append(f"model.{key}: config {mine[key]!r}, pretrained {theirs[key]!r}")
-    if diffs:
-        raise ConfigError(f"config.model differs from the architecture of {name} {src}: "
-                          + "; ".join(diffs[:6]))
+    raise_architecture_diffs(diffs, name, src)
 
 
 class ContrastiveTask(TaskDefaults):

@@ -41,7 +41,8 @@ from vlmjax.config import ConfigError, check_keys
 from vlmjax.losses import lm as lm_loss
 from vlmjax.models.decoder import Decoder, output_kernel
 from vlmjax.models.layers import DTYPES
-from vlmjax.train.tasks.base import TaskDefaults
+from vlmjax.train.tasks.base import (TaskDefaults, raise_architecture_diffs,
+                                     with_compute_dtype)
 
 LOSS_DEFAULTS = {"chunk_size": 512, "z_loss": 0.0, "label_smoothing": 0.0}
 # model_init sub-model: the Decoder is the whole model (a tied one has no lm_head).
@@ -59,17 +60,14 @@ def decoder_fields() -> dict:
 
 def model_kwargs(model_config) -> dict:
     """config.model -> Decoder keyword arguments (`dtype` mapped through layers.DTYPES)."""
-    kwargs = dict(model_config.to_dict() if hasattr(model_config, "to_dict") else model_config)
+    kwargs = with_compute_dtype(model_config)
     fields = decoder_fields()
     check_keys(kwargs, [*fields, "dtype"], "model")
     missing = sorted(k for k, v in fields.items() if v is dataclasses.MISSING and k not in kwargs)
     if missing:
         raise ConfigError(f"config.model is missing {missing} (Decoder arguments, "
                           "vlmjax/models/decoder.py)")
-    dtype = kwargs.pop("dtype", "float32")
-    if dtype not in DTYPES:
-        raise ConfigError(f"model.dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    return {**kwargs, "dtype": DTYPES[dtype]}
+    return kwargs
 
 
 def _plain(value):
@@ -112,9 +110,7 @@ def check_architecture(src: str, model_config, where: str = "model_init") -> Non
             same = mine == pretrained
         if not same:
             diffs.append(f"model.{key}: config {mine!r}, pretrained {pretrained!r}")
-    if diffs:
-        raise ConfigError(f"config.model differs from the architecture of {where} {src}: "
-                          + "; ".join(diffs[:6]))
+    raise_architecture_diffs(diffs, where, src)
 
 
 class LMTask(TaskDefaults):
