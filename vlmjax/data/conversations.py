@@ -333,3 +333,56 @@ def _finish(tokenizer, ids, is_target, max_len, images, image_id, num_image_toke
         raise AssertionError(f"{kept_images} image tokens kept of {images * num_image_tokens}")
     return EncodedConversation(tokens, targets, loss_mask, mask, length,
                                images if reason is None else 0, truncated, reason)
+
+
+def encode_prompts(prompts: Sequence[Any], tokenizer, template: str | Template = "vicuna_v1", *,
+                   image_token: str = "<image>", num_image_tokens: int = 1,
+                   num_images: Sequence[int | None] | int | None = None) -> list[list[int]]:
+    """The ids a model is given to generate each prompt's next answer: the conversation up to
+    and including the assistant prefix (vicuna_v1: "SYSTEM USER: <image>\\nQ ASSISTANT:").
+
+    `prompts`: a question (str: one user turn) or turns that end with a user turn. The ids are
+    exactly those `encode_conversations` writes before that answer's first target token in
+    training (the conversation is encoded with an empty final answer and cut there), so train and
+    eval prompts cannot drift apart. `num_images`: per prompt, or one count for all (default:
+    the `image_token` markers in the text)."""
+    turns = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            prompt = [{"from": "human", "value": prompt}]
+        try:
+            _, messages = _parse(prompt)
+        except _BadConversation as error:
+            raise ValueError(f"prompt {prompt!r} is not a question or a list of {{from, value}} "
+                             f"turns: {error}") from None
+        if not messages or messages[-1][0] != USER:
+            raise ValueError(f"prompt {prompt!r} must end with a user turn (its answer is what "
+                             "is generated)")
+        turns.append(list(prompt))
+    if not turns:
+        return []
+    if num_images is None or isinstance(num_images, int):
+        num_images = [num_images] * len(turns)
+    template = get_template(template)
+    conversations = [item + [{"from": "gpt", "value": ""}] for item in turns]
+    # A text id stands for at least one byte of the rendered text (SentencePiece's word-boundary
+    # piece may add one per run: x2), images for num_image_tokens ids, plus BOS / EOS.
+    rendered = [render_conversation(c, template, image_token=image_token, num_images=n)
+                for c, n in zip(conversations, num_images, strict=True)]
+    max_len = 8 + max(2 * len(text.encode()) + text.count(image_token) * num_image_tokens
+                      for text in rendered)
+    encoded = encode_conversations(conversations, tokenizer, template, max_len=max_len,
+                                   image_token=image_token, num_image_tokens=num_image_tokens,
+                                   num_images=num_images)
+    out = []
+    for enc in encoded:
+        # loss_mask[t]: tokens[t + 1] is a target. The last run of targets is the empty answer's
+        # (its end-of-turn, and a leading separator token where the tokenizer makes one).
+        targets = np.flatnonzero(enc.loss_mask)
+        if targets.size:
+            runs = np.flatnonzero(np.diff(targets) > 1)
+            start = targets[runs[-1] + 1] if runs.size else targets[0]
+            out.append(enc.tokens[:start + 1].tolist())
+        else:  # a template that marks no target (no end of turn): the whole text is prompt
+            out.append(enc.tokens[:enc.length].tolist())
+    return out

@@ -27,6 +27,8 @@ SKIP_REASONS = (
     # Per document of the text LM's rows (data/lm_rows.py), not per record:
     "no_targets",           # a document with no token to predict (one token after BOS/EOS)
     "truncated_document",   # a document longer than a row: its tail beyond max_len is dropped
+    # Per LLaVA conversation (data/llava_pipeline.py; no_targets and bad_json count them too):
+    "truncated_conversation",  # longer than input.max_len: cut, trained if a target remains
 )
 REASON_IDS = {name: i for i, name in enumerate(SKIP_REASONS)}
 NUM_REASONS = len(SKIP_REASONS)

@@ -28,6 +28,8 @@ TYPES = {
     "zero_shot": "vlmjax.evals.zero_shot:ZeroShotEvaluator",
     "retrieval": "vlmjax.evals.retrieval:RetrievalEvaluator",
     "perplexity": "vlmjax.evals.perplexity:PerplexityEvaluator",
+    "vqa": "vlmjax.evals.vqa:VqaEvaluator",
+    "captioning": "vlmjax.evals.captioning:CaptioningEvaluator",
 }
 COMMON_KEYS = {
     "type": f"evaluator type, one of {sorted(TYPES)}",
