@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from tests.data.conftest import TINY_SIZES
 from vlmjax.data import (conversations, export, shapes, shapes_examples, shapes_instruct,
-                         shapes_scene, sources, tokenizers)
+                         shapes_scene, shapes_text, sources, tokenizers)
 from vlmjax.data.shapes_text import BACKGROUND_WORDS, NUMBER_WORDS, POSITION_PHRASES
 
 
@@ -242,4 +242,20 @@ def test_noisy_captions_are_never_used():
     example = shapes_examples.make_example(spec, 3)
     assert set(example["caption_noise"]) != {"clean"}
     kinds = [e["type"] for e in shapes_instruct.make_entries(example)]
-    assert kinds == ["conversation", "detailed_description", "complex_reasoning"]
+    assert kinds == ["conversation", "detailed_description", "complex_reasoning", "vqa"]
+
+
+def test_vqa_entries_are_the_datasets_questions_with_the_short_answer_instruction(examples):
+    for example in examples["train"][:4]:
+        entry = shapes_instruct.make_entries(example, ["vqa"])[0]
+        qa = example["qa"]
+        expected = {(q.decode(), a.decode()) for q, a in zip(qa["question"], qa["answer"])}
+        humans = [t["value"] for t in entry["conversations"][0::2]]
+        gpts = [t["value"] for t in entry["conversations"][1::2]]
+        assert all(shapes_instruct.SHORT_ANSWER_INSTRUCTION in h for h in humans)
+        questions = [h.replace(shapes_instruct.IMAGE_TOKEN, "").replace(
+            shapes_instruct.SHORT_ANSWER_INSTRUCTION, "").strip() for h in humans]
+        assert set(zip(questions, gpts)) == expected and gpts == entry["answers"]
+        types = [shapes_text.QA_TYPES[t] for t in qa["type"]]
+        assert sorted(entry["question_types"]) == sorted(types)
+        assert sum(shapes_instruct.IMAGE_TOKEN in h for h in humans) == 1

@@ -12,6 +12,9 @@ kinds are written from what a vlm_shapes example records, so every answer is tru
                           size, colour, shape and position, and the background
     complex_reasoning     one question that combines facts (sizes, relative positions, counts of
                           a colour, ...) -> a few reasoned sentences ending in the fact
+    vqa                   the dataset's own questions (one per type), each followed by LLaVA-1.5's
+                          SHORT_ANSWER_INSTRUCTION, answered with the short answer (LLaVA-1.5
+                          mixes VQAv2/GQA in this form so that the model answers VQA tersely)
 
     facts = scene_facts(example)                  # a decoded vlm_shapes TFDS example
     entries = make_entries(example, KINDS, seed=0)
@@ -20,7 +23,8 @@ An entry is LLaVA JSON (`id`, `image`, `conversations`, `<image>` in the first h
 keys for evaluators: `type` (the kind), `objects` ([{colour, shape, size, position}]) and
 `background` (e.g. "striped taupe") of the scene; `captions` (the clean reference captions) for
 captions; `answers` (the short fact of each assistant turn: "red", "three", "yes", "left", ...)
-and `question_types` (which fact each turn asks for) for conversation and complex_reasoning.
+and `question_types` (which fact each turn asks for) for conversation, complex_reasoning and
+vqa.
 Entries are a pure function of (example id, kind, seed).
 """
 from __future__ import annotations
@@ -31,10 +35,12 @@ import zlib
 
 import numpy as np
 
-from vlmjax.data import shapes_noise, shapes_scene
+from vlmjax.data import shapes_noise, shapes_scene, shapes_text
 from vlmjax.data.shapes_text import BACKGROUND_WORDS, NUMBER_WORDS, POSITION_PHRASES
 
-KINDS = ("caption", "conversation", "detailed_description", "complex_reasoning")
+KINDS = ("caption", "conversation", "detailed_description", "complex_reasoning", "vqa")
+# LLaVA-1.5's prompt for short-answer VQA data (VQAv2, GQA); the vqa evaluator appends the same.
+SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 IMAGE_TOKEN = "<image>"
 ALL_COMBOS = tuple((c, s) for c in shapes_scene.COLOUR_NAMES for s in shapes_scene.SHAPES)
 
@@ -78,6 +84,7 @@ class SceneFacts:
     objects: tuple[ObjectFacts, ...]
     background: str | None  # "<pattern> <tone>", None when the example does not record it
     captions: tuple[str, ...]  # the clean captions (noisy configs replace some with junk)
+    qa: tuple[tuple[str, str, str], ...] = ()  # the dataset's (question, short answer, type)
 
     def to_json(self) -> dict:
         return {"objects": [dataclasses.asdict(obj) for obj in self.objects],
@@ -118,8 +125,11 @@ def scene_facts(example: dict) -> SceneFacts:
     noise = example.get("caption_noise", ["clean"] * len(example["captions"]))
     captions = tuple(_text(c) for c, kind in zip(example["captions"], noise, strict=True)
                      if _name(kind, shapes_noise.NOISE_KINDS) == "clean")
+    qa = tuple((_text(q), _text(a), _name(t, shapes_text.QA_TYPES)) for q, a, t in zip(
+        example["qa"]["question"], example["qa"]["answer"], example["qa"]["type"], strict=True))
     return SceneFacts(image_id=_text(example["id"]), objects=facts,
-                      background=_background(example["qa"]["cot_answer"]), captions=captions)
+                      background=_background(example["qa"]["cot_answer"]), captions=captions,
+                      qa=qa)
 
 
 # --- small text helpers ----------------------------------------------------------------------
@@ -432,9 +442,22 @@ def _complex_reasoning(facts: SceneFacts, rng) -> dict:
             "answers": [short], "question_types": [question_type]}
 
 
+def _short_answer_vqa(facts: SceneFacts, rng) -> dict:
+    """All of the image's dataset questions, in a random order, each with LLaVA-1.5's
+    short-answer instruction, answered with the dataset's short answer."""
+    turns = []
+    order = rng.permutation(len(facts.qa))
+    for turn, index in enumerate(order):
+        question, answer, _ = facts.qa[index]
+        turns += [_human(f"{question}\n{SHORT_ANSWER_INSTRUCTION}", rng, with_image=turn == 0),
+                  _gpt(answer)]
+    return {"conversations": turns, "answers": [facts.qa[i][1] for i in order],
+            "question_types": [facts.qa[i][2] for i in order]}
+
+
 _MAKERS = {"caption": _caption, "conversation": _conversation,
            "detailed_description": _detailed_description,
-           "complex_reasoning": _complex_reasoning}
+           "complex_reasoning": _complex_reasoning, "vqa": _short_answer_vqa}
 
 
 def check_kinds(kinds) -> tuple[str, ...]:
