@@ -299,3 +299,19 @@ def test_batch_equals_single_and_errors(hf_json, sp_tokenizer):
     no_eos.eos_id = None
     with pytest.raises(ValueError, match="EOS"):
         encode_conversation(TURNS, no_eos, "vicuna_v1", max_len=64)
+
+
+def test_plain_ends_answers_with_eos_when_the_newline_has_no_ids(sp_tokenizer):
+    class NoNewlines:  # as the vlm_shapes SentencePiece model: "\n" folds away
+        def __getattr__(self, name):
+            return getattr(sp_tokenizer, name)
+
+        def encode_raw(self, texts):
+            return sp_tokenizer.encode_raw([t.replace("\n", "") for t in texts])
+
+    enc = encode_conversation(TURNS, NoNewlines(), "plain", max_len=400, num_image_tokens=2)
+    runs = target_runs(enc)
+    assert len(runs) == 1 and runs[0].count(sp_tokenizer.eos_id) == len(ANSWERS)
+    assert runs[0][-1] == sp_tokenizer.eos_id
+    kept = encode_conversation(TURNS, sp_tokenizer, "plain", max_len=400, num_image_tokens=2)
+    assert sp_tokenizer.eos_id not in target_runs(kept)[0]  # "\n" has ids: LLaVA's plain

@@ -12,7 +12,8 @@ prompt, or the JSON text of such a list). Leading assistant turns are dropped (a
 
 Templates (`TEMPLATES`), written offline from their sources:
   plain      LLaVA stage 1 (`conv_llava_plain`, `preprocess_plain`): the images, then each answer
-             and "\n"; the user's text is dropped.
+             and "\n"; the user's text is dropped. A tokenizer that encodes "\n" as no ids (the
+             vlm_shapes SentencePiece model) ends answers with its EOS id instead.
   vicuna_v1  LLaVA v1 / v1.5 (`conv_vicuna_v1`): "SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: ..."
              where </s> is the tokenizer's EOS id.
   llama3     Meta Llama 3 Instruct's chat template: <|begin_of_text|> (BOS), then per message
@@ -229,12 +230,24 @@ def _check_markers(tokenizer, template: Template, encoded_markers) -> None:
                              "tokenizer.add_special_tokens")
 
 
+def _with_representable_end(template: Template, tokenizer) -> Template:
+    """`template`, or, when the tokenizer writes its text end of turn as no ids at all (e.g.
+    plain's "\n" under a SentencePiece model that folds whitespace), the template ending answers
+    with EOS instead: an answer with no end token would teach the model never to stop."""
+    end = template.end_of_turn
+    if not end or template.end_of_turn_is_eos or tokenizer.eos_id is None:
+        return template
+    if list(tokenizer.encode_raw([end])[0]):
+        return template
+    return dataclasses.replace(template, end_of_turn="</s>", end_of_turn_is_eos=True)
+
+
 def encode_conversations(conversations: Sequence[Any], tokenizer, template: str | Template, *,
                          max_len: int, image_token: str = "<image>", num_image_tokens: int = 1,
                          num_images: Sequence[int | None] | None = None,
                          ) -> list[EncodedConversation]:
     """`encode_conversation` over a batch, with one native `encode_raw` call for all texts."""
-    template = get_template(template)
+    template = _with_representable_end(get_template(template), tokenizer)
     if max_len < 2:
         raise ValueError(f"max_len={max_len} leaves no room for a token and its target")
     if num_image_tokens < 1:
