@@ -298,6 +298,9 @@ def test_text_only_prompts_and_stop_ids(tokenizer):
     chatml = ImageQuestionAnswerer(None, tokenizer, "chatml", T)
     im_end = tokenizer.token_id("<|im_end|>")
     assert chatml.decode(tokenizer.encode_raw(["blue square"])[0] + [im_end, 7]) == "blue square"
+    # ids past the tokenizer's (a model vocabulary padded beyond it) have no text: dropped
+    blue = tokenizer.encode_raw(["blue"])[0]
+    assert chatml.decode(blue + [tokenizer.vocab_size, tokenizer.vocab_size + 20]) == "blue"
     plain = ImageQuestionAnswerer(None, tokenizer, "plain", T)
     assert plain.prompts(["dropped"], with_images=True) == [[tokenizer.bos_id] + [
         tokenizer.token_id("<image>")] * T]

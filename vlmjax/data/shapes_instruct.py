@@ -125,8 +125,9 @@ def scene_facts(example: dict) -> SceneFacts:
     noise = example.get("caption_noise", ["clean"] * len(example["captions"]))
     captions = tuple(_text(c) for c, kind in zip(example["captions"], noise, strict=True)
                      if _name(kind, shapes_noise.NOISE_KINDS) == "clean")
+    pairs = example["qa"]  # an evaluator may read only some of its fields
     qa = tuple((_text(q), _text(a), _name(t, shapes_text.QA_TYPES)) for q, a, t in zip(
-        example["qa"]["question"], example["qa"]["answer"], example["qa"]["type"], strict=True))
+        pairs.get("question", ()), pairs.get("answer", ()), pairs.get("type", ()), strict=True))
     return SceneFacts(image_id=_text(example["id"]), objects=facts,
                       background=_background(example["qa"]["cot_answer"]), captions=captions,
                       qa=qa)

@@ -121,7 +121,10 @@ class ImageQuestionAnswerer:
         stripped."""
         ids = [int(i) for i in ids]
         stops = [n for n, i in enumerate(ids) if i in self.eos_ids]
-        text = self.tokenizer.decode(ids[:stops[0]] if stops else ids)
+        ids = ids[:stops[0]] if stops else ids
+        # The model's vocabulary may be padded past the tokenizer's (a multiple of 64, say): a
+        # padding id has no text, and an undertrained model can still emit one.
+        text = self.tokenizer.decode([i for i in ids if 0 <= i < self.tokenizer.vocab_size])
         end = self.template.end_of_turn
         if end and not self.template.end_of_turn_is_eos:  # e.g. plain's "\n": one line
             text = text.split(end)[0]

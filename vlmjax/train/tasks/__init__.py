@@ -16,6 +16,7 @@ from vlmjax.config import ConfigError
 TASKS = {
     "contrastive": "vlmjax.train.tasks.contrastive:ContrastiveTask",
     "lm": "vlmjax.train.tasks.lm:LMTask",
+    "llava": "vlmjax.train.tasks.llava:LlavaTask",
 }
 
 

@@ -1,0 +1,146 @@
+"""Tiny LLaVA on vlm_shapes: the tiny SigLIP ViT + the tiny LM, joined by an MLP projector, in
+LLaVA's two stages, on a laptop CPU.
+
+    # 1. the parts (vlm_shapes in /tmp/vlm_shapes), and the LLaVA JSON of vlm_shapes' train split
+    python -m vlmjax.train --config configs/siglip/tiny.py:image=vit,text_depth=2,negatives=0 \
+        --workdir /tmp/siglip_vit --config.data.data_dir=/tmp/vlm_shapes
+    python -m vlmjax.train --config configs/lm/tiny.py --workdir /tmp/lm_tiny \
+        --config.data.data_dir=/tmp/vlm_shapes
+    python -m vlmjax.data.export llava /tmp/llava_shapes --data_dir /tmp/vlm_shapes
+    # 2. stage 1: the projector alone, on image -> caption (template plain)
+    python -m vlmjax.train --workdir /tmp/llava_s1 --config configs/llava/tiny.py:stage=1,\
+shapes_dir=/tmp/vlm_shapes,llava_dir=/tmp/llava_shapes,vision_init=/tmp/siglip_vit,\
+llm_init=/tmp/lm_tiny
+    # 3. stage 2: projector + LLM, from stage 1, on the instruction kinds (template chatml)
+    python -m vlmjax.train --workdir /tmp/llava_s2 --config configs/llava/tiny.py:stage=2,\
+shapes_dir=/tmp/vlm_shapes,llava_dir=/tmp/llava_shapes,stage1=/tmp/llava_s1
+    python -m vlmjax.train --config configs/llava/tiny.py:runlocal,llava_dir=D,shapes_dir=S ...
+
+The model: the ViT of configs/siglip/tiny.py:image=vit (patch 8, width 96, 3 blocks, no class
+token: vision_feature_select_strategy 'full', 64 visual tokens at 64 px) read at its penultimate
+block (vision_feature_layer -2, as LLaVA); projector mlp2x_gelu; the LLM of configs/lm/tiny.py
+(width 128, 4 layers, GQA, tied embeddings, vocabulary 512), whose tokenizer (the vlm_shapes
+SentencePiece model + tokenizers.VLM_SHAPES_LM_TOKENS; <image> is id 4) is read from shapes_dir.
+Stage 1 trains the projector on `train_caption.json` with the plain template (the image tokens,
+then the caption); stage 2 the projector and the LLM on a mixture of conversation, detailed
+description, complex reasoning and short-answer VQA (LLaVA-1.5's "Answer the question using a
+single word or phrase." questions; ChatML, whose markers are tokens of the LM's tokenizer). The
+VQA evaluator asks with the same instruction.
+AdamW, cosine; stage 1 lr 1e-3, 500 steps; stage 2 lr 2e-4, 1000 steps; batch 32. Not tuned yet:
+no measured result to quote.
+Evaluations (at the end, on vlm_shapes validation, where recipes are chosen, and test): stage 1
+captioning (the colours, shapes and counts its descriptions name); stage 2 also VQA (exact
+match per question type).
+Presets: stage=1|2, shapes_dir (the vlm_shapes data_dir of the SigLIP and LM runs), llava_dir
+(the export's OUT), tokenizer (default: shapes_dir's 64px one), vision_init, llm_init (their
+workdirs; '' = random), stage1 (stage 2: a stage-1 workdir for the whole model), steps, batch,
+lr, runlocal (a few steps of a tiny model on a tiny build, for tests).
+"""
+import os
+
+import ml_collections
+
+from vlmjax.config import ConfigError, parse_preset_args
+from vlmjax.data import shapes
+from vlmjax.data.shapes_instruct import SHORT_ANSWER_INSTRUCTION
+from vlmjax.data.tokenizers import VLM_SHAPES_LM_TOKENS
+
+STAGE_DATA = {1: ("caption",),
+              2: ("conversation", "detailed_description", "complex_reasoning", "vqa")}
+# The tiny build of :runlocal (the same sizes as configs/lm/tiny.py:runlocal).
+RUNLOCAL_SIZES = dict(train_size=64, eval_size=16, novel_size=8)
+
+
+def tokenizer_path(shapes_dir: str, sizes: dict) -> str:
+    """The vlm_shapes 64px SentencePiece model of the build in `shapes_dir`."""
+    return os.path.join(shapes_dir, "vlm_shapes", shapes.config_name("64px", **sizes),
+                        str(shapes.VlmShapes.VERSION), shapes.TOKENIZER_FILENAME)
+
+
+def llava_json(llava_dir: str, kind: str, **extra) -> dict:
+    return dict(source="llava_json", json_path=os.path.join(llava_dir, f"train_{kind}.json"),
+                image_dir=os.path.join(llava_dir, "images"), **extra)
+
+
+def evals(stage: int, shapes_dir: str, sizes: dict, batch_size: int, max_examples: int,
+          max_new_tokens: int | None = None) -> dict:
+    def data(split):
+        return dict(source="vlm_shapes", split=split, config="64px", data_dir=shapes_dir,
+                    **sizes)
+    limits = dict(batch_size=batch_size, max_examples=max_examples)
+    if max_new_tokens:
+        limits["max_new_tokens"] = max_new_tokens
+    out = {}
+    for split in ("validation", "test"):
+        out[f"{split}_captions"] = dict(type="captioning", data=data(split), **limits)
+        if stage == 2:  # stage 1's plain template has no question to answer
+            out[f"{split}_vqa"] = dict(type="vqa", data=data(split), **limits,
+                                       answer_instruction=SHORT_ANSWER_INSTRUCTION)
+    return out
+
+
+def get_config(arg=None):
+    args = parse_preset_args(arg, runlocal=False, stage=1, shapes_dir="/tmp/vlm_shapes",
+                             llava_dir="/tmp/llava_shapes", tokenizer="", vision_init="",
+                             llm_init="", stage1="", steps=0, batch=32, lr=0.0)
+    if args.stage not in STAGE_DATA:
+        raise ConfigError(f"preset stage={args.stage!r} must be 1 or 2")
+    if args.stage1 and (args.stage != 2 or args.vision_init or args.llm_init):
+        raise ConfigError("preset stage1=WORKDIR starts stage 2 from a stage-1 run (the whole "
+                          "model): use it with stage=2 and without vision_init / llm_init")
+    sizes = RUNLOCAL_SIZES if args.runlocal else {}
+    c = ml_collections.ConfigDict()
+    c.task = "llava"
+    c.seed = 0
+    c.stage = args.stage
+    c.total_steps = args.steps or (500 if args.stage == 1 else 1000)
+    c.model = dict(
+        vision=dict(patch_size=8, stem="patch", width=96, depth=3, num_heads=4, mlp_dim=384,
+                    pool="map", posemb="learn"),
+        llm=dict(vocab_size=512, width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=384,
+                 rope_theta=10_000.0, tie_embeddings=True),
+        image_token_id=4, vision_feature_layer=-2, vision_feature_select_strategy="full",
+        projector="mlp2x_gelu", projector_bias=True, prefix_attention="causal",
+        dtype="float32")
+    if args.stage1:
+        c.model_init = args.stage1
+    else:
+        parts = {"vision": args.vision_init, "llm": args.llm_init}
+        c.model_init = {k: v for k, v in parts.items() if v} or ""
+    c.loss = dict(chunk_size=128, z_loss=0.0, label_smoothing=0.0)
+    kinds = STAGE_DATA[args.stage]
+    if len(kinds) == 1:
+        c.data = llava_json(args.llava_dir, kinds[0])
+    else:
+        c.data = dict(source="mixture", sources={
+            kind: llava_json(args.llava_dir, kind, weight=1.0) for kind in kinds})
+    c.input = dict(global_batch_size=args.batch, image_size=64, preprocess="resize|value_range",
+                   max_len=128 if args.stage == 1 else 256,
+                   template="plain" if args.stage == 1 else "chatml",
+                   tokenizer=args.tokenizer or tokenizer_path(args.shapes_dir, sizes),
+                   special_tokens=list(VLM_SHAPES_LM_TOKENS), shuffle_buffer=10_000, seed=0,
+                   prefetch_batches=4)
+    c.optim = dict(name="adamw", lr=args.lr or (1e-3 if args.stage == 1 else 2e-4),
+                   schedule="cosine", warmup_steps=50, end_lr=1e-5, weight_decay=0.0, b1=0.9,
+                   b2=0.95, clip_norm=1.0)
+    c.evals = evals(args.stage, args.shapes_dir, sizes, batch_size=64, max_examples=500)
+    c.data_shards = 0  # input streams; 0 = the process count of the first run (see README)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    c.log_every = 50
+    c.checkpoint = dict(every=500, keep=2)
+    c.nonfinite = "skip"
+    c.peak_flops = 0.0
+    if args.runlocal:
+        c.total_steps = args.steps or 4
+        # The towers of siglip/tiny.py:runlocal,image=vit (with 2 blocks) and lm/tiny.py:runlocal.
+        c.model.vision.update(width=32, depth=2, mlp_dim=64)
+        c.model.llm.update(width=32, depth=1, mlp_dim=64)
+        c.input.update(global_batch_size=8, image_size=32, shuffle_buffer=64,
+                       max_len=64 if args.stage == 1 else 192)
+        c.optim.warmup_steps = 1
+        c.log_every = 2
+        c.checkpoint.every = 2
+        c.evals = evals(args.stage, args.shapes_dir, sizes, batch_size=8, max_examples=8,
+                        max_new_tokens=8)
+        c.peak_flops = 1e11  # skip the matmul measurement
+    return c

@@ -1,0 +1,209 @@
+"""The `llava` task through the real trainer: stage 1 from a SigLIP workdir's image tower and an
+lm workdir's LLM trains the projector alone (the rest bit-identical, no optimiser state for it);
+stage 2 from the stage-1 workdir trains the projector and the LLM; the loss falls on a fixed
+batch; model_init and config mistakes are ConfigErrors naming the field."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from vlmjax import config as config_lib, sharding
+from vlmjax.config import ConfigError
+from vlmjax.data import export, shapes
+from vlmjax.train import checkpoint, optim, step as step_lib, trainer
+from vlmjax.train.tasks import base, get_task
+
+RUNLOCAL_SIZES = dict(train_size=64, eval_size=16, novel_size=8)  # configs/llava/tiny.py's
+SIGLIP = "configs/siglip/tiny.py:runlocal,image=vit,text_depth=1,negatives=0"
+
+
+@pytest.fixture(scope="module")
+def llava_dirs(tmp_path_factory):
+    """(vlm_shapes data_dir of the :runlocal build, its LLaVA export)."""
+    data_dir = str(tmp_path_factory.getbasetemp() / "runlocal_tfds")  # shared with test_configs
+    builder = shapes.prepare(shapes.make_builder("64px", data_dir, **RUNLOCAL_SIZES,
+                                                 num_workers=0))
+    out = str(tmp_path_factory.mktemp("llava_shapes"))
+    export.export_llava(builder, out, "train")
+    return data_dir, out
+
+
+def random_params(task_name, config):
+    task = get_task(task_name)(config, sharding.make_mesh({"data": -1}))
+    return jax.jit(lambda r: nn.meta.unbox(task.init_params(r)))(jax.random.PRNGKey(7))
+
+
+def fake_workdir(path, config, params) -> str:
+    """A trainer workdir holding `params` at step 1 (what model_init reads of a real run)."""
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as file:
+        file.write(config_lib.to_json(config))
+    saver = checkpoint.Checkpointer(path, every=1, async_save=False)
+    saver.save(1, {"params": params}, {})
+    saver.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def part_workdirs(llava_dirs, tmp_path_factory):
+    """{"vision": a contrastive workdir (ViT of 2 blocks), "llm": an lm workdir, and their
+    params} with the towers of configs/llava/tiny.py:runlocal."""
+    data_dir, _ = llava_dirs
+    root = tmp_path_factory.mktemp("parts")
+    siglip = config_lib.load_config(SIGLIP)
+    config_lib.apply_overrides(siglip, [f"data.data_dir={data_dir}", "model.image.depth=2"])
+    lm = config_lib.load_config("configs/lm/tiny.py:runlocal")
+    config_lib.apply_overrides(lm, [f"data.data_dir={data_dir}"])
+    out = {"vision_params": random_params("contrastive", siglip),
+           "llm_params": random_params("lm", lm)}
+    out["vision"] = fake_workdir(str(root / "siglip"), siglip, out["vision_params"])
+    out["llm"] = fake_workdir(str(root / "lm"), lm, out["llm_params"])
+    return out
+
+
+def llava_config(llava_dirs, stage, **presets):
+    data_dir, llava_dir = llava_dirs
+    extra = "".join(f",{k}={v}" for k, v in presets.items())
+    config = config_lib.load_config(f"configs/llava/tiny.py:runlocal,stage={stage},"
+                                    f"shapes_dir={data_dir},llava_dir={llava_dir}{extra}")
+    with config.unlocked():
+        config.evals = ml_collections.ConfigDict()  # the generative evals: tests/evals
+    return config
+
+
+def assert_same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def moved(a, b) -> bool:
+    return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def adam_mu(opt_state):
+    is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)  # noqa: E731
+    return next(x for x in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(x)).mu
+
+
+@pytest.mark.slow
+def test_stage1_trains_the_projector_alone_then_stage2_the_llm(llava_dirs, part_workdirs,
+                                                                tmp_path):
+    config = llava_config(llava_dirs, 1, vision_init=part_workdirs["vision"],
+                          llm_init=part_workdirs["llm"], steps=2)
+    first = trainer.train(config, str(tmp_path / "stage1"))
+    params = first.state.params
+    # The SigLIP image tower as far as feature layer -2 of 2 blocks: block0, no final norm
+    # and no MAP head; the LLM is the lm workdir's. Both untouched by stage 1.
+    tower = part_workdirs["vision_params"]["image_tower"]
+    assert set(tower) - set(params["vision"]) == {"final_norm", "map_head"}
+    assert set(params["vision"]["encoder"]) == {"block0"}
+    assert_same(params["vision"], {**{k: v for k, v in tower.items()
+                                      if k not in ("final_norm", "map_head")},
+                                   "encoder": {"block0": tower["encoder"]["block0"]}})
+    assert_same(params["llm"], part_workdirs["llm_params"])
+    task = get_task("llava")(config, sharding.make_mesh({"data": -1}))
+    init = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)))(
+        jax.random.split(jax.random.PRNGKey(config.seed))[0])
+    assert moved(init["projector"], params["projector"])
+    mu = adam_mu(first.state.opt_state)  # Adam state for the projector alone
+    assert jax.tree.leaves(mu["vision"]) == jax.tree.leaves(mu["llm"]) == []
+    assert len(jax.tree.leaves(mu["projector"])) == 4  # 2 kernels, 2 biases
+    assert np.isfinite(first.train_metrics["loss"]) and first.train_metrics["num_tokens"] > 0
+
+    config = llava_config(llava_dirs, 2, stage1=str(tmp_path / "stage1"), steps=2)
+    second = trainer.train(config, str(tmp_path / "stage2"))
+    assert_same(second.state.params["vision"], params["vision"])
+    assert moved(params["llm"], second.state.params["llm"])
+    assert moved(params["projector"], second.state.params["projector"])
+    records = [json.loads(line) for line in open(tmp_path / "stage2" / "metrics.jsonl")]
+    assert {"train/perplexity", "train/num_tokens", "perf/num_tokens_per_s",
+            "train/data/skipped/truncated_conversation"} <= set(records[-1])
+
+
+def test_loss_falls_on_a_fixed_batch_and_counts_answer_tokens(llava_dirs):
+    config = llava_config(llava_dirs, 2)
+    config.input.max_len = 128  # a cheaper step; the long samples are cut (and counted)
+    mesh = sharding.make_mesh({"data": -1})
+    task = get_task("llava")(config, mesh)
+    assert isinstance(task, base.Task) and task.num_image_tokens == 16  # (32 / 8) ** 2
+    with task.train_input(None, 0, 1) as data:
+        batch = next(data)
+    params = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)))(jax.random.PRNGKey(0))
+    mask = step_lib.trainable_mask(params, task.trainable)
+    assert not any(jax.tree.leaves(mask["vision"])) and all(jax.tree.leaves(mask["llm"]))
+    trainable, _ = step_lib.split_params(params, mask)
+    with config.unlocked():
+        config.optim.update(lr=1e-2, warmup_steps=0, schedule="constant")
+    tx, schedule = optim.make_optimizer(config.optim, 20, trainable)
+    state = step_lib.init_state(params, tx, jax.random.PRNGKey(1), trainable=mask)
+    batch = sharding.host_batch_to_global(batch, mesh)
+    with jax.set_mesh(mesh):
+        step = jax.jit(step_lib.make_train_step(task.loss_fn, tx, schedule, mesh=mesh,
+                                                trainable=mask))
+        losses = []
+        for _ in range(6):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+    assert float(metrics["num_tokens"]) == int(np.asarray(batch["loss_mask"]).sum())
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert_same(state.params["vision"], params["vision"])
+
+
+@pytest.mark.parametrize("model_init, edit, message", [
+    ({"vision": "llm"}, None, r"model_init.vision: .* a decoder LM, which holds \['llm'\], "
+                              r"not the vision"),
+    ("llm", None, r"model_init .* is a decoder LM, not a whole LLaVA model"),
+    ({"llm": "llm"}, "model.llm.depth=2", r"model.llm.depth: config 2, pretrained 1"),
+    ({"vision": "vision"}, "model.vision.mlp_dim=48",
+     r"model.vision.mlp_dim: config 48, pretrained 64"),
+])
+def test_model_init_mismatches_are_config_errors(llava_dirs, part_workdirs, model_init, edit,
+                                                 message):
+    config = llava_config(llava_dirs, 1)
+    if edit:
+        config_lib.apply_overrides(config, [edit])
+    mesh = sharding.make_mesh({"data": -1})
+    task = get_task("llava")(config, mesh)
+    sources = ({k: part_workdirs[v] for k, v in model_init.items()}
+               if isinstance(model_init, dict) else part_workdirs[model_init])
+    with pytest.raises(ConfigError, match=message):
+        task.pretrained_params(sources, None, None)  # checked before anything is read
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.update(stage=3), r"config.stage must be 1 .* or 2"),
+    (lambda c: c.update(train_vision=True), r"True only with stage=2"),
+    (lambda c: c.model.llm.update(dtype="bfloat16"), r"model.llm.dtype: the compute dtype"),
+    (lambda c: c.model.update(projecter="linear"), r"config key model.projecter is not used"),
+    (lambda c: c.model.update(vision_feature_select_strategy="default"),
+     r"config.model: .*drops the class token"),
+    (lambda c: c.update(model_init={"vision": {"source": "/x", "prefix": "image_tower"}}),
+     r"model_init.vision: 'prefix' is not used"),
+    (lambda c: c.input.update(max_len=16), r"input.max_len=16 leaves no room"),
+])
+def test_config_mistakes_are_errors_before_anything_runs(llava_dirs, edit, message):
+    config = llava_config(llava_dirs, 1)
+    with config.unlocked(), config.ignore_type():
+        edit(config)
+    with pytest.raises(ConfigError, match=message):
+        get_task("llava")(config, sharding.make_mesh({"data": -1}))
+
+
+def test_evaluators_get_an_answerer_of_the_model(llava_dirs):
+    config = config_lib.load_config(
+        f"configs/llava/tiny.py:runlocal,stage=2,shapes_dir={llava_dirs[0]},"
+        f"llava_dir={llava_dirs[1]}")
+    task = get_task("llava")(config, sharding.make_mesh({"data": -1}))
+    evaluators = task.evaluators(config.evals)
+    assert sorted((e.name, e.type) for e in evaluators) == [
+        ("test_captions", "captioning"), ("test_vqa", "vqa"),
+        ("validation_captions", "captioning"), ("validation_vqa", "vqa")]
+    answerer = evaluators[0].context.model
+    assert answerer.model is task.model and answerer.num_image_tokens == 16
+    assert answerer.template.name == "chatml" and answerer.tokenizer.token_id("<image>") == 4
