@@ -31,7 +31,7 @@ then save both), or start stage 2 from an HF LlavaForConditionalGeneration direc
 (`stage1=` takes one, e.g. llava-hf/llava-1.5-7b-hf, which also brings its projector).
 
 Presets: stage=1|2, vision_init, llm_init, stage1 (a stage-1 workdir or an HF LLaVA directory),
-data (LLaVA JSON), images (its image folder), tokenizer (default: llm_init's or stage1's
+data (LLaVA JSON; default LLaVA's file names under /data), images (its image folder), tokenizer (default: llm_init's or stage1's
 tokenizer.json), image_token_id (the tokenizer's id of `<image>`; 32000), steps, batch, lr,
 runlocal.
 """
@@ -41,8 +41,11 @@ import ml_collections
 
 from vlmjax.config import ConfigError, parse_preset_args
 
-STAGE = {1: dict(lr=1e-3, batch=256, steps=2_180, template="plain"),
-         2: dict(lr=2e-5, batch=128, steps=5_197, template="vicuna_v1")}
+STAGE = {1: dict(lr=1e-3, batch=256, steps=2_180, template="plain",
+                data="/data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
+                images="/data/LLaVA-Pretrain/images"),
+         2: dict(lr=2e-5, batch=128, steps=5_197, template="vicuna_v1",
+                 data="/data/llava_v1_5_mix665k.json", images="/data/images")}
 CLIP_L14_336 = dict(patch_size=14, width=1024, depth=24, num_heads=16, mlp_dim=4096,
                     posemb="learn", activation="quick_gelu", norm_eps=1e-5, pool="cls",
                     pre_norm=True, patch_bias=False)
@@ -83,7 +86,8 @@ def get_config(arg=None):
         c.model_init = {k: v for k, v in (("vision", args.vision_init),
                                           ("llm", args.llm_init)) if v} or ""
     c.loss = dict(chunk_size=128, z_loss=0.0, label_smoothing=0.0)
-    c.data = dict(source="llava_json", json_path=args.data, image_dir=args.images)
+    c.data = dict(source="llava_json", json_path=args.data or recipe["data"],
+                  image_dir=args.images or recipe["images"])
     tokenizer = args.tokenizer or os.path.join(args.stage1 or args.llm_init, "tokenizer.json")
     c.input = dict(global_batch_size=args.batch or recipe["batch"], image_size=336,
                    preprocess="resize|value_range(-1, 1)", max_len=2048,

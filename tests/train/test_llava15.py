@@ -81,6 +81,7 @@ def test_recipe_values_and_preset_mistakes():
     config = recipe_config(1)
     assert (config.optim.lr, config.input.global_batch_size, config.input.template) == (
         1e-3, 8, "plain")
+    assert config.data.json_path.endswith("blip_laion_cc_sbu_558k.json")
     full = config_lib.load_config(f"{CONFIG}:stage=2,stage1=/ckpt/s1")
     assert (full.optim.lr, full.input.global_batch_size, full.total_steps) == (2e-5, 128, 5197)
     assert full.model.vision_feature_select_strategy == "default" and full.mesh.fsdp == -1

@@ -106,17 +106,7 @@ class LlavaTask(TaskDefaults):
             raise ConfigError(f"config.train_vision={self.train_vision!r}: True or False, and "
                               "True only with stage=2 (stage 1 trains the projector alone)")
         self.trainable = None if self.train_vision else TRAINABLE[self.stage]
-        loss = _plain(config.get("loss")) or {}
-        check_keys(loss, lm_task.LOSS_DEFAULTS, "loss")
-        self.loss_settings = {**lm_task.LOSS_DEFAULTS, **loss}
-        if type(self.loss_settings["chunk_size"]) is not int or self.loss_settings[
-                "chunk_size"] < 1:
-            raise ConfigError(f"loss.chunk_size must be a positive integer, got "
-                              f"{self.loss_settings['chunk_size']!r}")
-        for key in ("z_loss", "label_smoothing"):
-            if not 0.0 <= float(self.loss_settings[key]) < 1.0:
-                raise ConfigError(f"loss.{key} must be in [0, 1), got "
-                                  f"{self.loss_settings[key]!r}")
+        self.loss_settings = lm_task.loss_settings(config)
         try:
             llava_pipeline.validate_llava_input(config.input)
             pipeline_config.validate_data_config(config.data)

@@ -113,6 +113,20 @@ def check_architecture(src: str, model_config, where: str = "model_init") -> Non
     raise_architecture_diffs(diffs, where, src)
 
 
+def loss_settings(config) -> dict:
+    """config.loss over LOSS_DEFAULTS, checked (the lm and llava tasks' next-token loss)."""
+    loss = _plain(config.get("loss")) or {}
+    check_keys(loss, LOSS_DEFAULTS, "loss")
+    settings = {**LOSS_DEFAULTS, **loss}
+    if type(settings["chunk_size"]) is not int or settings["chunk_size"] < 1:
+        raise ConfigError(f"loss.chunk_size must be a positive integer, got "
+                          f"{settings['chunk_size']!r}")
+    for key in ("z_loss", "label_smoothing"):
+        if not 0.0 <= float(settings[key]) < 1.0:
+            raise ConfigError(f"loss.{key} must be in [0, 1), got {settings[key]!r}")
+    return settings
+
+
 class LMTask(TaskDefaults):
     config_keys = {
         "model": "Decoder kwargs and dtype (see this module's docstring)",
@@ -128,17 +142,7 @@ class LMTask(TaskDefaults):
         self.config, self.mesh = config, mesh
         self.model = Decoder(**model_kwargs(config.model))
         self.compute_dtype = config.model.get("dtype", "float32")
-        loss = _plain(config.get("loss")) or {}
-        check_keys(loss, LOSS_DEFAULTS, "loss")
-        self.loss_settings = {**LOSS_DEFAULTS, **loss}
-        if type(self.loss_settings["chunk_size"]) is not int or self.loss_settings[
-                "chunk_size"] < 1:
-            raise ConfigError(f"loss.chunk_size must be a positive integer, got "
-                              f"{self.loss_settings['chunk_size']!r}")
-        for key in ("z_loss", "label_smoothing"):
-            if not 0.0 <= float(self.loss_settings[key]) < 1.0:
-                raise ConfigError(f"loss.{key} must be in [0, 1), got "
-                                  f"{self.loss_settings[key]!r}")
+        self.loss_settings = loss_settings(config)
         try:
             text_pipeline.validate_lm_input(config.input)
             pipeline_config.validate_data_config(config.data)
