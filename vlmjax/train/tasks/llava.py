@@ -163,12 +163,7 @@ class LlavaTask(TaskDefaults):
 
     def loss_fn(self, params, extra, batch, rng):
         del extra, rng  # no extra state, no dropout
-        loss, metrics = self.token_sums(params, batch)
-        metrics = dict(metrics)
-        metrics["perplexity"] = jnp.exp(metrics["nll"])
-        # The step averages aux over optim.accum_steps micro-batches: this is per step.
-        metrics["num_tokens"] = metrics["num_tokens"] * self.accum_steps
-        return loss, metrics
+        return lm_task.step_metrics(*self.token_sums(params, batch), self.accum_steps)
 
     def pretrained_params(self, model_init, abstract_params, shardings):
         """Params of `config.model_init`, placed by `shardings` (vlmjax/train/tasks/

@@ -127,6 +127,15 @@ def loss_settings(config) -> dict:
     return settings
 
 
+def step_metrics(loss, metrics, accum_steps: int):
+    """(loss, metrics of next_token_loss + perplexity) as a train step's loss_fn returns them
+    (the lm and llava tasks). The step averages aux over optim.accum_steps micro-batches:
+    num_tokens is scaled to count per step."""
+    metrics = dict(metrics, perplexity=jnp.exp(metrics["nll"]))
+    metrics["num_tokens"] = metrics["num_tokens"] * accum_steps
+    return loss, metrics
+
+
 class LMTask(TaskDefaults):
     config_keys = {
         "model": "Decoder kwargs and dtype (see this module's docstring)",
@@ -175,12 +184,7 @@ class LMTask(TaskDefaults):
 
     def loss_fn(self, params, extra, batch, rng):
         del extra, rng  # no extra state; the Decoder has no dropout
-        loss, metrics = self.token_sums(params, batch)
-        metrics = dict(metrics)
-        metrics["perplexity"] = jnp.exp(metrics["nll"])
-        # The step averages aux over optim.accum_steps micro-batches: this is per step.
-        metrics["num_tokens"] = metrics["num_tokens"] * self.accum_steps
-        return loss, metrics
+        return step_metrics(*self.token_sums(params, batch), self.accum_steps)
 
     def pretrained_params(self, model_init, abstract_params, shardings):
         """Params of `config.model_init`, checked against config.model (every field that
