@@ -71,8 +71,9 @@ def evals(stage: int, shapes_dir: str, sizes: dict, batch_size: int, max_example
     if max_new_tokens:
         limits["max_new_tokens"] = max_new_tokens
     out = {}
-    for split in ("validation", "test"):
-        out[f"{split}_captions"] = dict(type="captioning", data=data(split), **limits)
+    for split in ("validation", "test", "test_novel"):
+        if split != "test_novel":
+            out[f"{split}_captions"] = dict(type="captioning", data=data(split), **limits)
         if stage == 2:  # stage 1's plain template has no question to answer
             out[f"{split}_vqa"] = dict(type="vqa", data=data(split), **limits,
                                        answer_instruction=SHORT_ANSWER_INSTRUCTION)
@@ -82,7 +83,8 @@ def evals(stage: int, shapes_dir: str, sizes: dict, batch_size: int, max_example
 def get_config(arg=None):
     args = parse_preset_args(arg, runlocal=False, stage=1, shapes_dir="/tmp/vlm_shapes",
                              llava_dir="/tmp/llava_shapes", tokenizer="", vision_init="",
-                             llm_init="", stage1="", steps=0, batch=32, lr=0.0)
+                             llm_init="", stage1="", steps=0, batch=32, lr=0.0,
+                             vision_layer=-1, train_vision=False, max_len=0)
     if args.stage not in STAGE_DATA:
         raise ConfigError(f"preset stage={args.stage!r} must be 1 or 2")
     if args.stage1 and (args.stage != 2 or args.vision_init or args.llm_init):
@@ -93,13 +95,15 @@ def get_config(arg=None):
     c.task = "llava"
     c.seed = 0
     c.stage = args.stage
+    if args.train_vision:
+        c.train_vision = True
     c.total_steps = args.steps or (500 if args.stage == 1 else 1000)
     c.model = dict(
-        vision=dict(patch_size=8, stem="patch", width=96, depth=3, num_heads=4, mlp_dim=384,
-                    pool="map", posemb="learn"),
+        vision_arch="cnn", vision=dict(channels=(32, 64, 96), patch_size=2),
         llm=dict(vocab_size=512, width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=384,
                  rope_theta=10_000.0, tie_embeddings=True),
-        image_token_id=4, vision_feature_layer=-2, vision_feature_select_strategy="full",
+        image_token_id=4, vision_feature_layer=args.vision_layer,
+        vision_feature_select_strategy="full",
         projector="mlp2x_gelu", projector_bias=True, prefix_attention="causal",
         dtype="float32")
     if args.stage1:
@@ -115,7 +119,7 @@ def get_config(arg=None):
         c.data = dict(source="mixture", sources={
             kind: llava_json(args.llava_dir, kind, weight=1.0) for kind in kinds})
     c.input = dict(global_batch_size=args.batch, image_size=64, preprocess="resize|value_range",
-                   max_len=128 if args.stage == 1 else 256,
+                   max_len=args.max_len or (64 if args.stage == 1 else 192),
                    template="plain" if args.stage == 1 else "chatml",
                    tokenizer=args.tokenizer or tokenizer_path(args.shapes_dir, sizes),
                    special_tokens=list(VLM_SHAPES_LM_TOKENS), shuffle_buffer=10_000, seed=0,
@@ -133,7 +137,7 @@ def get_config(arg=None):
     if args.runlocal:
         c.total_steps = args.steps or 4
         # The towers of siglip/tiny.py:runlocal,image=vit (with 2 blocks) and lm/tiny.py:runlocal.
-        c.model.vision.update(width=32, depth=2, mlp_dim=64)
+        c.model.vision.update(channels=(8, 16))
         c.model.llm.update(width=32, depth=1, mlp_dim=64)
         c.input.update(global_batch_size=8, image_size=32, shuffle_buffer=64,
                        max_len=64 if args.stage == 1 else 192)

@@ -19,7 +19,7 @@ from vlmjax.train import checkpoint, optim, step as step_lib, trainer
 from vlmjax.train.tasks import base, get_task
 
 RUNLOCAL_SIZES = dict(train_size=64, eval_size=16, novel_size=8)  # configs/llava/tiny.py's
-SIGLIP = "configs/siglip/tiny.py:runlocal,image=vit,text_depth=1,negatives=0"
+SIGLIP = "configs/siglip/tiny.py:runlocal,text_depth=1,negatives=0"  # its CNN: (8, 16)
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +51,12 @@ def fake_workdir(path, config, params) -> str:
 
 @pytest.fixture(scope="module")
 def part_workdirs(llava_dirs, tmp_path_factory):
-    """{"vision": a contrastive workdir (ViT of 2 blocks), "llm": an lm workdir, and their
+    """{"vision": a contrastive workdir (CNN of 2 stages), "llm": an lm workdir, and their
     params} with the towers of configs/llava/tiny.py:runlocal."""
     data_dir, _ = llava_dirs
     root = tmp_path_factory.mktemp("parts")
     siglip = config_lib.load_config(SIGLIP)
-    config_lib.apply_overrides(siglip, [f"data.data_dir={data_dir}", "model.image.depth=2"])
+    config_lib.apply_overrides(siglip, [f"data.data_dir={data_dir}"])
     lm = config_lib.load_config("configs/lm/tiny.py:runlocal")
     config_lib.apply_overrides(lm, [f"data.data_dir={data_dir}"])
     out = {"vision_params": random_params("contrastive", siglip),
@@ -95,17 +95,15 @@ def adam_mu(opt_state):
 def test_stage1_trains_the_projector_alone_then_stage2_the_llm(llava_dirs, part_workdirs,
                                                                 tmp_path):
     config = llava_config(llava_dirs, 1, vision_init=part_workdirs["vision"],
-                          llm_init=part_workdirs["llm"], steps=2)
+                          llm_init=part_workdirs["llm"], steps=2, vision_layer=-2)
+    config.input.max_len = 128  # 64 visual tokens (the 8x8 map of stage 1) and a caption
     first = trainer.train(config, str(tmp_path / "stage1"))
     params = first.state.params
-    # The SigLIP image tower as far as feature layer -2 of 2 blocks: block0, no final norm
-    # and no MAP head; the LLM is the lm workdir's. Both untouched by stage 1.
+    # The SigLIP CNN as far as feature layer -2 of 2 stages: conv0 alone; the LLM is the lm
+    # workdir's. Both untouched by stage 1.
     tower = part_workdirs["vision_params"]["image_tower"]
-    assert set(tower) - set(params["vision"]) == {"final_norm", "map_head"}
-    assert set(params["vision"]["encoder"]) == {"block0"}
-    assert_same(params["vision"], {**{k: v for k, v in tower.items()
-                                      if k not in ("final_norm", "map_head")},
-                                   "encoder": {"block0": tower["encoder"]["block0"]}})
+    assert set(tower) == {"conv0", "conv1"}
+    assert_same(params["vision"], {"conv0": tower["conv0"]})
     assert_same(params["llm"], part_workdirs["llm_params"])
     task = get_task("llava")(config, sharding.make_mesh({"data": -1}))
     init = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)))(
@@ -116,7 +114,8 @@ def test_stage1_trains_the_projector_alone_then_stage2_the_llm(llava_dirs, part_
     assert len(jax.tree.leaves(mu["projector"])) == 4  # 2 kernels, 2 biases
     assert np.isfinite(first.train_metrics["loss"]) and first.train_metrics["num_tokens"] > 0
 
-    config = llava_config(llava_dirs, 2, stage1=str(tmp_path / "stage1"), steps=2)
+    config = llava_config(llava_dirs, 2, stage1=str(tmp_path / "stage1"), steps=2,
+                          vision_layer=-2)
     second = trainer.train(config, str(tmp_path / "stage2"))
     assert_same(second.state.params["vision"], params["vision"])
     assert moved(params["llm"], second.state.params["llm"])
@@ -131,7 +130,7 @@ def test_loss_falls_on_a_fixed_batch_and_counts_answer_tokens(llava_dirs):
     config.input.max_len = 128  # a cheaper step; the long samples are cut (and counted)
     mesh = sharding.make_mesh({"data": -1})
     task = get_task("llava")(config, mesh)
-    assert isinstance(task, base.Task) and task.num_image_tokens == 16  # (32 / 8) ** 2
+    assert isinstance(task, base.Task) and task.num_image_tokens == 16  # (32 / 2 / 4) ** 2
     with task.train_input(None, 0, 1) as data:
         batch = next(data)
     params = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)))(jax.random.PRNGKey(0))
@@ -160,8 +159,8 @@ def test_loss_falls_on_a_fixed_batch_and_counts_answer_tokens(llava_dirs):
                               r"not the vision"),
     ("llm", None, r"model_init .* is a decoder LM, not a whole LLaVA model"),
     ({"llm": "llm"}, "model.llm.depth=2", r"model.llm.depth: config 2, pretrained 1"),
-    ({"vision": "vision"}, "model.vision.mlp_dim=48",
-     r"model.vision.mlp_dim: config 48, pretrained 64"),
+    ({"vision": "vision"}, "model.vision.patch_size=4",
+     r"model.vision.patch_size: config 4, pretrained 2"),
 ])
 def test_model_init_mismatches_are_config_errors(llava_dirs, part_workdirs, model_init, edit,
                                                  message):
@@ -181,6 +180,7 @@ def test_model_init_mismatches_are_config_errors(llava_dirs, part_workdirs, mode
     (lambda c: c.update(train_vision=True), r"True only with stage=2"),
     (lambda c: c.model.llm.update(dtype="bfloat16"), r"model.llm.dtype: the compute dtype"),
     (lambda c: c.model.update(projecter="linear"), r"config key model.projecter is not used"),
+    (lambda c: c.model.update(vision_arch="resnet"), r"vision_arch 'resnet' is not one of"),
     (lambda c: c.model.update(vision_feature_select_strategy="default"),
      r"config.model: .*drops the class token"),
     (lambda c: c.update(model_init={"vision": {"source": "/x", "prefix": "image_tower"}}),
@@ -202,7 +202,7 @@ def test_evaluators_get_an_answerer_of_the_model(llava_dirs):
     task = get_task("llava")(config, sharding.make_mesh({"data": -1}))
     evaluators = task.evaluators(config.evals)
     assert sorted((e.name, e.type) for e in evaluators) == [
-        ("test_captions", "captioning"), ("test_vqa", "vqa"),
+        ("test_captions", "captioning"), ("test_novel_vqa", "vqa"), ("test_vqa", "vqa"),
         ("validation_captions", "captioning"), ("validation_vqa", "vqa")]
     answerer = evaluators[0].context.model
     assert answerer.model is task.model and answerer.num_image_tokens == 16

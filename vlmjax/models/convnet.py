@@ -32,10 +32,16 @@ def space_to_depth(images, block: int):
 
 class ConvNet(nn.Module):
     """Images [B, H, W, 3] -> pooled features [B, channels[-1]] (`pool="none"`: the final
-    feature map [B, h, w, channels[-1]])."""
+    feature map [B, h, w, channels[-1]]).
+
+    `return_layers` (a PrefixLM's `vision_feature_layer`) returns a tuple of feature maps
+    [B, h, w, C], indexed like a ViT's hidden states: 0 is the space-to-depth input, i the output
+    of stage i, negative from the end (-1 the last stage); no pooling, and the stages after the
+    deepest one asked for are not built."""
     channels: Sequence[int] = (32, 64, 96)
     patch_size: int = 2          # space-to-depth block before the first convolution
     pool: str = "max"            # max | gap | none
+    return_layers: tuple[int, ...] | None = None
     dtype: layers.Dtype = jnp.float32
 
     @property
@@ -48,14 +54,28 @@ class ConvNet(nn.Module):
             raise ValueError(f"ConvNet pool {self.pool!r} is not one of {POOLS}")
         if not self.channels:
             raise ValueError("ConvNet channels must list at least one stage")
+        stages = len(self.channels)
+        wanted = None
+        if self.return_layers is not None:
+            for layer in self.return_layers:
+                if not -stages - 1 <= layer <= stages:
+                    raise ValueError(f"ConvNet return_layers entry {layer} is outside "
+                                     f"[-{stages + 1}, {stages}] for {stages} stages "
+                                     f"({stages + 1} feature maps)")
+            wanted = [layer % (stages + 1) for layer in self.return_layers]
+            stages = max(wanted)
         x = space_to_depth(images.astype(self.dtype), self.patch_size)
-        for i, out in enumerate(self.channels):
+        states = [x]
+        for i, out in enumerate(self.channels[:stages]):
             x = nn.Conv(out, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                         param_dtype=jnp.float32, name=f"conv{i}",
                         kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                                        (None, None, None, None)),
                         bias_init=layers.partitioned(nn.initializers.zeros, (None,)))(x)
             x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            states.append(x)
+        if wanted is not None:
+            return tuple(states[i] for i in wanted)
         if self.pool == "max":
             return jnp.max(x, axis=(1, 2))
         if self.pool == "gap":

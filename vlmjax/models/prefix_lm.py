@@ -7,13 +7,15 @@ decoder LLM.
     logits, cache = model.apply(v, prompt, images=images, segment_ids=m, positions=p, cache=cache)
     logits, cache = model.apply(v, next_tokens, segment_ids=..., positions=..., cache=cache)
 
-Vision tower: a vlmjax ViT (`vision`: its keyword arguments, e.g. the `model.image` of a
-SigLIP / CLIP config, or a ViT module whose fields are taken), under `vision/` in its own layout,
-so an image tower's params drop in (the blocks after the deepest feature layer, the final norm and
-the pooling head are not built: leave them out). Its features are the hidden states
-`vision_feature_layer` (HF's `hidden_states` index: -2 is LLaVA's penultimate layer; a list:
-those layers concatenated on the feature axis), then `vision_feature_select_strategy`:
-`default` drops the class token (the tower must have one), `full` keeps every token.
+Vision tower: a vlmjax image tower, `vision_arch` 'vit' (ViT; `vision`: its keyword arguments,
+e.g. the `model.image` of a SigLIP / CLIP config, or a ViT module whose fields are taken) or 'cnn'
+(convnet.ConvNet, the tiny SigLIP demo's tower: its feature maps, row-major, are the visual
+tokens), under `vision/` in its own layout, so an image tower's params drop in (the blocks or
+stages after the deepest feature layer, the final norm and the pooling head are not built: leave
+them out). Its features are the hidden states `vision_feature_layer` (HF's `hidden_states` index:
+-2 is LLaVA's penultimate layer; a list: those layers concatenated on the feature axis, which
+for a CNN must share one grid), then `vision_feature_select_strategy`: `default` drops the class
+token (the tower must have one), `full` keeps every token.
 
 Projector (`projector/`): `linear` (one Dense, `linear_1`) or `mlp{N}x_gelu` (N Dense layers
 `linear_1` .. `linear_N` with exact GELU between them; LLaVA-1.5 is mlp2x_gelu), to the LLM's
@@ -53,7 +55,7 @@ import numpy as np
 
 from vlmjax.models import layers
 from vlmjax.models.decoder import Decoder
-from vlmjax.models.two_towers import build_tower
+from vlmjax.models.two_towers import IMAGE_TOWERS, build_tower
 from vlmjax.models.vit import ViT
 
 SELECT_STRATEGIES = ("default", "full")
@@ -106,6 +108,7 @@ class PrefixLM(nn.Module):
     vision: Mapping[str, Any] | ViT
     llm: Mapping[str, Any]
     image_token_id: int
+    vision_arch: str = "vit"
     vision_feature_layer: int | Sequence[int] = -2
     vision_feature_select_strategy: str = "default"
     projector: str = "mlp2x_gelu"
@@ -114,7 +117,7 @@ class PrefixLM(nn.Module):
     dtype: Any = jnp.float32
 
     def __post_init__(self):
-        if isinstance(self.vision, nn.Module):  # a ViT instance: its fields are the config
+        if isinstance(self.vision, nn.Module):  # a tower instance: its fields are the config
             object.__setattr__(self, "vision", _module_fields(self.vision))
         super().__post_init__()
 
@@ -129,6 +132,13 @@ class PrefixLM(nn.Module):
 
     def _vision_kwargs(self) -> dict:
         kwargs = dict(self.vision)
+        if self.vision_arch == "cnn":
+            if kwargs.get("pool", "none") != "none" or kwargs.get("return_layers") is not None:
+                raise ValueError("model.vision: a PrefixLM reads a CNN tower's feature maps; "
+                                 "leave out pool and return_layers")
+            kwargs.pop("pool", None)
+            return {"dtype": self.dtype, **kwargs, "pool": "none",
+                    "return_layers": self.feature_layers}
         if kwargs.get("output_layer") is not None:
             raise ValueError("model.vision.output_layer is set: PrefixLM picks the tower's "
                              "layers with vision_feature_layer")
@@ -139,6 +149,9 @@ class PrefixLM(nn.Module):
         return {"dtype": self.dtype, **dict(self.llm)}
 
     def _check(self):
+        if self.vision_arch not in IMAGE_TOWERS:
+            raise ValueError(f"vision_arch {self.vision_arch!r} is not one of "
+                             f"{sorted(IMAGE_TOWERS)}")
         if self.vision_feature_select_strategy not in SELECT_STRATEGIES:
             raise ValueError(f"vision_feature_select_strategy "
                              f"{self.vision_feature_select_strategy!r} is not one of "
@@ -152,11 +165,12 @@ class PrefixLM(nn.Module):
     def setup(self):
         self._check()
         vision = self._vision_kwargs()
-        build_tower(ViT, vision, "model.vision")  # unknown keys: an error naming the valid ones
-        self.vision_tower = ViT(**vision, name="vision")
+        tower = IMAGE_TOWERS[self.vision_arch]
+        build_tower(tower, vision, "model.vision")  # unknown keys: an error naming the valid ones
+        self.vision_tower = tower(**vision, name="vision")
         has_cls = vision.get("class_token")
         if has_cls is None:
-            has_cls = vision.get("pool", "map") == "cls"
+            has_cls = self.vision_arch == "vit" and vision.get("pool", "map") == "cls"
         if self.vision_feature_select_strategy == "default" and not has_cls:
             raise ValueError("vision_feature_select_strategy 'default' drops the class token, "
                              "and this vision tower has none (class_token / pool='cls'): use "
@@ -176,6 +190,13 @@ class PrefixLM(nn.Module):
                              f"{images.shape}")
         batch, count = images.shape[:2]
         states = self.vision_tower(images.reshape(batch * count, *images.shape[2:]))
+        if self.vision_arch == "cnn":  # feature maps [b, h, w, C] -> tokens [b, h * w, C]
+            grids = {s.shape[1:3] for s in states}
+            if len(grids) > 1:
+                raise ValueError(f"vision_feature_layer {list(self.feature_layers)} picks CNN "
+                                 f"feature maps of different sizes {sorted(grids)}; the "
+                                 "layers concatenated must share one grid")
+            states = [s.reshape(s.shape[0], -1, s.shape[-1]) for s in states]
         if self.vision_feature_select_strategy == "default":
             states = [s[:, 1:] for s in states]
         features = self.mm_projector(jnp.concatenate(states, axis=-1).astype(self._dtype()))

@@ -2,8 +2,8 @@
 
 Implements the task contract of vlmjax/train/tasks/base.py. Config keys it owns
 (`config_keys`; the trainer's are in trainer.TRAINER_KEYS):
-  model        PrefixLM keyword arguments (vlmjax/models/prefix_lm.py): vision (ViT kwargs,
-               e.g. a SigLIP / CLIP config's model.image), llm (Decoder kwargs, e.g. an lm
+  model        PrefixLM keyword arguments (vlmjax/models/prefix_lm.py): vision_arch ('vit' |
+               'cnn'), vision (its tower's kwargs, e.g. a SigLIP / CLIP config's model.image), llm (Decoder kwargs, e.g. an lm
                config's model, without dtype), image_token_id, vision_feature_layer,
                vision_feature_select_strategy, projector, projector_bias, prefix_attention; and
                `dtype` ('float32' | 'bfloat16': the compute dtype of every part; params stay
@@ -37,12 +37,11 @@ from vlmjax.config import ConfigError, check_keys
 from vlmjax.losses import lm as lm_loss
 from vlmjax.models.decoder import output_kernel
 from vlmjax.models.prefix_lm import PrefixLM
-from vlmjax.models.two_towers import build_tower
-from vlmjax.models.vit import ViT
+from vlmjax.models.two_towers import IMAGE_TOWERS, build_tower
 from vlmjax.train.tasks import lm as lm_task
 from vlmjax.train.tasks.base import TaskDefaults, with_compute_dtype
 
-PREFIX_FIELDS = ("image_token_id", "vision_feature_layer", "vision_feature_select_strategy",
+PREFIX_FIELDS = ("image_token_id", "vision_arch", "vision_feature_layer", "vision_feature_select_strategy",
                  "projector", "projector_bias", "prefix_attention")
 MODEL_KEYS = ("vision", "llm", *PREFIX_FIELDS, "dtype")
 TRAINABLE = {1: r"^projector/", 2: r"^(projector|llm)/"}
@@ -66,12 +65,24 @@ def model_kwargs(model_config) -> dict:
         if "dtype" in sub:
             raise ConfigError(f"model.{part}.dtype: the compute dtype of every part is "
                               "model.dtype; leave it out")
+    arch = kwargs.get("vision_arch", "vit")
+    if arch not in IMAGE_TOWERS:
+        raise ConfigError(f"config.model.vision_arch {arch!r} is not one of "
+                          f"{sorted(IMAGE_TOWERS)}")
     try:
-        build_tower(ViT, vision, "model.vision")
+        build_tower(IMAGE_TOWERS[arch], vision, "model.vision")
     except ValueError as error:
         raise ConfigError(str(error)) from None
     lm_task.model_kwargs(llm)  # Decoder keys: unknown / missing ones are ConfigErrors
     return {**kwargs, "vision": vision, "llm": llm}
+
+
+def num_image_tokens(model: PrefixLM, image_size: int) -> int:
+    """Visual tokens per image (after the select strategy), from shapes alone."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    features = jax.eval_shape(lambda x: model.init_with_output(
+        jax.random.PRNGKey(0), x, method=PrefixLM.image_features)[0], images)
+    return int(features.shape[1])
 
 
 def init_prefix(model: PrefixLM) -> dict:
@@ -125,14 +136,10 @@ class LlavaTask(TaskDefaults):
         registry.check_evals(config.get("evals"), config.data, types=EVAL_TYPES)
 
     def _num_image_tokens(self) -> int:
-        """Visual tokens per image (after the select strategy), from shapes alone."""
-        images = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 3), jnp.float32)
         try:
-            features = jax.eval_shape(lambda x: self.model.init_with_output(
-                jax.random.PRNGKey(0), x, method=PrefixLM.image_features)[0], images)
+            return num_image_tokens(self.model, self.image_size)
         except ValueError as error:  # the PrefixLM's own checks (strategy, layers, ...)
             raise ConfigError(f"config.model: {error}") from None
-        return int(features.shape[1])
 
     # ------------------------------------------------------------------------------ model/loss
     def init_params(self, rng):

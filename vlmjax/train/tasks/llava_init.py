@@ -37,8 +37,7 @@ from vlmjax.config import ConfigError
 from vlmjax.convert import model_init as model_init_lib
 from vlmjax.models import scan_layout
 from vlmjax.models.prefix_lm import PrefixLM
-from vlmjax.models.two_towers import with_defaults
-from vlmjax.models.vit import ViT
+from vlmjax.models.two_towers import IMAGE_TOWERS, with_defaults
 from vlmjax.train.tasks import lm as lm_task
 from vlmjax.train.tasks.base import raise_architecture_diffs
 
@@ -117,11 +116,12 @@ def source_info(src: str, where: str) -> SourceInfo:
 
 
 # ---------------------------------------------------------------------------- architecture
-def _vision_fields(vision) -> dict:
-    full = with_defaults(ViT, _plain(vision))
+def _vision_fields(vision, arch: str) -> dict:
+    full = with_defaults(IMAGE_TOWERS[arch], _plain(vision))
     fields = {k: v for k, v in full.items() if k not in VISION_NOT_ARCHITECTURE}
-    class_token = full["class_token"]
-    fields["class_token"] = full["pool"] == "cls" if class_token is None else bool(class_token)
+    if arch == "vit":
+        class_token = full["class_token"]
+        fields["class_token"] = full["pool"] == "cls" if class_token is None else bool(class_token)
     return fields
 
 
@@ -162,11 +162,16 @@ def check_source(entry, info: SourceInfo, model_config, image_size: int) -> None
     theirs = info.model
     diffs = []
     if "vision" in parts:
-        if info.holds == "two_towers" and theirs.get("image_arch", "vit") != "vit":
-            raise ConfigError(f"{entry.name}: {src} has a {theirs.get('image_arch')!r} image "
-                              "tower; a PrefixLM's vision tower is a ViT")
+        arch = ours.get("vision_arch", "vit")
+        their_arch = (theirs.get("image_arch", "vit") if info.holds == "two_towers" else
+                      theirs.get("vision_arch", "vit"))
+        if their_arch != arch:
+            raise ConfigError(f"{entry.name}: {src} has a {their_arch!r} image tower, and "
+                              f"config.model.vision_arch is {arch!r}; set it to {their_arch!r} "
+                              "with that tower's fields")
         vision = theirs["image"] if info.holds == "two_towers" else theirs["vision"]
-        diffs += _diffs("model.vision", _vision_fields(ours["vision"]), _vision_fields(vision))
+        diffs += _diffs("model.vision", _vision_fields(ours["vision"], arch),
+                        _vision_fields(vision, arch))
         if info.image_size is not None and list(info.image_size) != [image_size] * 2:
             diffs.append(f"input.image_size: config {image_size}, pretrained "
                          f"{info.image_size} (a LLaVA source's vision tower is not resized)")
@@ -184,10 +189,15 @@ def check_source(entry, info: SourceInfo, model_config, image_size: int) -> None
 def _built_vision(tower: dict, model_config) -> dict:
     """An image tower's params without what a PrefixLM does not build (unrolled layout)."""
     model = _plain(model_config)
-    depth = int(with_defaults(ViT, _plain(model["vision"]))["depth"])
+    arch = model.get("vision_arch", "vit")
+    vision = with_defaults(IMAGE_TOWERS[arch], _plain(model["vision"]))
+    depth = int(vision["depth"]) if arch == "vit" else len(vision["channels"])
     layers = model.get("vision_feature_layer", -2)
     layers = [layers] if isinstance(layers, int) else list(layers)
     blocks = max(layer % (depth + 1) for layer in layers)
+    if arch == "cnn":  # stages conv0 .. conv{depth-1}; those after the deepest read are unbuilt
+        return {k: v for k, v in tower.items() if not (k.startswith("conv") and
+                                                       int(k[4:]) >= blocks)}
     tower = {k: v for k, v in scan_layout.to_unrolled(tower).items() if k not in UNBUILT_VISION}
     if blocks == 0:
         tower.pop("encoder", None)
@@ -198,7 +208,7 @@ def _built_vision(tower: dict, model_config) -> dict:
     return tower
 
 
-def _restore_llava_workdir(src: str, info: SourceInfo) -> dict:
+def restore_llava_workdir(src: str, info: SourceInfo) -> dict:
     """The params of a llava workdir, in the layout its own config built."""
     from vlmjax.convert.workdir import trainer_checkpoint
     from vlmjax.train.checkpoint import restore_params
@@ -221,7 +231,7 @@ def _load(src: str, info: SourceInfo, model_config, image_size: int, shardings) 
     from vlmjax.convert import load_pretrained
     if info.holds == "llava":
         if info.kind == "trainer":
-            return _restore_llava_workdir(src, info)
+            return restore_llava_workdir(src, info)
         # HF LLaVA streams straight into the shardings (its vision tower unrolled).
         direct = isinstance(shardings, Mapping) and not scan_layout.is_scanned(shardings["vision"])
         return dict(load_pretrained(src, shardings=shardings if direct else None)[1])
