@@ -13,6 +13,15 @@ tokenizer file for a source that has none. Generation stops at the tokenizer's E
 model config's / generation_config.json's EOS ids). Greedy and sampling print the text every
 `--chunk` tokens; beam search prints it at the end. Only the generated text is printed
 (stdout), followed by a newline.
+
+A `llava` workdir (or WORKDIR/checkpoints/<step>) answers about an image:
+
+  python -m vlmjax.generate --model WORKDIR --image PATH --prompt "What colour is the circle?"
+
+The image (any format PIL reads) is resized and normalised as in the run's evaluations, the
+prompt is the question as one user turn of the run's chat template (`--template` to change it)
+with the image at its start, and the answer is greedy (or sampled) until the template's end of
+turn. Without `--image` the question is asked with no image.
 """
 from __future__ import annotations
 
@@ -50,7 +59,62 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--add_bos", action=argparse.BooleanOptionalAction, default=None,
                    help="start the prompt with BOS (default: as the model's tokenizer config)")
     p.add_argument("--chunk", type=int, default=4, help="tokens per streamed print")
+    p.add_argument("--image", default=None, help="LLaVA workdirs: the image asked about")
+    p.add_argument("--template", default=None,
+                   help="LLaVA workdirs: chat template (default: the run's input.template)")
     return p
+
+
+def load_image(path: str, model_config: dict) -> np.ndarray:
+    """float32 [S, S, 3]: the image at `path` as the run's evaluations prepare an image."""
+    from PIL import Image
+
+    from vlmjax.data import preprocess
+    from vlmjax.data.tf_cpu import tf
+    from vlmjax.evals.data import eval_preprocess
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--image {path} does not exist")
+    try:
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+    except OSError as error:
+        raise ValueError(f"--image {path} is not an image PIL can read: {error}") from None
+    prepare = preprocess.make_preprocess_fn(eval_preprocess(model_config["preprocess"]),
+                                            int(model_config["image_size"][0]))
+    example = prepare({"image": tf.constant(rgb), "texts": tf.constant([""]),
+                       "_seed": tf.zeros([2], tf.int64)})
+    return np.asarray(example["image"], np.float32)
+
+
+def answer_about_image(args: argparse.Namespace, model, params, model_config, out=None) -> str:
+    """A llava workdir's answer to `args.prompt` about `args.image` (None: no image)."""
+    import ml_collections
+
+    from vlmjax.data import pipeline_config
+    from vlmjax.evals.generation import ImageQuestionAnswerer
+
+    if args.strategy == "beam":
+        raise ValueError("--strategy beam is not supported with a LLaVA model; use greedy or "
+                         "sample")
+    tokenizer_path = args.tokenizer or model_config["tokenizer"]
+    tokenizer = pipeline_config.resolve_tokenizer(ml_collections.ConfigDict(dict(
+        tokenizer=tokenizer_path, special_tokens=[*model_config["special_tokens"],
+                                                  model_config["image_token"]])), [])
+    answerer = ImageQuestionAnswerer(model, tokenizer, args.template or model_config["template"],
+                                     model_config["num_image_tokens"],
+                                     max_new_tokens=args.max_new_tokens,
+                                     image_token=model_config["image_token"])
+    images = None if args.image is None else load_image(args.image, model_config)[None]
+    if args.strategy == "greedy":
+        text = answerer.answer(params, images, [args.prompt])[0]
+    else:
+        text = answerer.answer(params, images, [args.prompt], strategy="sample",
+                               temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, seed=args.seed)[0]
+    out = out or sys.stdout
+    out.write(text + "\n")
+    out.flush()
+    return text
 
 
 def load_tokenizer(src: str, path: str | None):
@@ -118,6 +182,11 @@ def run(args: argparse.Namespace, out=None):
     from vlmjax.inference import generate, generate_stream
 
     model, params, model_config = load_pretrained(args.model)
+    if "num_image_tokens" in model_config:  # a llava workdir
+        return answer_about_image(args, model, params, model_config, out), None
+    if args.image is not None:
+        raise ValueError(f"--image: {args.model} is not a `llava` workdir; only those answer "
+                         "about an image here")
     if not hasattr(model, "init_cache"):
         raise ValueError(f"{args.model} holds a {type(model).__name__}, which does not generate "
                          "text; expected a decoder LM (HF Llama / Qwen2, or an `lm` workdir)")

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.convert import decoder_pretrained as decoder_lib
-from vlmjax.convert import hf_io, hf_llava, params as params_lib, posemb, tokenizer as tok
+from vlmjax.convert import hf_io, hf_llava, llava_workdir, params as params_lib, posemb
+from vlmjax.convert import tokenizer as tok
 from vlmjax.convert.big_vision import load_big_vision
 from vlmjax.convert.hf import load_hf, model_config_from_hf
 from vlmjax.convert.params import FORMAT, PARAMS_DIR, Pretrained
@@ -166,7 +167,9 @@ def load_pretrained(src: str, *, image_size: Sequence[int] | None = None,
     layers.
 
     HF LLaVA (LlavaForConditionalGeneration): `model` is a `PrefixLM`, `model_config` its
-    arguments plus image size / mean / std and the LLM's special ids (convert.hf_llava).
+    arguments plus image size / mean / std and the LLM's special ids (convert.hf_llava). A
+    `llava` workdir: a `PrefixLM` too, with the run's image size, tokenizer and chat template
+    (convert.llava_workdir).
 
     `model` is a `TwoTowers` (compute `dtype`); `params` are float32 jax arrays placed by
     `shardings` (a pytree of shardings matching the params, or one sharding for all) when given;
@@ -182,6 +185,10 @@ def load_pretrained(src: str, *, image_size: Sequence[int] | None = None,
         if image_size is not None:
             raise ValueError(f"{src} is a decoder LM: image_size does not apply")
         return decoder_lib.load_decoder(src, kind, shardings, dtype, scan_layers)
+    if kind == "trainer" and llava_workdir.is_llava_workdir(src):
+        if image_size is not None:
+            raise ValueError(f"{src} is a LLaVA run: image_size does not apply")
+        return llava_workdir.load_llava_workdir(src, shardings, dtype)
     if kind == "converted":
         stored_size = hf_io.read_json(os.path.join(src, "config.json"))["image"]["size"]
         if image_size is None or list(image_size) == stored_size:

@@ -75,11 +75,13 @@ class ImageQuestionAnswerer:
             num_image_tokens=self.num_image_tokens, num_images=1 if with_images else 0)
 
     def answer(self, params, images, questions: Sequence[str],
-               max_new_tokens: int | None = None) -> list[str]:
+               max_new_tokens: int | None = None, strategy: str = "greedy", seed: int = 0,
+               **sampling) -> list[str]:
         """The answer text to each question, about the image of the same row.
 
         images: float32 [B, H, W, 3], preprocessed as the model's training input, or None (no
-        image). questions: B strings."""
+        image). questions: B strings. strategy 'sample' takes generate's temperature, top_k and
+        top_p (`sampling`) and `seed`."""
         questions = list(questions)
         if images is not None and len(images) != len(questions):
             raise ValueError(f"{len(images)} images for {len(questions)} questions; give one "
@@ -94,10 +96,12 @@ class ImageQuestionAnswerer:
         for start in range(0, len(questions), self.batch_size):
             chunk = slice(start, start + self.batch_size)
             answers += self._generate(params, None if images is None else images[chunk],
-                                      prompts[chunk], new_tokens)
+                                      prompts[chunk], new_tokens, strategy=strategy,
+                                      rng=jax.random.key(seed + start), **sampling)
         return answers
 
-    def _generate(self, params, images, prompts: list[list[int]], new_tokens: int) -> list[str]:
+    def _generate(self, params, images, prompts: list[list[int]], new_tokens: int,
+                  **options) -> list[str]:
         real, rows = len(prompts), self.batch_size
         prompts = prompts + [prompts[0]] * (rows - real)  # padding rows: copies of the first
         length = max(len(p) for p in prompts)
@@ -111,7 +115,7 @@ class ImageQuestionAnswerer:
             images = np.concatenate([images, np.repeat(images[:1], rows - real, axis=0)])
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             out = generate(self.model, params, tokens, images=images, prompt_mask=mask,
-                           max_new_tokens=new_tokens, strategy="greedy",
+                           max_new_tokens=new_tokens, **options,
                            eos_id=self.eos_ids or None, pad_id=self.pad_id)
         new, lengths = jax.device_get((out.tokens, out.lengths))
         return [self.decode(new[row, :int(lengths[row])]) for row in range(real)]
