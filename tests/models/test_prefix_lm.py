@@ -130,6 +130,38 @@ def test_feature_layers_and_select_strategy_pick_the_vits_states(layer, strategy
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("layer", [-1, -2, [-3, 1]])
+def test_cnn_tower_tokens_are_its_feature_maps_row_major(layer):
+    """vision_arch='cnn': the ConvNet's stage outputs (the tower itself, pool 'none', cut after
+    that stage) flattened row-major are the visual tokens; later stages are not built."""
+    from vlmjax.models.convnet import ConvNet
+    channels = (4, 6, 8)  # 16 px: 8 -> 4 -> 2 -> 1 grid
+    model = make(vision=dict(channels=channels, patch_size=2), vision_arch="cnn",
+                 vision_feature_layer=layer, vision_feature_select_strategy="full",
+                 projector="linear")
+    layers = [layer] if isinstance(layer, int) else layer
+    stage = max(i % 4 for i in layers)
+    images = images_of(2, seed=5)
+    count = (SIZE // 2 // 2 ** stage) ** 2
+    params = random_params(model, with_images(text_tokens(2, count + 2), [0, 1], count=count),
+                           images=images, seed=6)
+    assert set(params["vision"]) == {f"conv{i}" for i in range(stage)}
+    got = model.apply({"params": params}, images, method=model.image_features)
+    maps = ConvNet(channels=channels[:stage], pool="none").apply(
+        {"params": params["vision"]}, images)
+    tokens = maps.reshape(2, count, channels[stage - 1])
+    expected = dense(params["projector"]["linear_1"],
+                     jnp.concatenate([tokens] * len(layers), axis=-1))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_cnn_feature_layers_of_different_grids_are_an_error():
+    model = make(vision=dict(channels=(4, 6), patch_size=2), vision_arch="cnn",
+                 vision_feature_layer=[-1, -2], vision_feature_select_strategy="full")
+    with pytest.raises(ValueError, match=r"feature maps of different sizes"):
+        param_shapes(model, with_images(text_tokens(1, 20), [0], count=16), images=images_of(1))
+
+
 def test_vit_return_layers_equal_output_layer_unrolled_and_scanned():
     images = images_of(2, seed=4)
     vit = ViT(**{**VISION, "return_layers": (-1, 0, 2, -3)})

@@ -2,6 +2,7 @@
 lm workdir's LLM trains the projector alone (the rest bit-identical, no optimiser state for it);
 stage 2 from the stage-1 workdir trains the projector and the LLM; the loss falls on a fixed
 batch; model_init and config mistakes are ConfigErrors naming the field."""
+import io
 import json
 import os
 
@@ -12,7 +13,10 @@ import numpy as np
 import optax
 import pytest
 
-from vlmjax import config as config_lib, sharding
+from vlmjax import config as config_lib, generate as generate_cli, sharding
+from vlmjax.convert import load_pretrained
+from vlmjax.data import pipeline_config
+from vlmjax.evals.generation import ImageQuestionAnswerer
 from vlmjax.config import ConfigError
 from vlmjax.data import export, shapes
 from vlmjax.train import checkpoint, optim, step as step_lib, trainer
@@ -123,6 +127,26 @@ def test_stage1_trains_the_projector_alone_then_stage2_the_llm(llava_dirs, part_
     records = [json.loads(line) for line in open(tmp_path / "stage2" / "metrics.jsonl")]
     assert {"train/perplexity", "train/num_tokens", "perf/num_tokens_per_s",
             "train/data/skipped/truncated_conversation"} <= set(records[-1])
+
+    # The stage-2 workdir as a pretrained model, and `python -m vlmjax.generate --image` on it:
+    # the answer the evaluators' answerer gives with the run's tokenizer and template.
+    model, loaded, model_config = load_pretrained(str(tmp_path / "stage2"))
+    assert_same(loaded, second.state.params)
+    assert model_config["num_image_tokens"] == 64 and model_config["template"] == "chatml"
+    image = os.path.join(llava_dirs[1], "images", sorted(os.listdir(
+        os.path.join(llava_dirs[1], "images")))[0])
+    question = "What colour is the circle?"
+    args = generate_cli.parser().parse_args(["--model", str(tmp_path / "stage2"), "--image",
+                                             image, "--prompt", question,
+                                             "--max_new_tokens", "5"])
+    printed = io.StringIO()
+    text, _ = generate_cli.run(args, out=printed)
+    task = get_task("llava")(config, sharding.make_mesh({"data": -1}))
+    answerer = ImageQuestionAnswerer(task.model, pipeline_config.resolve_tokenizer(
+        task.eval_input(), []), "chatml", 64, max_new_tokens=5)
+    expected = answerer.answer(second.state.params,
+                               generate_cli.load_image(image, model_config)[None], [question])
+    assert printed.getvalue() == text + "\n" and text == expected[0]
 
 
 def test_loss_falls_on_a_fixed_batch_and_counts_answer_tokens(llava_dirs):
