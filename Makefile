@@ -8,7 +8,9 @@ DATA_DIR ?= $(CURDIR)/data_dir
 WORKDIR ?= $(CURDIR)/workdir/siglip_tiny
 DEMO_CONFIG ?= configs/siglip/tiny.py
 
-.PHONY: demo test test-fast install bench-loss-memory clean-demo
+LLAVA_WORKDIR ?= $(CURDIR)/workdir/llava_tiny
+
+.PHONY: demo demo-llava test test-fast install bench-loss-memory clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +26,12 @@ demo: $(VENV)/.installed
 	$(PY) -m vlmjax.train --config $(DEMO_CONFIG) --workdir $(WORKDIR) \
 		--config.data.data_dir=$(DATA_DIR)
 	$(PY) -m vlmjax.plot $(WORKDIR) > /dev/null && echo "curves: $(WORKDIR)/plots"
+
+# The tiny LLaVA chain (SigLIP tiny -> LM tiny -> stage 1 -> stage 2), reusing complete runs;
+# WORKDIR= names the chain's directory (one subdirectory per run).
+demo-llava: $(VENV)/.installed
+	$(PY) -m vlmjax.demos.llava --data_dir $(DATA_DIR) \
+		--workdir $(if $(filter command line,$(origin WORKDIR)),$(WORKDIR),$(LLAVA_WORKDIR))
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests

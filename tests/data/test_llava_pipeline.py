@@ -11,6 +11,7 @@ from vlmjax.data import export, llava_pipeline, shapes, tokenizers
 
 T = 4  # image tokens per image (the pipeline takes the model's count as given)
 IM_END = "<|im_end|>"
+IMAGE_ID = 4  # <image> in tokenizers.VLM_SHAPES_LM_TOKENS
 
 
 def long_answer() -> str:
@@ -110,16 +111,19 @@ def test_eval_rows_train_on_the_answers_only_and_count_what_they_skip(llava_file
         "missing_image_file": 1}
 
 
-def test_resumed_training_stream_equals_the_uninterrupted_one(llava_files):
+@pytest.mark.parametrize("pack", [False, True])
+def test_resumed_training_stream_equals_the_uninterrupted_one(llava_files, pack):
     """Shuffled, over epochs and the skipped samples: batches after a saved state are those
-    that would have come, and the skip counts agree."""
-    with make(llava_files, training=True) as data:
+    that would have come, and the skip counts agree (packed too: a batch can end with a
+    sample that did not fit, which then opens the next one)."""
+    packing = dict(pack=True, max_len=400, images_per_row=2) if pack else {}
+    with make(llava_files, training=True, **packing) as data:
         full = [next(data) for _ in range(6)]
         full_counts = data.skip_counts
-    with make(llava_files, training=True) as data:
+    with make(llava_files, training=True, **packing) as data:
         first = [next(data) for _ in range(2)]
         state = json.loads(json.dumps(data.get_state()))
-    with make(llava_files, training=True, state=state) as data:
+    with make(llava_files, training=True, state=state, **packing) as data:
         rest = [next(data) for _ in range(4)]
         rest_counts = data.skip_counts
     for a, b in zip(full, first + rest):
@@ -127,6 +131,47 @@ def test_resumed_training_stream_equals_the_uninterrupted_one(llava_files):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
     assert rest_counts == full_counts and full_counts["no_targets"] >= 1  # past an epoch
+
+
+def segments(batch):
+    """(tokens, targets, loss_mask, image or None) of every sample of a batch, in order."""
+    out = []
+    for row in range(len(batch["tokens"])):
+        ids = batch["segment_ids"][row]
+        slot = 0
+        for segment in range(1, int(ids.max()) + 1):
+            where = ids == segment
+            has_image = bool((batch["tokens"][row][where] == IMAGE_ID).any())
+            image = None
+            if has_image:
+                image = batch["image"][row, slot] if batch["image"].ndim == 5 else (
+                    batch["image"][row])
+                slot += 1
+            out.append((batch["tokens"][row][where], batch["targets"][row][where],
+                        batch["loss_mask"][row][where], image))
+    return out
+
+
+def test_packed_rows_hold_the_unpacked_samples_in_order(llava_files):
+    with make(llava_files, training=True, max_len=400) as data:
+        unpacked = [s for _ in range(8) for s in segments(next(data))]
+    with make(llava_files, training=True, pack=True, max_len=400, images_per_row=2) as data:
+        batches = [next(data) for _ in range(2)]
+    assert batches[0]["image"].shape == (4, 2, 32, 32, 3)
+    packed = [s for b in batches for s in segments(b)]
+    per_row = [int(b["segment_ids"][r].max()) for b in batches for r in range(4)]
+    assert max(per_row) >= 2 and len(packed) > 8  # more samples than rows
+    for (tokens, targets, mask, image), want in zip(packed, unpacked, strict=False):
+        np.testing.assert_array_equal(tokens, want[0])
+        np.testing.assert_array_equal(targets, want[1])
+        np.testing.assert_array_equal(mask, want[2])
+        assert (image is None) == (want[3] is None)
+        if image is not None:
+            np.testing.assert_array_equal(image, want[3])
+    for batch in batches:  # within each row: at most images_per_row images, pads after
+        images = (batch["tokens"] == IMAGE_ID).sum(axis=1) // T
+        assert (images <= 2).all()
+        assert not np.abs(batch["image"][images == 1][:, 1]).any()
 
 
 @pytest.mark.parametrize("overrides, kwargs, message", [
@@ -139,6 +184,8 @@ def test_resumed_training_stream_equals_the_uninterrupted_one(llava_files):
     (dict(max_len=4), {}, r"input.max_len=4 leaves no room"),
     (dict(tokenizer="vlm_shapes"), {}, r"give the LLM's tokenizer file"),
     (dict(max_length=9), {}, r"unknown key\(s\) \['max_length'\]"),
+    (dict(pack="yes"), {}, r"input.pack: 'yes' must be True or False"),
+    (dict(images_per_row=-1), {}, r"input.images_per_row: -1 must be an integer >= 0"),
 ])
 def test_bad_settings_are_errors_before_any_record_is_read(llava_files, overrides, kwargs,
                                                            message):

@@ -178,6 +178,30 @@ def test_loss_falls_on_a_fixed_batch_and_counts_answer_tokens(llava_dirs):
     assert_same(state.params["vision"], params["vision"])
 
 
+def test_packed_batch_has_the_loss_of_its_samples_unpacked(llava_dirs):
+    """The loss (mean over answer tokens) and answer tokens of a packed batch are those of the
+    same samples one per row (positions restart, attention stays inside each sample, images in slot order)."""
+    config = llava_config(llava_dirs, 2)
+    config.input.update(max_len=384)
+    mesh = sharding.make_mesh({"data": -1})
+    task = get_task("llava")(config, mesh)
+    with task.train_input(None, 0, 1) as data:
+        unpacked = [next(data) for _ in range(4)]
+    config.input.update(pack=True, images_per_row=3)
+    packed_task = get_task("llava")(config, mesh)
+    with packed_task.train_input(None, 0, 1) as data:
+        packed = next(data)
+    samples = int(sum(packed["segment_ids"][r].max() for r in range(len(packed["tokens"]))))
+    assert samples > len(packed["tokens"]) and packed["image"].ndim == 5
+    rows = {k: np.concatenate([b[k] for b in unpacked])[:samples] for k in unpacked[0]}
+    params = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)))(jax.random.PRNGKey(3))
+    sums = jax.jit(lambda p, b: task.token_sums(p, b)[1])
+    want, got = sums(params, rows), sums(params, packed)
+    assert float(got["num_tokens"]) == float(want["num_tokens"]) > 0
+    np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(got["accuracy"]), float(want["accuracy"]), rtol=1e-5)
+
+
 @pytest.mark.parametrize("model_init, edit, message", [
     ({"vision": "llm"}, None, r"model_init.vision: .* a decoder LM, which holds \['llm'\], "
                               r"not the vision"),
@@ -210,6 +234,8 @@ def test_model_init_mismatches_are_config_errors(llava_dirs, part_workdirs, mode
     (lambda c: c.update(model_init={"vision": {"source": "/x", "prefix": "image_tower"}}),
      r"model_init.vision: 'prefix' is not used"),
     (lambda c: c.input.update(max_len=16), r"input.max_len=16 leaves no room"),
+    (lambda c: (c.input.update(pack=True), c.model.update(prefix_attention="full")),
+     r"input.pack=True with model.prefix_attention='full'"),
 ])
 def test_config_mistakes_are_errors_before_anything_runs(llava_dirs, edit, message):
     config = llava_config(llava_dirs, 1)

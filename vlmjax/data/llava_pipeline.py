@@ -49,8 +49,18 @@ optional ones, no other):
   shuffle_buffer, seed, prefetch_batches   as the image-text pipeline's
   image_token        optional, default "<image>": the image marker of the data and its token
   crop_area_min      optional, default 0.05: for inception_crop
-Not supported: grouping samples of similar length into batches (LLaVA's group_by_modality_length);
-rows are padded to max_len.
+  pack               optional, default False: training rows hold several samples (below)
+  images_per_row     optional, with pack: the images a packed row holds (0, the default:
+                     max_len // (image tokens + 32))
+
+Packing (input.pack, training only): samples are placed one after another in a row, each its own
+segment (segment_ids 1, 2, ... within the row: attention stays inside a sample and positions
+restart at 0), until the next sample's tokens or its image would not fit; then the next row
+starts, and after the last row of the batch the sample that did not fit opens the next batch (so
+a batch still ends after a record, and resume is exact). `image` is then float32
+[B, images_per_row, S, S, 3]: a row's images in the order of its samples (zeros after them),
+which is the order the model gives image tokens their visual tokens. The loss is the same token
+mean as unpacked (every answer token counts once); only fewer pad tokens are computed.
 """
 from __future__ import annotations
 
@@ -69,7 +79,9 @@ LLAVA_INPUT_DEFAULTS = dict(
     global_batch_size=32, image_size=64, preprocess="resize|value_range", max_len=256,
     template="vicuna_v1", tokenizer="", special_tokens=(), shuffle_buffer=10_000, seed=0,
     prefetch_batches=2)
-OPTIONAL_INPUT = {"image_token": "<image>", "crop_area_min": 0.05}
+OPTIONAL_INPUT = {"image_token": "<image>", "crop_area_min": 0.05, "pack": False,
+                  "images_per_row": 0}
+PACK_TEXT_TOKENS = 32  # images_per_row 0: max_len // (image tokens + this) images a row
 CONVERSATION_OP = "llava_conversation"
 TEXT_ONLY_LABEL = -2  # the label of a text-only record (LLaVA JSON has no labels: -1)
 _REASONS = {conversations.TRUNCATED: "truncated_conversation", "no_targets": "no_targets",
@@ -93,9 +105,13 @@ def validate_llava_input(config, where: str = "input") -> None:
         raise ValueError(f"{where}: missing key(s) {missing} (start from "
                          "llava_pipeline.default_llava_input_config())")
     for key, minimum in (("global_batch_size", 1), ("image_size", 1), ("max_len", 2),
-                         ("shuffle_buffer", 1), ("prefetch_batches", 0), ("seed", 0)):
-        if type(config[key]) is not int or config[key] < minimum:
-            raise ValueError(f"{where}.{key}: {config[key]!r} must be an integer >= {minimum}")
+                         ("shuffle_buffer", 1), ("prefetch_batches", 0), ("seed", 0),
+                         ("images_per_row", 0)):
+        value = config.get(key, OPTIONAL_INPUT.get(key))
+        if type(value) is not int or value < minimum:
+            raise ValueError(f"{where}.{key}: {value!r} must be an integer >= {minimum}")
+    if not isinstance(config.get("pack", False), bool):
+        raise ValueError(f"{where}.pack: {config.get('pack')!r} must be True or False")
     if config.template not in conversations.TEMPLATES:
         raise ValueError(f"{where}.template: {config.template!r} is not one of "
                          f"{sorted(conversations.TEMPLATES)}")
@@ -212,6 +228,10 @@ class LlavaPipeline(pipeline.InputPipeline):
             self.op_context._tokenizer = tokenizer
         self._check_tokenizer(image_token_id, vocab_size)
         self.image_shape = (int(input_config.image_size),) * 2 + (3,)
+        self.pack = bool(input_config.get("pack", False)) and training
+        self.images_per_row = int(input_config.get("images_per_row", 0)) or max(
+            1, self.max_len // (self.num_image_tokens + PACK_TEXT_TOKENS))
+        self._offset = self._row_images = self._row_samples = 0  # of the row being packed
         self._batch, self._filled = self._new_batch(), 0
         self._batch_counts = np.zeros(skips.NUM_REASONS, np.int64)  # of the batch being filled
         self._row_counts = np.zeros(skips.NUM_REASONS, np.int64)    # of the batches made
@@ -260,13 +280,17 @@ class LlavaPipeline(pipeline.InputPipeline):
                 "targets": np.full((rows, length), pad, np.int32),
                 "loss_mask": np.zeros((rows, length), bool),
                 "segment_ids": np.zeros((rows, length), np.int32),
-                "image": np.zeros((rows, *self.image_shape), np.float32)}
+                "image": np.zeros((rows, *((self.images_per_row,) if self.pack else ()),
+                                   *self.image_shape), np.float32)}
 
     def _read_chunk(self) -> None:
         try:
             chunk = self._next_raw()
         except StopIteration:
             self._ended = True
+            if self._row_samples:  # packing: the row being filled holds samples
+                self._filled += 1
+                self._offset = self._row_images = self._row_samples = 0
             if self._filled:
                 self._finish_batch(None, self._last_skips)
             return
@@ -285,6 +309,8 @@ class LlavaPipeline(pipeline.InputPipeline):
                             chunk["image"][row])
 
     def _place(self, index: int, record_skips: np.ndarray, sample, image: np.ndarray) -> None:
+        if self.pack and not sample.skipped:
+            self._make_room(index, record_skips, sample)
         for reason in sample.reasons:
             self._batch_counts[skips.reason_id(_REASONS[reason])] += 1
         if sample.skipped:
@@ -294,6 +320,9 @@ class LlavaPipeline(pipeline.InputPipeline):
                                  f"{self._describe_sources()}; skip counts: {self._counts_now()}")
             return
         self._skipped_in_a_row = 0
+        if self.pack:
+            self._pack(sample, image)
+            return
         row = self._filled
         self._batch["tokens"][row] = sample.tokens
         self._batch["targets"][row] = sample.targets
@@ -304,6 +333,32 @@ class LlavaPipeline(pipeline.InputPipeline):
         self._filled += 1
         if self._filled == self.local_batch_size:
             self._finish_batch(index + 1, record_skips)
+
+    def _make_room(self, index: int, record_skips: np.ndarray, sample) -> None:
+        """Packing: start a new row when `sample` does not fit the current one, and a new
+        batch, at this record, after the last row (`record_skips`, the counts up to this kept
+        record, are those before it: a kept record adds none)."""
+        fits = (self._offset + sample.length <= self.max_len
+                and self._row_images + sample.num_images <= self.images_per_row)
+        if fits or not self._row_samples:
+            return
+        self._filled += 1
+        self._offset = self._row_images = self._row_samples = 0
+        if self._filled == self.local_batch_size:  # this record opens the next batch
+            self._finish_batch(index, record_skips)
+
+    def _pack(self, sample, image: np.ndarray) -> None:
+        row, start, length = self._filled, self._offset, sample.length
+        span = slice(start, start + length)
+        self._row_samples += 1
+        self._batch["tokens"][row, span] = sample.tokens[:length]
+        self._batch["targets"][row, span] = sample.targets[:length]
+        self._batch["loss_mask"][row, span] = sample.loss_mask[:length]
+        self._batch["segment_ids"][row, span] = self._row_samples
+        if sample.num_images:
+            self._batch["image"][row, self._row_images] = image
+            self._row_images += 1
+        self._offset += length
 
     def _records_per_pass(self) -> int:
         if not hasattr(self, "_pass_records"):

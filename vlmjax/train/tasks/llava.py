@@ -124,6 +124,10 @@ class LlavaTask(TaskDefaults):
             llava_pipeline.validate_llava_data(config.data)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        if config.input.get("pack") and self.kwargs.get("prefix_attention") == "full":
+            raise ConfigError("input.pack=True with model.prefix_attention='full': a packed row "
+                              "holds several prefixes, and the prefix mask is one per row; "
+                              "pack with 'causal' or leave pack off")
         self.image_size = int(config.input.image_size)
         self.num_image_tokens = self._num_image_tokens()
         if self.num_image_tokens >= int(config.input.max_len):
