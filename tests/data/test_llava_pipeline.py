@@ -184,7 +184,6 @@ def test_packed_rows_hold_the_unpacked_samples_in_order(llava_files):
     (dict(max_len=4), {}, r"input.max_len=4 leaves no room"),
     (dict(tokenizer="vlm_shapes"), {}, r"give the LLM's tokenizer file"),
     (dict(max_length=9), {}, r"unknown key\(s\) \['max_length'\]"),
-    (dict(pack="yes"), {}, r"input.pack: 'yes' must be True or False"),
     (dict(images_per_row=-1), {}, r"input.images_per_row: -1 must be an integer >= 0"),
 ])
 def test_bad_settings_are_errors_before_any_record_is_read(llava_files, overrides, kwargs,
