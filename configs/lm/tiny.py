@@ -26,7 +26,8 @@ included: 760 s and 740 s (the lr 1e-3 and 1e-2 runs, beside other engineers' jo
 reaches validation perplexity 1.8714 (0.016 nats above the 800-step recipe).
 Presets: runlocal (a few steps on a tiny build, for tests), steps=N, batch=N (rows), lr=X,
 width=N, depth=N, max_len=N, pack=True|False, cot=True (also the LLaVA-CoT answers as
-documents).
+documents), scenes=True (also one document per image: a caption, then its questions answered,
+ops_lm.scene_documents; the LLaVA demo's LM, which must learn to answer from its context).
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -41,7 +42,7 @@ def perplexity(split: str, batch_size: int) -> dict:
 
 def get_config(arg=None):
     args = parse_preset_args(arg, runlocal=False, steps=800, batch=32, lr=3e-3, width=128,
-                             depth=4, max_len=128, pack=True, cot=False)
+                             depth=4, max_len=128, pack=True, cot=False, scenes=False)
     c = ml_collections.ConfigDict()
     c.task = "lm"
     c.seed = 0
@@ -56,7 +57,8 @@ def get_config(arg=None):
     c.input = dict(global_batch_size=args.batch, max_len=args.max_len, pack=args.pack,
                    add_bos=True, add_eos=True,
                    documents="texts_as_documents|qa_documents" + (
-                       "|cot_documents" if args.cot else ""),
+                       "|cot_documents" if args.cot else "") + (
+                       "|scene_documents" if args.scenes else ""),
                    tokenizer="vlm_shapes", special_tokens=list(VLM_SHAPES_LM_TOKENS),
                    shuffle_buffer=10_000, seed=0, prefetch_batches=4)
     c.optim = dict(name="adamw", lr=args.lr, schedule="cosine", warmup_steps=100, end_lr=1e-5,

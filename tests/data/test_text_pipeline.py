@@ -201,3 +201,16 @@ def test_lm_input_config_errors(corpus):
     with pytest.raises(ValueError, match=r"input.pack: 'yes' must be True or False"):
         text_pipeline.validate_lm_input(ml_collections.ConfigDict(dict(
             lm_input("x").to_dict(), pack="yes")))
+
+
+def test_scene_documents_put_a_caption_before_its_answered_questions():
+    from vlmjax.data import ops
+    from vlmjax.data.tf_cpu import tf
+    op = ops.get_op("scene_documents").factory()
+    example = {"texts": tf.constant([" a red circle on the left. ", "another caption"]),
+               "questions": tf.constant(["What colour is the circle?", "How many objects?"]),
+               "answers": tf.constant(["red", "one"]),
+               "documents": tf.constant(["earlier"])}
+    documents = [d.decode() for d in op(example)["documents"].numpy()]
+    assert documents == ["earlier", "a red circle on the left. Q: What colour is the circle? "
+                                    "A: red Q: How many objects? A: one"]

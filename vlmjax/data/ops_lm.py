@@ -10,6 +10,11 @@ packing or padding, targets and loss mask) are built from `documents`.
   qa_documents(question_prefix="Q: ", answer_prefix=" A: ")
                           one document per question-answer pair, "Q: {question} A: {answer}"
                           (vlm_shapes' `questions` / `answers` fields)
+  scene_documents(question_prefix=" Q: ", answer_prefix=" A: ")
+                          one document per image: its first caption, then every question-answer
+                          pair about it: "{caption} Q: {question} A: {answer} Q: ...". The
+                          answers are read from the context, the skill a LLaVA LLM needs when
+                          the context is visual tokens (the LLaVA demo's LM trains on these)
   cot_documents(question_prefix="Q: ", answer_prefix=" A: ")
                           the same with the LLaVA-CoT answer (`cot_answers`:
                           "<SUMMARY>..</SUMMARY><CAPTION>..</CAPTION><REASONING>..</REASONING>
@@ -49,6 +54,20 @@ def _pairs(answers_field: str, question_prefix: str, answer_prefix: str) -> Op:
 @register_op("qa_documents", reads=("questions", "answers"))
 def qa_documents(question_prefix: str = "Q: ", answer_prefix: str = " A: ") -> Op:
     return _pairs("answers", question_prefix, answer_prefix)
+
+
+@register_op("scene_documents", reads=("questions", "answers"))
+def scene_documents(question_prefix: str = " Q: ", answer_prefix: str = " A: ") -> Op:
+    for name, value in (("question_prefix", question_prefix), ("answer_prefix", answer_prefix)):
+        if not isinstance(value, str):
+            raise ValueError(f"{name} {value!r} must be a string")
+
+    def op(example):
+        pairs = tf.strings.join([question_prefix, tf.strings.strip(example["questions"]),
+                                 answer_prefix, tf.strings.strip(example["answers"])])
+        caption = tf.strings.strip(example["texts"][0])
+        return _appended(example, tf.strings.join([caption, tf.strings.reduce_join(pairs)]))
+    return op
 
 
 @register_op("cot_documents", reads=("questions", "cot_answers"))

@@ -8,9 +8,10 @@ complete and reused, an interrupted one resumes, see `is_complete`):
      LLaVA JSON + images into WORKDIR/llava_shapes
   2. siglip   configs/siglip/tiny.py:steps=800 (the CNN image tower; 1600 steps' worth of the
               demo recipe's zero-shot accuracy in 40% of the time)
-  3. lm       configs/lm/tiny.py:steps=200
+  3. lm       configs/lm/tiny.py:steps=200,scenes=True (also documents that answer questions
+              from a caption before them: the skill of reading facts from the context)
   4. stage1   configs/llava/tiny.py:stage=1 from siglip's image tower and lm's LLM
-  5. stage2   configs/llava/tiny.py:stage=2 from stage1
+  5. stage2   configs/llava/tiny.py:stage=2,train_vision=True from stage1
 Then it prints stage 2's final VQA exact match per question type on validation, test and
 test_novel (the trainer's evaluations, from WORKDIR/stage2/metrics.jsonl), and the answers of
 `python -m vlmjax.generate --image` to every question about a few test images.
@@ -42,11 +43,11 @@ def chain(stage1_args: str = "", stage2_args: str = "") -> list[Run]:
     shapes = "shapes_dir={data_dir},llava_dir={workdir}/llava_shapes"
     return [
         Run("siglip", "configs/siglip/tiny.py:steps=800"),
-        Run("lm", "configs/lm/tiny.py:steps=200"),
+        Run("lm", "configs/lm/tiny.py:steps=200,scenes=True"),
         Run("stage1", f"configs/llava/tiny.py:stage=1,{shapes},vision_init={{workdir}}/siglip,"
                       f"llm_init={{workdir}}/lm{stage1_args}"),
-        Run("stage2", f"configs/llava/tiny.py:stage=2,{shapes},stage1={{workdir}}/stage1"
-                      f"{stage2_args}"),
+        Run("stage2", f"configs/llava/tiny.py:stage=2,{shapes},stage1={{workdir}}/stage1,"
+                      f"train_vision=True{stage2_args}"),
     ]
 
 
