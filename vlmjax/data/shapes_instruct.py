@@ -12,7 +12,7 @@ kinds are written from what a vlm_shapes example records, so every answer is tru
                           size, colour, shape and position, and the background
     complex_reasoning     one question that combines facts (sizes, relative positions, counts of
                           a colour, ...) -> a few reasoned sentences ending in the fact
-    vqa                   the dataset's own questions (one per type), each followed by LLaVA-1.5's
+    vqa                   one of the dataset's own questions, followed by LLaVA-1.5's
                           SHORT_ANSWER_INSTRUCTION, answered with the short answer (LLaVA-1.5
                           mixes VQAv2/GQA in this form so that the model answers VQA tersely)
 
@@ -444,16 +444,15 @@ def _complex_reasoning(facts: SceneFacts, rng) -> dict:
 
 
 def _short_answer_vqa(facts: SceneFacts, rng) -> dict:
-    """All of the image's dataset questions, in a random order, each with LLaVA-1.5's
-    short-answer instruction, answered with the dataset's short answer."""
-    turns = []
-    order = rng.permutation(len(facts.qa))
-    for turn, index in enumerate(order):
-        question, answer, _ = facts.qa[index]
-        turns += [_human(f"{question}\n{SHORT_ANSWER_INSTRUCTION}", rng, with_image=turn == 0),
-                  _gpt(answer)]
-    return {"conversations": turns, "answers": [facts.qa[i][1] for i in order],
-            "question_types": [facts.qa[i][2] for i in order]}
+    """One of the image's dataset questions, picked at random, with LLaVA-1.5's short-answer
+    instruction, answered with the dataset's short answer. One question per entry, not all of
+    them as turns of one chat: a later question names what an earlier one asks ("What shape is
+    the red object?" after "What colour is the circle?"), so a model trained on such chats learns
+    to copy answers from the context, and then guesses when asked a single question."""
+    question, answer, question_type = facts.qa[int(rng.integers(len(facts.qa)))]
+    return {"conversations": [_human(f"{question}\n{SHORT_ANSWER_INSTRUCTION}", rng, True),
+                              _gpt(answer)],
+            "answers": [answer], "question_types": [question_type]}
 
 
 _MAKERS = {"caption": _caption, "conversation": _conversation,
