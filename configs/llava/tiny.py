@@ -53,8 +53,11 @@ from vlmjax.data import shapes
 from vlmjax.data.shapes_instruct import SHORT_ANSWER_INSTRUCTION
 from vlmjax.data.tokenizers import VLM_SHAPES_LM_TOKENS
 
-STAGE_DATA = {1: ("caption",),
-              2: ("conversation", "detailed_description", "complex_reasoning", "vqa")}
+# The kinds each stage trains on, with their mixture weights: stage 2 samples short-answer VQA
+# most, the skill its evaluation measures (the other kinds keep the model able to chat).
+STAGE_DATA = {1: {"caption": 1.0},
+              2: {"conversation": 1.0, "detailed_description": 1.0, "complex_reasoning": 1.0,
+                  "vqa": 4.0}}
 # The tiny build of :runlocal (the same sizes as configs/lm/tiny.py:runlocal).
 RUNLOCAL_SIZES = dict(train_size=64, eval_size=16, novel_size=8)
 
@@ -122,14 +125,15 @@ def get_config(arg=None):
     c.loss = dict(chunk_size=128, z_loss=0.0, label_smoothing=0.0)
     kinds = STAGE_DATA[args.stage]
     if len(kinds) == 1:
-        c.data = llava_json(args.llava_dir, kinds[0])
+        c.data = llava_json(args.llava_dir, *kinds)
     else:
         c.data = dict(source="mixture", sources={
-            kind: llava_json(args.llava_dir, kind, weight=1.0) for kind in kinds})
+            kind: llava_json(args.llava_dir, kind, weight=weight)
+            for kind, weight in kinds.items()})
     c.input = dict(global_batch_size=args.batch or (32 if args.stage == 1 else 16),
                    image_size=64, preprocess="resize|value_range",
                    max_len=args.max_len or (128 if args.stage == 1 else 384),
-                   pack=args.pack, images_per_row=3,
+                   pack=args.pack, images_per_row=3 if args.stage == 1 else 5,
                    template="plain" if args.stage == 1 else "chatml",
                    tokenizer=args.tokenizer or tokenizer_path(args.shapes_dir, sizes),
                    special_tokens=list(VLM_SHAPES_LM_TOKENS), shuffle_buffer=10_000, seed=0,
