@@ -264,3 +264,35 @@ def test_load_pretrained_names_a_bad_vision_tower(tmp_path):
     with pytest.raises(ValueError, match=r"vision_config.model_type 'dinov2' is not supported; "
                                          r"supported: \['clip_vision_model', "):
         load_pretrained(str(tmp_path))
+
+
+def test_convert_cli_exports_an_hf_llava_dir_and_a_vit_llava_run(llava, tmp_path, capsys):
+    """`python -m vlmjax.convert export` of an HF LLaVA directory and of a `llava` workdir
+    (ViT tower) holding the same params: transformers loads both with our logits. `import` of
+    an HF LLaVA directory says it needs none."""
+    from vlmjax.convert.cli import main as cli_main
+    from vlmjax.convert.hf_llava import prefix_lm_kwargs
+    from vlmjax.train.checkpoint import Checkpointer
+
+    directory, _, model, params, model_config = llava("siglip_qwen2")
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["import", "--from", "hf", directory, "--out", str(tmp_path / "imported")])
+    assert exit_info.value.code == 2 and "needs no import" in capsys.readouterr().err
+    workdir = tmp_path / "llava_run"
+    checkpointer = Checkpointer(str(workdir), every=1, async_save=False)
+    checkpointer.save(5, {"params": params, "step": 5}, {})
+    checkpointer.close()
+    (workdir / "config.json").write_text(json.dumps({
+        "task": "llava", "model": {**prefix_lm_kwargs(model_config), "dtype": "float32"},
+        "input": {"image_size": SIZE, "preprocess": "resize|value_range", "template": "chatml",
+                  "tokenizer": "spm.model"}}))
+    tokens, images = prompts(seed=4), random_images(seed=4)
+    expected = ours_logits(model, params, tokens, images)
+    for src in (directory, str(workdir)):
+        out = str(tmp_path / f"exported_{os.path.basename(src)}")
+        cli_main(["export", "--to", "hf", src, out])
+        assert "(llava)" in capsys.readouterr().out
+        exported = transformers.LlavaForConditionalGeneration.from_pretrained(
+            out, dtype=torch.float32, attn_implementation="eager")
+        diff = np.abs(hf_logits(exported.eval(), tokens, images) - expected).max()
+        assert diff < TOL, (src, diff)

@@ -15,6 +15,7 @@ import pytest
 
 from vlmjax import config as config_lib, generate as generate_cli, sharding
 from vlmjax.convert import load_pretrained
+from vlmjax.convert.cli import export_pretrained
 from vlmjax.data import pipeline_config
 from vlmjax.evals.generation import ImageQuestionAnswerer
 from vlmjax.config import ConfigError
@@ -133,6 +134,8 @@ def test_stage1_trains_the_projector_alone_then_stage2_the_llm(llava_dirs, part_
     model, loaded, model_config = load_pretrained(str(tmp_path / "stage2"))
     assert_same(loaded, second.state.params)
     assert model_config["num_image_tokens"] == 64 and model_config["template"] == "chatml"
+    with pytest.raises(ValueError, match="vision_arch='cnn'; HF LLaVA holds a CLIP or SigLIP"):
+        export_pretrained(str(tmp_path / "stage2"), str(tmp_path / "hf"))
     image = os.path.join(llava_dirs[1], "images", sorted(os.listdir(
         os.path.join(llava_dirs[1], "images")))[0])
     question = "What colour is the circle?"

@@ -7,6 +7,10 @@
                                                       # WORKDIR/checkpoints/<step>
 Decoder LMs (HF LlamaForCausalLM / Qwen2ForCausalLM, their converted DIRs, `lm` workdirs) use
 the same commands; `export --dtype bfloat16` writes their weights in bfloat16.
+LLaVA: `export` takes a `llava` trainer WORKDIR (a ViT vision tower: HF LLaVA holds CLIP or
+SigLIP vision models, not the tiny CNN) or an HF LlavaForConditionalGeneration directory (e.g.
+to bfloat16) and writes an HF LLaVA directory. HF LLaVA directories need no `import`: vlmjax
+reads them as they are (load_pretrained, config.model_init, `python -m vlmjax.generate`).
 """
 from __future__ import annotations
 
@@ -14,18 +18,45 @@ import argparse
 import os
 import sys
 
-from vlmjax.convert import decoder_pretrained as decoder_lib, hf_io, tokenizer as tok
+from vlmjax.convert import (decoder_pretrained as decoder_lib, hf_io, hf_llava, llava_workdir,
+                            tokenizer as tok)
 from vlmjax.convert.hf_decoder_export import EXPORT_DTYPES
 from vlmjax.convert.hf_export import export_hf
-from vlmjax.convert.pretrained import import_pretrained, read_pretrained, source_kind
+from vlmjax.convert.hf_llava_export import export_hf_llava
+from vlmjax.convert.pretrained import (import_pretrained, load_pretrained, read_pretrained,
+                                       source_kind)
 from vlmjax.convert.workdir import preprocessor_config
+
+
+def is_llava(src: str, kind: str) -> bool:
+    if kind == "hf":
+        return hf_llava.is_llava_source(src)
+    return kind == "trainer" and llava_workdir.is_llava_workdir(src)
+
+
+def export_llava(src: str, kind: str, out_dir: str, dtype: str) -> str:
+    """An HF LLaVA directory or a `llava` workdir -> HF LLaVA directory; returns 'llava'."""
+    model, params, model_config = load_pretrained(src)
+    if model.vision_arch != "vit":
+        raise ValueError(f"{src}: its vision tower is vision_arch={model.vision_arch!r}; HF LLaVA "
+                         "holds a CLIP or SigLIP ViT, so only runs with vision_arch 'vit' export "
+                         "(this one loads with load_pretrained and python -m vlmjax.generate)")
+    if kind == "hf":  # its tokenizer and processor files come along
+        export_hf_llava(model_config, params, out_dir, dtype, tokenizer_dir=src)
+    else:
+        export_hf_llava(model, params, out_dir, dtype)
+        print(f"note: {src} trains with the tokenizer {model_config['tokenizer']}; {out_dir} has "
+              "no tokenizer files", file=sys.stderr)
+    return "llava"
 
 
 def export_pretrained(src: str, out_dir: str, dtype: str = "float32") -> str:
     """Any pretrained source (a trainer workdir or checkpoint directory too) -> HF directory
     with its tokenizer files and, for two towers, an image processor config; returns the
-    family. `dtype` (float32 / bfloat16 / float16) applies to decoder LMs."""
+    family. `dtype` (float32 / bfloat16 / float16) applies to decoder LMs and LLaVA."""
     kind = source_kind(src)
+    if is_llava(src, kind):
+        return export_llava(src, kind, out_dir, dtype)
     if decoder_lib.is_decoder_source(src, kind):
         return decoder_lib.export_decoder(src, kind, out_dir, dtype)
     if dtype != "float32":
@@ -75,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("src")
     exp.add_argument("out")
     exp.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32",
-                     help="weight dtype of an exported decoder LM")
+                     help="weight dtype of an exported decoder LM or LLaVA")
     return p
 
 
@@ -83,6 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         if args.command == "import":
+            if args.kind == "hf" and os.path.isdir(args.src) and is_llava(args.src, "hf"):
+                raise ValueError(f"{args.src} is an HF LLaVA model: it needs no import, vlmjax "
+                                 "reads it as it is (load_pretrained, config.model_init=DIR, "
+                                 "python -m vlmjax.generate --model DIR)")
             config = import_pretrained(args.src, args.out, args.kind, args.image_size,
                                        args.tokenizer, args.overwrite)
             model = config["model"]
