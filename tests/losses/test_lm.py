@@ -128,6 +128,23 @@ def test_chunked_equals_naive(chunk_size, options):
     assert np.abs(np.asarray(grads[1])).max() > 1e-3  # the gradients are not trivially zero
 
 
+def test_chunked_equals_naive_with_an_uncounted_prefix():
+    """LLaVA rows: an uncounted prefix (image tokens, prompt) of different lengths per row, so
+    the counted positions move to the front of each row and the last chunks are skipped."""
+    hidden, kernel, targets, mask = make_inputs(seed=11)
+    for row, prefix in enumerate((7, 10, 12)):
+        mask[row, :prefix] = False
+    mask[1, -1] = False  # a gap among the counted positions
+    (loss, metrics), grads = value_and_grads(lm.next_token_loss, hidden, kernel, targets, mask,
+                                             chunk_size=2, **OPTIONS[-1])
+    expected = value_and_grads(lm.naive_next_token_loss, hidden, kernel, targets, mask,
+                               **OPTIONS[-1])
+    assert_close(((loss, metrics), grads), expected)
+    assert metrics["num_tokens"] == 6
+    dhidden = np.asarray(grads[0])  # back in the input's order: zero where nothing counts
+    assert not dhidden[~mask].any() and np.abs(dhidden[mask]).min() > 0
+
+
 def test_chunked_low_precision_inputs_compute_in_float32():
     hidden, kernel, targets, mask = make_inputs()
     h16, k16 = jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16)

@@ -13,7 +13,8 @@ Per counted token, with logits z = hidden @ kernel in float32 and lse = logsumex
     loss   = ce + z_loss * lse**2                    z-loss (PaLM) keeps lse near 0
 and the loss is the mean over the counted tokens of the whole batch (0 when none count).
 
-`next_token_loss` scans over chunks of `chunk_size` positions and computes each chunk's
+`next_token_loss` scans over chunks of `chunk_size` positions (each row's counted positions
+first; a chunk with none is skipped) and computes each chunk's
 gradient (d hidden, and d kernel summed over chunks) in the same pass, while the chunk's
 [B, C, V] logits exist (a custom VJP; the backward only scales it by the cotangent): the
 [B, L, V] float32 logits never exist, and the vocabulary matmul runs 3 times, not the 4 of
@@ -110,6 +111,13 @@ def next_token_loss(hidden_BLD, kernel_DV, targets_BL, loss_mask_BL, *, chunk_si
     _check(hidden_BLD, kernel_DV, targets_BL, loss_mask_BL, chunk_size)
     batch, length, width = hidden_BLD.shape
     mask = loss_mask_BL.astype(bool)
+    # Each row's counted positions first (a stable sort, so in order), and a chunk in which no
+    # row counts a position is skipped: the uncounted image tokens and prompts of LLaVA rows
+    # cost no vocabulary matmul. The sort is within rows, so a batch-sharded input stays local.
+    order = jnp.argsort(jnp.logical_not(mask).astype(jnp.int8), axis=1, stable=True)
+    hidden_BLD = jnp.take_along_axis(hidden_BLD, order[..., None], axis=1)
+    targets_BL = jnp.take_along_axis(targets_BL, order, axis=1)
+    mask = jnp.take_along_axis(mask, order, axis=1)
     chunk = min(int(chunk_size), length)
     num_chunks = -(-length // chunk)
     pad = num_chunks * chunk - length
@@ -131,17 +139,26 @@ def next_token_loss(hidden_BLD, kernel_DV, targets_BL, loss_mask_BL, *, chunk_si
     # d hidden, d kernel) instead of the 4 of a checkpointed chunk (logits again).
     @jax.custom_vjp
     def summed(hidden_chunks, kernel):
-        def body(carry, xs):
+        def add(carry, xs):
             sums = _token_terms(xs[0], kernel, xs[1], xs[2], z_loss, label_smoothing)
-            return {k: carry[k] + sums[k] for k in _SUMS}, None
+            return {k: carry[k] + sums[k] for k in _SUMS}
+
+        def body(carry, xs):
+            return lax.cond(jnp.any(xs[2]), add, lambda c, _: c, carry, xs), None
         return lax.scan(body, zero, (hidden_chunks, *xs[1:]))[0]
 
     def summed_fwd(hidden_chunks, kernel):
-        def body(carry, xs):
+        def add(carry, xs):
             sums, dkernel = carry
             chunk_sums, dh, dk = _token_terms(xs[0], kernel, xs[1], xs[2], z_loss,
                                               label_smoothing, with_grad=True)
             return ({k: sums[k] + chunk_sums[k] for k in _SUMS}, dkernel + dk), dh
+
+        def skip(carry, xs):
+            return carry, jnp.zeros(xs[0].shape, F32)
+
+        def body(carry, xs):
+            return lax.cond(jnp.any(xs[2]), add, skip, carry, xs)
         init = (zero, jnp.zeros(kernel.shape, F32))
         (sums, dkernel), dhidden = lax.scan(body, init, (hidden_chunks, *xs[1:]))
         return sums, (dhidden.astype(hidden_chunks.dtype), dkernel.astype(kernel.dtype))
