@@ -30,7 +30,7 @@ import time
 
 QA_TYPES = ("colour", "shape", "count", "position", "existence", "comparison")
 SPLITS = ("validation", "test", "test_novel")
-NUM_SAMPLE_IMAGES = 3
+NUM_SAMPLE_IMAGES = 8  # one question each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +119,14 @@ def vqa_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
+def questions_of(entry: dict) -> list[str]:
+    """The questions of a vqa entry's human turns ("<image>\nQ\nINSTRUCTION", the image token
+    first or last), without the image token and the short-answer instruction."""
+    from vlmjax.data.shapes_instruct import IMAGE_TOKEN
+    return [t["value"].replace(IMAGE_TOKEN, "").strip().split("\n")[0]
+            for t in entry["conversations"] if t["from"] == "human"]
+
+
 def sample_answers(data_dir: str, workdir: str) -> list[dict]:
     """Answers of the stage-2 model (python -m vlmjax.generate --image) to every question about
     the first test images, exported as PNG files."""
@@ -136,9 +144,7 @@ def sample_answers(data_dir: str, workdir: str) -> list[dict]:
     model, params, model_config = load_pretrained(model_dir)
     rows = []
     for entry in entries:
-        questions = [t["value"].split("\n")[0] for t in entry["conversations"]
-                     if t["from"] == "human"]
-        for question, truth in zip(questions, entry["answers"]):
+        for question, truth in zip(questions_of(entry), entry["answers"]):
             image = os.path.join(out, "images", entry["image"])
             args = parser().parse_args(["--model", model_dir, "--image", image, "--prompt",
                                         f"{question}\n{SHORT_ANSWER_INSTRUCTION}",
