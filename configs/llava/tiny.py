@@ -95,7 +95,8 @@ def get_config(arg=None):
     args = parse_preset_args(arg, runlocal=False, stage=1, shapes_dir="/tmp/vlm_shapes",
                              llava_dir="/tmp/llava_shapes", tokenizer="", vision_init="",
                              llm_init="", stage1="", steps=0, batch=0, lr=0.0,
-                             vision_layer=-1, train_vision=False, max_len=0, pack=True)
+                             vision_layer=-1, train_vision=False, max_len=0, pack=True,
+                             posemb=True)
     if args.stage not in STAGE_DATA:
         raise ConfigError(f"preset stage={args.stage!r} must be 1 or 2")
     if args.stage1 and (args.stage != 2 or args.vision_init or args.llm_init):
@@ -115,7 +116,8 @@ def get_config(arg=None):
                  rope_theta=10_000.0, tie_embeddings=True),
         image_token_id=4, vision_feature_layer=args.vision_layer,
         vision_feature_select_strategy="full",
-        projector="mlp2x_gelu", projector_bias=True, prefix_attention="causal",
+        projector="mlp2x_gelu", projector_bias=True, projector_posemb=args.posemb,
+        prefix_attention="causal",
         dtype="float32")
     if args.stage1:
         c.model_init = args.stage1

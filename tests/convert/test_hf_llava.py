@@ -296,3 +296,14 @@ def test_convert_cli_exports_an_hf_llava_dir_and_a_vit_llava_run(llava, tmp_path
             out, dtype=torch.float32, attn_implementation="eager")
         diff = np.abs(hf_logits(exported.eval(), tokens, images) - expected).max()
         assert diff < TOL, (src, diff)
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(projector="linear"), "HF LLaVA's projector is 'mlp2x_gelu'"),
+    (dict(prefix_attention="full"), "HF LLaVA's prefix is 'causal'"),
+    (dict(projector_posemb=True), "HF LLaVA's projector has no position embedding")])
+def test_export_refuses_what_hf_llava_cannot_express(llava, tmp_path, override, message):
+    _, _, _, params, model_config = llava("clip_llama")
+    with pytest.raises(ValueError, match=message):
+        export_hf_llava({**model_config, **override}, params, str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")

@@ -111,6 +111,22 @@ def test_visual_tokens_fill_exactly_the_image_token_rows(params):
     np.testing.assert_allclose(logits, reference, atol=1e-4)
 
 
+def test_projector_posemb_adds_one_vector_per_token_position_of_each_image(params):
+    """Two images per row: both get the same [T, D] position vectors on top of the MLP."""
+    model = make(projector_posemb=True)
+    images = images_of(1, 2, seed=2)
+    tokens = with_images(with_images(text_tokens(1, 14), [1]), [7])
+    shapes = param_shapes(model, tokens, images=images)
+    assert shapes["projector"]["posemb"].shape == (T, 24)
+    posemb = np.random.default_rng(3).normal(size=(T, 24)).astype(np.float32)
+    with_posemb = {**params, "projector": {**params["projector"], "posemb": posemb}}
+    embeddings, _ = model.apply({"params": with_posemb}, tokens, images,
+                                method=model.embed_inputs)
+    features = mlp2x_gelu(params["projector"], vit_states(params, images[0], -2)[:, 1:])
+    np.testing.assert_allclose(embeddings[0, 1:5], features[0] + posemb, atol=1e-5)
+    np.testing.assert_allclose(embeddings[0, 7:11], features[1] + posemb, atol=1e-5)
+
+
 @pytest.mark.parametrize("layer,strategy", [(-1, "full"), ([-1, -3], "default"),
                                             ([1, -2], "full")])
 def test_feature_layers_and_select_strategy_pick_the_vits_states(layer, strategy):

@@ -103,6 +103,9 @@ def hf_config_from_llava(model_config: Mapping[str, Any], vision_params: Mapping
     if model_config.get("projector", "mlp2x_gelu") != "mlp2x_gelu":
         raise ValueError(f"projector {model_config['projector']!r} cannot be exported: HF LLaVA's "
                          "projector is 'mlp2x_gelu' (linear_1, GELU, linear_2)")
+    if model_config.get("projector_posemb"):
+        raise ValueError("projector_posemb is set: HF LLaVA's projector has no position "
+                         "embedding, so this model cannot be exported")
     if model_config.get("prefix_attention", "causal") != "causal":
         raise ValueError(f"prefix_attention {model_config['prefix_attention']!r} cannot be "
                          "exported: HF LLaVA's prefix is 'causal'")

@@ -19,7 +19,11 @@ token (the tower must have one), `full` keeps every token.
 
 Projector (`projector/`): `linear` (one Dense, `linear_1`) or `mlp{N}x_gelu` (N Dense layers
 `linear_1` .. `linear_N` with exact GELU between them; LLaVA-1.5 is mlp2x_gelu), to the LLM's
-width, with biases (`projector_bias`).
+width, with biases (`projector_bias`). `projector_posemb` adds a learned vector per visual token
+position (`projector/posemb` [T, D]): a ViT's tokens carry their position in their features, a
+CNN's do not (convolutions are translation-equivariant), and the LLM would otherwise have only
+RoPE offsets to tell "the star on the left" from the one on the right. HF LLaVA has no such
+parameter.
 
 LLM (`llm/`): vlmjax.models.decoder.Decoder with the keyword arguments `llm`.
 
@@ -75,10 +79,12 @@ def projector_depth(projector: str) -> int:
 
 
 class Projector(nn.Module):
-    """[..., Dv] -> [..., D]: `linear_1`, then GELU + `linear_{i}` for each further layer."""
+    """[B, T, Dv] -> [B, T, D]: `linear_1`, then GELU + `linear_{i}` for each further layer;
+    with `posemb`, plus a learned `posemb` [T, D] (one vector per visual token position)."""
     width: int
     depth: int = 2
     use_bias: bool = True
+    posemb: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -91,6 +97,10 @@ class Projector(nn.Module):
                          kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                                         (None, "embed")),
                          bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))(x)
+        if self.posemb:
+            posemb = self.param("posemb", layers.partitioned(
+                nn.initializers.normal(0.02), (None, "embed")), x.shape[-2:], jnp.float32)
+            x = x + posemb.astype(x.dtype)
         return x
 
 
@@ -113,6 +123,7 @@ class PrefixLM(nn.Module):
     vision_feature_select_strategy: str = "default"
     projector: str = "mlp2x_gelu"
     projector_bias: bool = True
+    projector_posemb: bool = False
     prefix_attention: str = "causal"
     dtype: Any = jnp.float32
 
@@ -176,7 +187,8 @@ class PrefixLM(nn.Module):
                              "and this vision tower has none (class_token / pool='cls'): use "
                              "'full'")
         self.mm_projector = Projector(self._llm_kwargs()["width"], projector_depth(self.projector),
-                                      self.projector_bias, self._dtype(), name="projector")
+                                      self.projector_bias, self.projector_posemb, self._dtype(),
+                                      name="projector")
         self.language_model = Decoder(**self._llm_kwargs(), name="llm")
 
     # ------------------------------------------------------------------------------- compute
