@@ -21,27 +21,30 @@ The model: the CNN image tower of configs/siglip/tiny.py (vision_arch 'cnn': 3 c
 32/64/96 channels; its last 4x4 feature map at 64 px is 16 visual tokens, vision_feature_layer
 -1, strategy 'full'). The tiny ViT of `:image=vit` learns colour but not shape (18% zero-shot
 top-1 after 500 steps here, against 86% for the CNN after 800), so a LLaVA on it could not answer
-shape questions. Projector mlp2x_gelu; the LLM of configs/lm/tiny.py (width 128, 4 layers, GQA,
-tied embeddings, vocabulary 512) trained with `scenes=True` (documents that answer questions
-from a caption before them: without them a frozen tiny LM never learned to read facts from its
-context, and stage 1 left captions at chance colour accuracy). Its tokenizer (the vlm_shapes
-SentencePiece model + tokenizers.VLM_SHAPES_LM_TOKENS; <image> is id 4) is read from shapes_dir.
+shape questions. Projector mlp2x_gelu with a learned vector per visual token position
+(projector_posemb: a CNN's tokens do not say where they are; it doubled position accuracy, see
+docs/experiments.md); the LLM of configs/lm/tiny.py (width 128, 4 layers, GQA, tied
+embeddings, vocabulary 512) trained with `scenes=True` (documents that answer questions from a
+caption before them). Its tokenizer (the vlm_shapes SentencePiece model +
+tokenizers.VLM_SHAPES_LM_TOKENS; <image> is id 4) is read from shapes_dir.
 Stage 1 trains the projector on `train_caption.json` with the plain template (the image tokens,
 then the caption); stage 2 the projector and the LLM (and with train_vision=True the tower) on
-a mixture of conversation, detailed description, complex reasoning and short-answer VQA
-(LLaVA-1.5's "Answer the question using a single word or phrase." questions; ChatML, whose
-markers are tokens of the LM's tokenizer). The VQA evaluator asks with the same instruction.
-Rows are packed (input.pack, 3 images a row): stage 1 rows of 128 tokens (about 3 captions),
-stage 2 rows of 384 (a short-answer VQA sample is ~380 tokens: the vlm_shapes tokenizer spells
-the instruction in 29 pieces). AdamW, cosine, lr 1e-3; stage 1 300 steps of 32 rows, stage 2
-400 steps of 16 rows.
+a mixture of conversation, detailed description, complex reasoning (weight 1 each) and
+short-answer VQA (weight 4: LLaVA-1.5's "Answer the question using a single word or phrase."
+questions, one per entry; ChatML, whose markers are tokens of the LM's tokenizer). The VQA
+evaluator asks with the same instruction.
+Rows are packed (input.pack): stage 1 rows of 128 tokens (3 images a row, about 3 captions),
+stage 2 rows of 384 (5 images a row; a short-answer VQA sample is ~90 tokens: the vlm_shapes
+tokenizer spells the instruction in 29 pieces). AdamW, cosine, lr 1e-3; stage 1 300 steps of 32
+rows, stage 2 400 steps of 16 rows.
 Evaluations (at the end, on vlm_shapes validation, where recipes are chosen, test and
 test_novel): stage 1 captioning (the colours, shapes and counts its descriptions name); stage 2
 also VQA (exact match per question type). Measured: README, "LLaVA".
 Presets: stage=1|2, shapes_dir (the vlm_shapes data_dir of the SigLIP and LM runs), llava_dir
 (the export's OUT), tokenizer (default: shapes_dir's 64px one), vision_init, llm_init (their
 workdirs; '' = random), stage1 (stage 2: a stage-1 workdir for the whole model), steps, batch
-(rows), lr, vision_layer, train_vision, max_len, pack, runlocal (a few steps of a tiny model on
+(rows), lr, vision_layer, train_vision, max_len, pack, posemb (projector_posemb, default
+True), runlocal (a few steps of a tiny model on
 a tiny build, for tests).
 """
 import os
