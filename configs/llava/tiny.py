@@ -36,7 +36,7 @@ evaluator asks with the same instruction.
 Rows are packed (input.pack): stage 1 rows of 128 tokens (3 images a row, about 3 captions),
 stage 2 rows of 384 (5 images a row; a short-answer VQA sample is ~90 tokens: the vlm_shapes
 tokenizer spells the instruction in 29 pieces). AdamW, cosine, lr 1e-3; stage 1 300 steps of 32
-rows, stage 2 1000 steps of 16 rows (400 gave 42.6% on validation, 1000 47.7%).
+rows, stage 2 1000 steps of 16 rows (400 gave 42.6% on validation, 1000 47.6%).
 Evaluations (at the end, on vlm_shapes validation, where recipes are chosen, test and
 test_novel): stage 1 captioning (the colours, shapes and counts its descriptions name); stage 2
 also VQA (exact match per question type). Measured: README, "LLaVA".
