@@ -116,7 +116,7 @@ def test_stage1_trains_the_projector_alone_then_stage2_the_llm(llava_dirs, part_
     assert moved(init["projector"], params["projector"])
     mu = adam_mu(first.state.opt_state)  # Adam state for the projector alone
     assert jax.tree.leaves(mu["vision"]) == jax.tree.leaves(mu["llm"]) == []
-    assert len(jax.tree.leaves(mu["projector"])) == 4  # 2 kernels, 2 biases
+    assert len(jax.tree.leaves(mu["projector"])) == 5  # 2 kernels, 2 biases, the posemb
     assert np.isfinite(first.train_metrics["loss"]) and first.train_metrics["num_tokens"] > 0
 
     config = llava_config(llava_dirs, 2, stage1=str(tmp_path / "stage1"), steps=2,
