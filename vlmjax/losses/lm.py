@@ -111,15 +111,17 @@ def next_token_loss(hidden_BLD, kernel_DV, targets_BL, loss_mask_BL, *, chunk_si
     _check(hidden_BLD, kernel_DV, targets_BL, loss_mask_BL, chunk_size)
     batch, length, width = hidden_BLD.shape
     mask = loss_mask_BL.astype(bool)
-    # Each row's counted positions first (a stable sort, so in order), and a chunk in which no
-    # row counts a position is skipped: the uncounted image tokens and prompts of LLaVA rows
-    # cost no vocabulary matmul. The sort is within rows, so a batch-sharded input stays local.
-    order = jnp.argsort(jnp.logical_not(mask).astype(jnp.int8), axis=1, stable=True)
-    hidden_BLD = jnp.take_along_axis(hidden_BLD, order[..., None], axis=1)
-    targets_BL = jnp.take_along_axis(targets_BL, order, axis=1)
-    mask = jnp.take_along_axis(mask, order, axis=1)
     chunk = min(int(chunk_size), length)
     num_chunks = -(-length // chunk)
+    if num_chunks > 1:
+        # Each row's counted positions first (a stable sort, so in order), and a chunk in which
+        # no row counts a position is skipped: the uncounted image tokens and prompts of LLaVA
+        # rows cost no vocabulary matmul. The sort is within rows, so a batch-sharded input
+        # stays local. One chunk has nothing to skip: no sort.
+        order = jnp.argsort(jnp.logical_not(mask).astype(jnp.int8), axis=1, stable=True)
+        hidden_BLD = jnp.take_along_axis(hidden_BLD, order[..., None], axis=1)
+        targets_BL = jnp.take_along_axis(targets_BL, order, axis=1)
+        mask = jnp.take_along_axis(mask, order, axis=1)
     pad = num_chunks * chunk - length
     if pad:
         hidden_BLD = jnp.pad(hidden_BLD, ((0, 0), (0, pad), (0, 0)))
