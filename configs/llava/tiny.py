@@ -44,7 +44,8 @@ Presets: stage=1|2, shapes_dir (the vlm_shapes data_dir of the SigLIP and LM run
 (the export's OUT), tokenizer (default: shapes_dir's 64px one), vision_init, llm_init (their
 workdirs; '' = random), stage1 (stage 2: a stage-1 workdir for the whole model), steps, batch
 (rows), lr, vision_layer, train_vision, max_len, pack, posemb (projector_posemb, default
-True), runlocal (a few steps of a tiny model on
+True), norm (projector_norm: none | instance), select=N (stage 2: evaluate VQA on N validation images only, nothing else: the
+quick runs that choose a recipe), runlocal (a few steps of a tiny model on
 a tiny build, for tests).
 """
 import os
@@ -77,7 +78,9 @@ def llava_json(llava_dir: str, kind: str, **extra) -> dict:
 
 
 def evals(stage: int, shapes_dir: str, sizes: dict, batch_size: int, max_examples: int,
-          max_new_tokens: int | None = None) -> dict:
+          max_new_tokens: int | None = None, select: bool = False) -> dict:
+    """The final evaluations; `select`: stage 2's validation VQA alone (choosing a recipe reads
+    nothing else)."""
     def data(split):
         return dict(source="vlm_shapes", split=split, config="64px", data_dir=shapes_dir,
                     **sizes)
@@ -85,6 +88,9 @@ def evals(stage: int, shapes_dir: str, sizes: dict, batch_size: int, max_example
     if max_new_tokens:
         limits["max_new_tokens"] = max_new_tokens
     out = {}
+    if select:
+        return {"validation_vqa": dict(type="vqa", data=data("validation"), **limits,
+                                       answer_instruction=SHORT_ANSWER_INSTRUCTION)}
     for split in ("validation", "test", "test_novel"):
         if split != "test_novel":
             out[f"{split}_captions"] = dict(type="captioning", data=data(split), **limits)
@@ -99,9 +105,12 @@ def get_config(arg=None):
                              llava_dir="/tmp/llava_shapes", tokenizer="", vision_init="",
                              llm_init="", stage1="", steps=0, batch=0, lr=0.0,
                              vision_layer=-1, train_vision=False, max_len=0, pack=True,
-                             posemb=True)
+                             posemb=True, norm="none", select=0)
     if args.stage not in STAGE_DATA:
         raise ConfigError(f"preset stage={args.stage!r} must be 1 or 2")
+    if args.select and args.stage != 2:
+        raise ConfigError("preset select=N evaluates stage 2's validation VQA: use it with "
+                          "stage=2")
     if args.stage1 and (args.stage != 2 or args.vision_init or args.llm_init):
         raise ConfigError("preset stage1=WORKDIR starts stage 2 from a stage-1 run (the whole "
                           "model): use it with stage=2 and without vision_init / llm_init")
@@ -120,6 +129,7 @@ def get_config(arg=None):
         image_token_id=4, vision_feature_layer=args.vision_layer,
         vision_feature_select_strategy="full",
         projector="mlp2x_gelu", projector_bias=True, projector_posemb=args.posemb,
+        projector_norm=args.norm,
         prefix_attention="causal",
         dtype="float32")
     if args.stage1:
@@ -146,7 +156,8 @@ def get_config(arg=None):
     c.optim = dict(name="adamw", lr=args.lr or 1e-3,
                    schedule="cosine", warmup_steps=50, end_lr=1e-5, weight_decay=0.0, b1=0.9,
                    b2=0.95, clip_norm=1.0)
-    c.evals = evals(args.stage, args.shapes_dir, sizes, batch_size=64, max_examples=500)
+    c.evals = evals(args.stage, args.shapes_dir, sizes, batch_size=64,
+                    max_examples=args.select or 500, select=bool(args.select))
     c.data_shards = 0  # input streams; 0 = the process count of the first run (see README)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every = 50

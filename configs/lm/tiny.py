@@ -42,7 +42,8 @@ def perplexity(split: str, batch_size: int) -> dict:
 
 def get_config(arg=None):
     args = parse_preset_args(arg, runlocal=False, steps=800, batch=32, lr=3e-3, width=128,
-                             depth=4, max_len=128, pack=True, cot=False, scenes=False)
+                             depth=4, max_len=128, pack=True, cot=False, scenes=False,
+                             qa=True)
     c = ml_collections.ConfigDict()
     c.task = "lm"
     c.seed = 0
@@ -56,7 +57,7 @@ def get_config(arg=None):
                   data_dir=placeholder(str))  # None: TFDS's default data dir
     c.input = dict(global_batch_size=args.batch, max_len=args.max_len, pack=args.pack,
                    add_bos=True, add_eos=True,
-                   documents="texts_as_documents|qa_documents" + (
+                   documents="texts_as_documents" + ("|qa_documents" if args.qa else "") + (
                        "|cot_documents" if args.cot else "") + (
                        "|scene_documents" if args.scenes else ""),
                    tokenizer="vlm_shapes", special_tokens=list(VLM_SHAPES_LM_TOKENS),

@@ -301,7 +301,8 @@ def test_convert_cli_exports_an_hf_llava_dir_and_a_vit_llava_run(llava, tmp_path
 @pytest.mark.parametrize("override,message", [
     (dict(projector="linear"), "HF LLaVA's projector is 'mlp2x_gelu'"),
     (dict(prefix_attention="full"), "HF LLaVA's prefix is 'causal'"),
-    (dict(projector_posemb=True), "HF LLaVA's projector has no position embedding")])
+    (dict(projector_posemb=True), "HF LLaVA's projector has no position embedding"),
+    (dict(projector_norm="instance"), "HF LLaVA's projector has no input normalisation")])
 def test_export_refuses_what_hf_llava_cannot_express(llava, tmp_path, override, message):
     _, _, _, params, model_config = llava("clip_llama")
     with pytest.raises(ValueError, match=message):

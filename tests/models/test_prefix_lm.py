@@ -9,7 +9,7 @@ import pytest
 
 from vlmjax.models import scan_layout
 from vlmjax.models.decoder import Decoder
-from vlmjax.models.prefix_lm import PrefixLM
+from vlmjax.models.prefix_lm import PrefixLM, instance_standardize
 from vlmjax.models.vit import ViT
 
 VOCAB, IMAGE_ID, SIZE = 40, 39, 16
@@ -125,6 +125,25 @@ def test_projector_posemb_adds_one_vector_per_token_position_of_each_image(param
     features = mlp2x_gelu(params["projector"], vit_states(params, images[0], -2)[:, 1:])
     np.testing.assert_allclose(embeddings[0, 1:5], features[0] + posemb, atol=1e-5)
     np.testing.assert_allclose(embeddings[0, 7:11], features[1] + posemb, atol=1e-5)
+
+
+def test_projector_norm_instance_standardises_each_channel_over_its_image(params):
+    """Each image's [T, C] features, per channel: minus the mean over T, over the std (by
+    hand in numpy), then the MLP; a channel constant over an image maps to 0."""
+    model = make(projector_norm="instance")
+    images = images_of(1, 2, seed=4)
+    tokens = with_images(with_images(text_tokens(1, 14), [1]), [7])
+    embeddings, _ = model.apply({"params": params}, tokens, images, method=model.embed_inputs)
+    for image, start in ((0, 1), (1, 7)):
+        states = np.asarray(vit_states(params, images[0, image:image + 1], -2)[:, 1:],
+                            np.float64)
+        standard = (states - states.mean(1, keepdims=True)) / states.std(1, keepdims=True)
+        np.testing.assert_allclose(embeddings[0, start:start + T],
+                                   mlp2x_gelu(params["projector"], standard)[0], atol=1e-4)
+    constant = instance_standardize(jnp.ones((1, T, 3)) * jnp.array([1.0, -2.0, 5.0]))
+    np.testing.assert_array_equal(constant, np.zeros((1, T, 3)))
+    with pytest.raises(ValueError, match="projector_norm 'batch' is not one of"):
+        make(projector_norm="batch").init(jax.random.PRNGKey(0), tokens, images=images)
 
 
 @pytest.mark.parametrize("layer,strategy", [(-1, "full"), ([-1, -3], "default"),

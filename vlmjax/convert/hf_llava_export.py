@@ -106,6 +106,9 @@ def hf_config_from_llava(model_config: Mapping[str, Any], vision_params: Mapping
     if model_config.get("projector_posemb"):
         raise ValueError("projector_posemb is set: HF LLaVA's projector has no position "
                          "embedding, so this model cannot be exported")
+    if model_config.get("projector_norm", "none") != "none":
+        raise ValueError(f"projector_norm {model_config['projector_norm']!r} cannot be "
+                         "exported: HF LLaVA's projector has no input normalisation")
     if model_config.get("prefix_attention", "causal") != "causal":
         raise ValueError(f"prefix_attention {model_config['prefix_attention']!r} cannot be "
                          "exported: HF LLaVA's prefix is 'causal'")

@@ -22,8 +22,11 @@ Projector (`projector/`): `linear` (one Dense, `linear_1`) or `mlp{N}x_gelu` (N 
 width, with biases (`projector_bias`). `projector_posemb` adds a learned vector per visual token
 position (`projector/posemb` [T, D]): a ViT's tokens carry their position in their features, a
 CNN's do not (convolutions are translation-equivariant), and the LLM would otherwise have only
-RoPE offsets to tell "the star on the left" from the one on the right. HF LLaVA has no such
-parameter.
+RoPE offsets to tell "the star on the left" from the one on the right. `projector_norm`
+'instance' first standardises each feature channel over the image's tokens (instance
+normalisation): what is the same all over the image (the background's texture) goes, and what
+sets one token apart (the object on it: its colour, its shape) becomes as large as the rest.
+HF LLaVA has neither.
 
 LLM (`llm/`): vlmjax.models.decoder.Decoder with the keyword arguments `llm`.
 
@@ -63,6 +66,7 @@ from vlmjax.models.two_towers import IMAGE_TOWERS, build_tower
 from vlmjax.models.vit import ViT
 
 SELECT_STRATEGIES = ("default", "full")
+PROJECTOR_NORMS = ("none", "instance")
 PREFIX_ATTENTION = ("causal", "full")
 _MLP_PROJECTOR = re.compile(r"mlp(\d+)x_gelu")
 
@@ -78,17 +82,30 @@ def projector_depth(projector: str) -> int:
     return int(match.group(1))
 
 
+def instance_standardize(x, eps: float = 1e-6):
+    """[..., T, C] -> each channel standardised over the T tokens of its image (zero mean, unit
+    variance; a channel constant over the image becomes 0)."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-2, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-2, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
 class Projector(nn.Module):
-    """[B, T, Dv] -> [B, T, D]: `linear_1`, then GELU + `linear_{i}` for each further layer;
-    with `posemb`, plus a learned `posemb` [T, D] (one vector per visual token position)."""
+    """[B, T, Dv] -> [B, T, D]: (with `norm` 'instance', each input channel standardised over the
+    image's tokens), `linear_1`, then GELU + `linear_{i}` for each further layer; with `posemb`,
+    plus a learned `posemb` [T, D] (one vector per visual token position)."""
     width: int
     depth: int = 2
     use_bias: bool = True
     posemb: bool = False
+    norm: str = "none"
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
+        if self.norm == "instance":
+            x = instance_standardize(x)
         for i in range(self.depth):
             if i:
                 x = layers.get_activation("gelu")(x)
@@ -124,6 +141,7 @@ class PrefixLM(nn.Module):
     projector: str = "mlp2x_gelu"
     projector_bias: bool = True
     projector_posemb: bool = False
+    projector_norm: str = "none"
     prefix_attention: str = "causal"
     dtype: Any = jnp.float32
 
@@ -167,6 +185,9 @@ class PrefixLM(nn.Module):
             raise ValueError(f"vision_feature_select_strategy "
                              f"{self.vision_feature_select_strategy!r} is not one of "
                              f"{SELECT_STRATEGIES}")
+        if self.projector_norm not in PROJECTOR_NORMS:
+            raise ValueError(f"projector_norm {self.projector_norm!r} is not one of "
+                             f"{PROJECTOR_NORMS}")
         if self.prefix_attention not in PREFIX_ATTENTION:
             raise ValueError(f"prefix_attention {self.prefix_attention!r} is not one of "
                              f"{PREFIX_ATTENTION}")
@@ -187,8 +208,8 @@ class PrefixLM(nn.Module):
                              "and this vision tower has none (class_token / pool='cls'): use "
                              "'full'")
         self.mm_projector = Projector(self._llm_kwargs()["width"], projector_depth(self.projector),
-                                      self.projector_bias, self.projector_posemb, self._dtype(),
-                                      name="projector")
+                                      self.projector_bias, self.projector_posemb,
+                                      self.projector_norm, self._dtype(), name="projector")
         self.language_model = Decoder(**self._llm_kwargs(), name="llm")
 
     # ------------------------------------------------------------------------------- compute

@@ -6,7 +6,7 @@ Implements the task contract of vlmjax/train/tasks/base.py. Config keys it owns
                'cnn'), vision (its tower's kwargs, e.g. a SigLIP / CLIP config's model.image), llm (Decoder kwargs, e.g. an lm
                config's model, without dtype), image_token_id, vision_feature_layer,
                vision_feature_select_strategy, projector, projector_bias,
-               projector_posemb, prefix_attention; and
+               projector_posemb, projector_norm, prefix_attention; and
                `dtype` ('float32' | 'bfloat16': the compute dtype of every part; params stay
                float32)
   loss         chunk_size, z_loss, label_smoothing (as the lm task; vlmjax/losses/lm.py)
@@ -43,7 +43,8 @@ from vlmjax.train.tasks import lm as lm_task
 from vlmjax.train.tasks.base import TaskDefaults, with_compute_dtype
 
 PREFIX_FIELDS = ("image_token_id", "vision_arch", "vision_feature_layer", "vision_feature_select_strategy",
-                 "projector", "projector_bias", "projector_posemb", "prefix_attention")
+                 "projector", "projector_bias", "projector_posemb", "projector_norm",
+                 "prefix_attention")
 MODEL_KEYS = ("vision", "llm", *PREFIX_FIELDS, "dtype")
 TRAINABLE = {1: r"^projector/", 2: r"^(projector|llm)/"}
 EVAL_TYPES = ("vqa", "captioning")

@@ -51,7 +51,8 @@ DESCRIBED = {"llava": "a LLaVA model", "decoder": "a decoder LM",
 VISION_NOT_ARCHITECTURE = ("dtype", "remat", "scan_layers", "fused_attention", "dropout",
                            "attention_dropout", "pool", "class_token", "output_layer",
                            "return_layers")
-PROJECTOR_FIELDS = ("projector", "projector_bias", "projector_posemb", "vision_feature_layer",
+PROJECTOR_FIELDS = ("projector", "projector_bias", "projector_posemb", "projector_norm",
+                    "vision_feature_layer",
                     "vision_feature_select_strategy")
 UNBUILT_VISION = ("final_norm", "map_head")  # tower parts after the features a PrefixLM reads
 
