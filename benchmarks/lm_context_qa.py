@@ -3,11 +3,15 @@ before them, text only: the skill a LLaVA's LLM needs to answer from its visual 
 that answers at chance here answers from its prior, and a LLaVA built on it must learn to read
 its context from scratch in stage 2.
 
-For the first N images of a vlm_shapes split, the prompt is the image's first caption, then
-" Q: <question> A:" (the layout of the lm task's `scene_documents`); greedy decoding up to the
-next " Q:"; normalised exact match (vlmjax.evals.vqa) overall and per question type.
+For the first N images of a vlm_shapes split, each question's prompt is the image's scene
+document (the lm task's `scene_documents`: the first caption (`--scene_text description`: the
+scene description of the LLaVA-CoT answer), then " Q: <question> A: <answer>"
+for every question in a fixed order) up to that question's answer, the earlier answers the true
+ones; greedy decoding up to the next " Q:"; normalised exact match (vlmjax.evals.vqa) overall
+and per question type.
 
     python benchmarks/lm_context_qa.py --model LM_WORKDIR --data_dir D [--images 300]
+        [--scene_text caption|description]
 """
 from __future__ import annotations
 
@@ -19,16 +23,25 @@ import numpy as np
 BATCH = 64
 
 
-def prompts_of(examples) -> list[tuple[str, str, str]]:
+def scene_text(example, kind: str) -> str:
+    """The text a scene document starts with (ops_lm.scene_documents' `scene_text`)."""
+    if kind == "caption":
+        return example["captions"][0].decode()
+    cot = example["qa"]["cot_answer"][0].decode()
+    return cot.split("<CAPTION>", 1)[1].split("</CAPTION>", 1)[0]
+
+
+def prompts_of(examples, kind: str = "caption") -> list[tuple[str, str, str]]:
     """(prompt, answer, type) for every question of every example (vlm_shapes records)."""
     from vlmjax.data import shapes_text
     out = []
     for example in examples:
-        caption = example["captions"][0].decode()
+        context = scene_text(example, kind)
         qa = example["qa"]
         for question, answer, qa_type in zip(qa["question"], qa["answer"], qa["type"]):
-            out.append((f"{caption} Q: {question.decode()} A:", answer.decode(),
-                        shapes_text.QA_TYPES[int(qa_type)]))
+            prompt = f"{context} Q: {question.decode()} A:"
+            out.append((prompt, answer.decode(), shapes_text.QA_TYPES[int(qa_type)]))
+            context = f"{prompt} {answer.decode()}"  # the next question sees this one answered
     return out
 
 
@@ -53,6 +66,8 @@ def main(argv=None):
     parser.add_argument("--split", default="validation")
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--max_new_tokens", type=int, default=6)
+    parser.add_argument("--scene_text", choices=("caption", "description"), default="caption",
+                        help="what the document starts with (the LM's scene_documents)")
     args = parser.parse_args(argv)
 
     import jax
@@ -65,7 +80,7 @@ def main(argv=None):
 
     builder = shapes.make_builder("64px", args.data_dir)
     examples = list(tfds.as_numpy(builder.as_dataset(split=args.split).take(args.images)))
-    items = prompts_of(examples)
+    items = prompts_of(examples, args.scene_text)
     tokenizer = tokenizer_of(builder)
     model, params, _ = load_pretrained(args.model)
     predictions = []

@@ -26,13 +26,15 @@ included: 760 s and 740 s (the lr 1e-3 and 1e-2 runs, beside other engineers' jo
 reaches validation perplexity 1.8714 (0.016 nats above the 800-step recipe).
 Presets: runlocal (a few steps on a tiny build, for tests), steps=N, batch=N (rows), lr=X,
 width=N, depth=N, max_len=N, pack=True|False, cot=True (also the LLaVA-CoT answers as
+documents), qa=False (no context-free "Q: .. A: .." documents), captions=False (no caption
 documents), scenes=True (also one document per image: a caption, then its questions answered,
-ops_lm.scene_documents; the LLaVA demo's LM, which must learn to answer from its context).
+ops_lm.scene_documents; the LLaVA demo's LM, which must learn to answer from its context;
+scenes=description: the scene description instead of the caption, see ops_lm).
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from vlmjax.config import parse_preset_args
+from vlmjax.config import ConfigError, parse_preset_args
 from vlmjax.data.tokenizers import VLM_SHAPES_LM_TOKENS
 
 
@@ -40,10 +42,27 @@ def perplexity(split: str, batch_size: int) -> dict:
     return dict(type="perplexity", data=dict(split=split), batch_size=batch_size)
 
 
+SCENE_OPS = {"description": "scene_documents(scene_text='description')"}
+
+
+def documents(args) -> str:
+    """The `input.documents` ops of the presets captions, qa, cot and scenes."""
+    ops = [name for name, on in (("texts_as_documents", args.captions),
+                                 ("qa_documents", args.qa), ("cot_documents", args.cot),
+                                 (SCENE_OPS.get(args.scenes, "scene_documents"), args.scenes))
+           if on]
+    if args.scenes not in (True, False, *SCENE_OPS):
+        raise ConfigError(f"preset scenes={args.scenes!r}: True, False or 'description'")
+    if not ops:
+        raise ConfigError("presets captions=False,qa=False leave no documents: add scenes=True "
+                          "or cot=True")
+    return "|".join(ops)
+
+
 def get_config(arg=None):
     args = parse_preset_args(arg, runlocal=False, steps=800, batch=32, lr=3e-3, width=128,
                              depth=4, max_len=128, pack=True, cot=False, scenes=False,
-                             qa=True)
+                             qa=True, captions=True)
     c = ml_collections.ConfigDict()
     c.task = "lm"
     c.seed = 0
@@ -57,9 +76,7 @@ def get_config(arg=None):
                   data_dir=placeholder(str))  # None: TFDS's default data dir
     c.input = dict(global_batch_size=args.batch, max_len=args.max_len, pack=args.pack,
                    add_bos=True, add_eos=True,
-                   documents="texts_as_documents" + ("|qa_documents" if args.qa else "") + (
-                       "|cot_documents" if args.cot else "") + (
-                       "|scene_documents" if args.scenes else ""),
+                   documents=documents(args),
                    tokenizer="vlm_shapes", special_tokens=list(VLM_SHAPES_LM_TOKENS),
                    shuffle_buffer=10_000, seed=0, prefetch_batches=4)
     c.optim = dict(name="adamw", lr=args.lr, schedule="cosine", warmup_steps=100, end_lr=1e-5,

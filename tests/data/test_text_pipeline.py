@@ -214,3 +214,21 @@ def test_scene_documents_put_a_caption_before_its_answered_questions():
     documents = [d.decode() for d in op(example)["documents"].numpy()]
     assert documents == ["earlier", "a red circle on the left. Q: What colour is the circle? "
                                     "A: red Q: How many objects? A: one"]
+
+
+def test_scene_documents_can_start_with_the_scene_description_instead():
+    from vlmjax.data import ops
+    from vlmjax.data.tf_cpu import tf
+    op = ops.get_op("scene_documents").factory(scene_text="description")
+    example = {"texts": tf.constant(["a disk"]),
+               "questions": tf.constant(["Where is the red circle?"]),
+               "answers": tf.constant(["left"]),
+               "cot_answers": tf.constant([
+                   "<SUMMARY>To answer, I will look.</SUMMARY><CAPTION>The image shows a large "
+                   "red circle on the left.</CAPTION><REASONING>It is left.</REASONING>"
+                   "<CONCLUSION>left</CONCLUSION>"])}
+    documents = [d.decode() for d in op(example)["documents"].numpy()]
+    assert documents == ["The image shows a large red circle on the left. Q: Where is the red "
+                         "circle? A: left"]
+    with pytest.raises(ValueError, match="scene_text 'boxes' is not one of"):
+        ops.get_op("scene_documents").factory(scene_text="boxes")

@@ -10,9 +10,13 @@ packing or padding, targets and loss mask) are built from `documents`.
   qa_documents(question_prefix="Q: ", answer_prefix=" A: ")
                           one document per question-answer pair, "Q: {question} A: {answer}"
                           (vlm_shapes' `questions` / `answers` fields)
-  scene_documents(question_prefix=" Q: ", answer_prefix=" A: ")
+  scene_documents(question_prefix=" Q: ", answer_prefix=" A: ", scene_text="caption")
                           one document per image: its first caption, then every question-answer
-                          pair about it: "{caption} Q: {question} A: {answer} Q: ...". The
+                          pair about it: "{caption} Q: {question} A: {answer} Q: ...";
+                          scene_text="description": the scene description of its LLaVA-CoT
+                          answer ("The image shows a large red circle on the left ..."), which
+                          names every fact a question asks (a caption may leave positions
+                          out or say "disk" for circle). The
                           answers are read from the context, the skill a LLaVA LLM needs when
                           the context is visual tokens (the LLaVA demo's LM trains on these)
   cot_documents(question_prefix="Q: ", answer_prefix=" A: ")
@@ -24,6 +28,9 @@ from __future__ import annotations
 
 from vlmjax.data.ops import Op, register_op
 from vlmjax.data.tf_cpu import tf
+
+
+SCENE_TEXTS = ("caption", "description")
 
 
 def _appended(example, new) -> dict:
@@ -56,17 +63,24 @@ def qa_documents(question_prefix: str = "Q: ", answer_prefix: str = " A: ") -> O
     return _pairs("answers", question_prefix, answer_prefix)
 
 
-@register_op("scene_documents", reads=("questions", "answers"))
-def scene_documents(question_prefix: str = " Q: ", answer_prefix: str = " A: ") -> Op:
+@register_op("scene_documents", reads=("questions", "answers", "cot_answers"))
+def scene_documents(question_prefix: str = " Q: ", answer_prefix: str = " A: ",
+                    scene_text: str = "caption") -> Op:
     for name, value in (("question_prefix", question_prefix), ("answer_prefix", answer_prefix)):
         if not isinstance(value, str):
             raise ValueError(f"{name} {value!r} must be a string")
+    if scene_text not in SCENE_TEXTS:
+        raise ValueError(f"scene_documents scene_text {scene_text!r} is not one of {SCENE_TEXTS}")
 
     def op(example):
         pairs = tf.strings.join([question_prefix, tf.strings.strip(example["questions"]),
                                  answer_prefix, tf.strings.strip(example["answers"])])
-        caption = tf.strings.strip(example["texts"][0])
-        return _appended(example, tf.strings.join([caption, tf.strings.reduce_join(pairs)]))
+        if scene_text == "caption":
+            text = tf.strings.strip(example["texts"][0])
+        else:  # the CAPTION stage of the LLaVA-CoT answers: every object with all its facts
+            text = tf.strings.regex_replace(example["cot_answers"][0],
+                                            ".*<CAPTION>(.*)</CAPTION>.*", r"\1")
+        return _appended(example, tf.strings.join([text, tf.strings.reduce_join(pairs)]))
     return op
 
 

@@ -48,7 +48,7 @@ LM_INPUT_DEFAULTS = dict(
     global_batch_size=32, max_len=128, pack=True, add_bos=True, add_eos=True,
     documents="texts_as_documents", tokenizer="vlm_shapes", special_tokens=(),
     shuffle_buffer=10_000, seed=0, prefetch_batches=2)
-DOCUMENT_OPS = ("texts_as_documents", "qa_documents", "cot_documents")
+DOCUMENT_OPS = ("texts_as_documents", "qa_documents", "cot_documents", "scene_documents")
 NO_TARGETS, TRUNCATED = skips.reason_id("no_targets"), skips.reason_id("truncated_document")
 _RECORD_KEYS = ("documents", "_index", "_skips", "_keep")
 
