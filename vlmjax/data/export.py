@@ -3,7 +3,7 @@
     python -m vlmjax.data.export vlm_shapes OUT --data_dir DIR [--config noisy] [--split train]
         [--captions one|all] [--train_size N] [--samples_per_shard 10000]
     python -m vlmjax.data.export llava OUT --data_dir DIR [--config 64px] [--split train]
-        [--kinds caption,conversation,detailed_description,complex_reasoning] [--limit N]
+        [--kinds caption,conversation,detailed_description,complex_reasoning,vqa] [--limit N]
         [--seed 0] [--train_size N]
 
 vlm_shapes: webdataset shards (KEY.png, KEY.txt, KEY.json). `--captions one` writes one sample
@@ -16,7 +16,9 @@ llava: LLaVA JSON made by `shapes_instruct` (true to each scene), one file per k
 own: `OUT/images/{id}.png` once per image, `OUT/{split}_{kind}.json` a list of
 {id, image, conversations, type, objects, background, ...} (see `shapes_instruct`). Read one with
 data.source="llava_json", json_path=OUT/{split}_{kind}.json, image_dir=OUT/images. `--limit N`
-exports the split's first N images; `--seed` picks other questions and wordings.
+exports the split's first N images; `--seed` picks other questions and wordings. The LLaVA-CoT
+kinds (`--kinds cot,cot_judge`: staged answers to questions that need several steps, and judge
+pairs, see `shapes_cot`) are written only when asked for.
 
 --train_size / --eval_size / --novel_size name a derived vlm_shapes config as
 `python -m vlmjax.data.build` does (built here if it is not on disk yet).
@@ -115,8 +117,8 @@ def _parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Name
     parser.add_argument("--novel_size", type=int, default=None)
     parser.add_argument("--captions", choices=("one", "all"), help="vlm_shapes: default one")
     parser.add_argument("--samples_per_shard", type=int, help="vlm_shapes: default 10000")
-    parser.add_argument("--kinds", help="llava: comma-separated, default all: "
-                                        + LLAVA_OPTIONS["kinds"])
+    parser.add_argument("--kinds", help="llava: comma-separated, default: "
+                                        + LLAVA_OPTIONS["kinds"] + " (also cot, cot_judge)")
     parser.add_argument("--limit", type=int, help="llava: the first N images of the split")
     parser.add_argument("--seed", type=int, help="llava: default 0")
     args = parser.parse_args(argv)

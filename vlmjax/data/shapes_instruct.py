@@ -15,6 +15,9 @@ kinds are written from what a vlm_shapes example records, so every answer is tru
     vqa                   one of the dataset's own questions, followed by LLaVA-1.5's
                           SHORT_ANSWER_INSTRUCTION, answered with the short answer (LLaVA-1.5
                           mixes VQAv2/GQA in this form so that the model answers VQA tersely)
+    cot, cot_judge        LLaVA-CoT (shapes_cot, not in the default KINDS): a question that needs
+                          several steps -> its <SUMMARY><CAPTION><REASONING><CONCLUSION> answer;
+                          a judge prompt for one stage -> "Since ..., I choose response N."
 
     facts = scene_facts(example)                  # a decoded vlm_shapes TFDS example
     entries = make_entries(example, KINDS, seed=0)
@@ -35,10 +38,13 @@ import zlib
 
 import numpy as np
 
-from vlmjax.data import shapes_noise, shapes_scene, shapes_text
+from vlmjax.data import shapes_cot, shapes_noise, shapes_scene, shapes_text
 from vlmjax.data.shapes_text import BACKGROUND_WORDS, NUMBER_WORDS, POSITION_PHRASES
 
 KINDS = ("caption", "conversation", "detailed_description", "complex_reasoning", "vqa")
+# LLaVA-CoT's kinds (shapes_cot): exported when asked for (`--kinds cot,cot_judge`).
+COT_KINDS = ("cot", "cot_judge")
+ALL_KINDS = KINDS + COT_KINDS
 # LLaVA-1.5's prompt for short-answer VQA data (VQAv2, GQA); the vqa evaluator appends the same.
 SHORT_ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 IMAGE_TOKEN = "<image>"
@@ -455,9 +461,19 @@ def _short_answer_vqa(facts: SceneFacts, rng) -> dict:
             "answers": [answer], "question_types": [question_type]}
 
 
+def _cot_maker(make):
+    def maker(facts: SceneFacts, rng) -> dict:
+        made = make(facts, rng)
+        return {"conversations": [_human(made.pop("question"), rng, True),
+                                  _gpt(made.pop("response"))], **made}
+    return maker
+
+
 _MAKERS = {"caption": _caption, "conversation": _conversation,
            "detailed_description": _detailed_description,
-           "complex_reasoning": _complex_reasoning, "vqa": _short_answer_vqa}
+           "complex_reasoning": _complex_reasoning, "vqa": _short_answer_vqa,
+           "cot": _cot_maker(shapes_cot.cot_entry),
+           "cot_judge": _cot_maker(shapes_cot.judge_entry)}
 
 
 def check_kinds(kinds) -> tuple[str, ...]:
@@ -465,10 +481,10 @@ def check_kinds(kinds) -> tuple[str, ...]:
     or empty one is an error naming the valid kinds."""
     if isinstance(kinds, str):
         kinds = [k.strip() for k in kinds.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in KINDS]
+    unknown = [k for k in kinds if k not in ALL_KINDS]
     if unknown or not kinds:
         raise ValueError(f"instruction kind(s) {unknown or list(kinds)} not valid; valid kinds: "
-                         f"{', '.join(KINDS)}")
+                         f"{', '.join(ALL_KINDS)}")
     return tuple(dict.fromkeys(kinds))
 
 
@@ -481,7 +497,8 @@ def make_entry(facts: SceneFacts, kind: str, seed: int = 0) -> dict | None:
     (a caption entry for an image whose captions are all noise)."""
     check_kinds([kind])
     # crc32, not hash(): str hashing is salted per process, and entries must not depend on it.
-    rng = np.random.default_rng([seed, KINDS.index(kind), zlib.crc32(facts.image_id.encode())])
+    rng = np.random.default_rng([seed, ALL_KINDS.index(kind),
+                                 zlib.crc32(facts.image_id.encode())])
     made = _MAKERS[kind](facts, rng)
     if made is None:
         return None
