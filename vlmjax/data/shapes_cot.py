@@ -281,16 +281,20 @@ def wrong_stage(facts, question: CotQuestion, stage: str, rng) -> str:
                                    "no, there are more small ones, by 1") if a != right])
 
 
-def judge_prompt(question: CotQuestion, stage: str, first: str, second: str) -> str:
-    """The judge prompt for `stage`: the question, the earlier stages as a hint, two texts."""
-    earlier = []
-    for tag, text in question.stages().items():
-        if tag == stage:
-            break
-        earlier.append(f"<{tag}>{text}</{tag}>")
-    hint = f"Hint (the earlier stages): {''.join(earlier)}\n" if earlier else ""
-    return JUDGE_PROMPT.format(name=STAGE_NAMES[stage], question=question.question, hint=hint,
-                               first=first, second=second)
+def judge_prompt(question: str, stage_name: str, earlier: str, first: str,
+                 second: str) -> str:
+    """The judge prompt: the question, the earlier stages (tagged, "" for none) as a hint, two
+    texts for the stage called `stage_name` ("summary", ...). vlmjax.inference.cot asks with
+    the same words."""
+    hint = f"Hint (the earlier stages): {earlier}\n" if earlier else ""
+    return JUDGE_PROMPT.format(name=stage_name, question=question, hint=hint, first=first,
+                               second=second)
+
+
+def earlier_stages(question: CotQuestion, stage: str) -> str:
+    """The tagged stages of `question` before `stage`."""
+    stages = list(question.stages().items())
+    return "".join(f"<{tag}>{text}</{tag}>" for tag, text in stages[:COT_TAGS.index(stage)])
 
 
 JUDGE_REASONS = {"SUMMARY": "its plan asks for what the question needs",
@@ -309,7 +313,9 @@ def judge_example(facts, question: CotQuestion, stage: str, rng) -> tuple[str, s
     right, wrong = question.stages()[stage], wrong_stage(facts, question, stage, rng)
     choice = 1 + int(rng.integers(2))
     first, second = (right, wrong) if choice == 1 else (wrong, right)
-    return judge_prompt(question, stage, first, second), judge_answer(stage, choice), choice
+    prompt = judge_prompt(question.question, STAGE_NAMES[stage], earlier_stages(question, stage),
+                          first, second)
+    return prompt, judge_answer(stage, choice), choice
 
 
 # --- LLaVA JSON entries (shapes_instruct kinds "cot" and "cot_judge") ------------------------

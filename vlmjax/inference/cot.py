@@ -1,0 +1,164 @@
+"""LLaVA-CoT inference-time search: stage-level beam search with a pairwise judge, and the
+baselines it is measured against (best-of-N over whole answers, sentence-level beam search).
+
+    searcher = ModelCot(answerer, params, images, questions, temperature=0.7)
+    answers = stage_beam(searcher.sample, searcher.judge, keys=range(len(questions)),
+                         num_beams=4, seed=0)                     # one answer text per question
+
+LLaVA-CoT answers in four tagged stages (<SUMMARY>, <CAPTION>, <REASONING>, <CONCLUSION>). Its
+search, per stage: sample N candidates for the stage; pick 2 of them at random, let the judge say
+which is better and drop the other; repeat N-1 times; append the survivor and go on to the next
+stage. Here every question of a batch is searched at once: one sampling call per stage gives all
+questions their N candidates, and each round of the elimination is one batched judge call.
+
+The search is written against two small interfaces, so that it is tested with scripted
+samplers and judges and run with the model:
+  sampler(keys, prefixes, unit, num, seed) -> per question (`keys`: the questions' ids),
+      `num` Candidates continuing its prefix by one `unit`: a stage tag ("SUMMARY", ...: the text from <TAG> to </TAG>), ANSWER (the
+      whole rest of the answer, to </CONCLUSION>) or SENTENCE (up to a sentence end or a
+      closing tag).
+  judge(prefixes, unit, first, second) -> per question, 1 or 2: the better Candidate.
+Judges: `ModelCot.judge` (the model with LLaVA-CoT's judge prompt, default), `loglik_judge`
+(the candidates' mean log-probability), or any callable with that signature.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from vlmjax.data import shapes_cot
+from vlmjax.data.shapes_text import COT_TAGS
+
+ANSWER, SENTENCE = "ANSWER", "SENTENCE"
+STAGE_NAMES = {**shapes_cot.STAGE_NAMES, ANSWER: "answer", SENTENCE: "next sentence"}
+FINAL_TAG = f"</{COT_TAGS[-1]}>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    text: str
+    logprob: float = 0.0   # summed log-probability of its tokens under the sampler
+    tokens: int = 0        # how many tokens were generated for it
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / max(self.tokens, 1)
+
+
+Sampler = Callable[[list[int], list[str], str, int, int], list[list[Candidate]]]
+Judge = Callable[[list[str], str, list[Candidate], list[Candidate]], Sequence[int]]
+
+
+def tournament(candidates: list[list[Candidate]], judge: Callable,
+               rngs: list[np.random.Generator]) -> list[Candidate]:
+    """LLaVA-CoT's elimination: for each question, N-1 rounds of "two of the survivors at
+    random (from the question's own rng), the judge keeps one"; `judge(rows, first, second)`
+    judges one round of every question at once (lists of Candidates) and returns 1 or 2 per
+    question."""
+    pools = [list(range(len(row))) for row in candidates]
+    for _ in range(max(len(pool) for pool in pools) - 1):
+        active = [q for q, pool in enumerate(pools) if len(pool) > 1]
+        pairs = {q: rngs[q].choice(len(pools[q]), 2, replace=False) for q in active}
+        first = [candidates[q][pools[q][pairs[q][0]]] for q in active]
+        second = [candidates[q][pools[q][pairs[q][1]]] for q in active]
+        choices = list(judge(active, first, second))
+        if len(choices) != len(active):
+            raise ValueError(f"judge returned {len(choices)} choices for {len(active)} pairs")
+        for q, choice in zip(active, choices):
+            if choice not in (1, 2):
+                raise ValueError(f"judge returned {choice!r}; it must return 1 or 2")
+            loser = pairs[q][1] if choice == 1 else pairs[q][0]
+            pools[q].pop(int(loser))
+    return [candidates[q][pool[0]] for q, pool in enumerate(pools)]
+
+
+def _search(sampler: Sampler, judge: Judge, units: Callable[[list[str]], str | None],
+            keys: Sequence[int], num_beams: int, seed: int, max_steps: int) -> list[str]:
+    """Shared loop: sample `num_beams` continuations of every unfinished prefix by the next
+    unit, keep the judged winner, until no prefix has a next unit (or max_steps). Question q's
+    pairings come from an rng of (seed, step, keys[q]), so a question is searched the same
+    in any batch."""
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    prefixes = [""] * len(keys)
+    for step in range(max_steps):
+        unit = units(prefixes)
+        if unit is None:
+            break
+        rows = [q for q, p in enumerate(prefixes) if FINAL_TAG not in p]
+        row_prefixes = [prefixes[q] for q in rows]
+        sampled = sampler([keys[q] for q in rows], row_prefixes, unit, num_beams,
+                          seed * 1000 + step)
+        if num_beams == 1:
+            winners = [row[0] for row in sampled]
+        else:
+            def judge_round(active, first, second):
+                return judge([row_prefixes[i] for i in active], unit, first, second)
+            rngs = [np.random.default_rng([seed, step, keys[q]]) for q in rows]
+            winners = tournament(sampled, judge_round, rngs)
+        for q, winner in zip(rows, winners):
+            prefixes[q] += winner.text
+    return prefixes
+
+
+def stage_beam(sampler: Sampler, judge: Judge, keys: Sequence[int], num_beams: int = 4,
+               seed: int = 0) -> list[str]:
+    """LLaVA-CoT's stage-level beam search: the four stages in order, each chosen among
+    `num_beams` samples by the judge's elimination (num_beams=1: one sample a stage)."""
+    stages = iter(COT_TAGS)
+    return _search(sampler, judge, lambda prefixes: next(stages, None), keys, num_beams, seed,
+                   len(COT_TAGS))
+
+
+def best_of_n(sampler: Sampler, judge: Judge, keys: Sequence[int], num_beams: int = 4,
+              seed: int = 0) -> list[str]:
+    """N whole answers, the same elimination over them."""
+    units = iter((ANSWER,))
+    return _search(sampler, judge, lambda prefixes: next(units, None), keys, num_beams, seed, 1)
+
+
+def sentence_beam(sampler: Sampler, judge: Judge, keys: Sequence[int], num_beams: int = 2,
+                  seed: int = 0, max_sentences: int = 24) -> list[str]:
+    """Sentence-level beam search: candidates stop at a sentence end or a closing tag, judged
+    sentence by sentence until every answer holds </CONCLUSION> (or max_sentences)."""
+    def unit(prefixes):
+        return SENTENCE if any(FINAL_TAG not in p for p in prefixes) else None
+    return _search(sampler, judge, unit, keys, num_beams, seed, max_sentences)
+
+
+def loglik_judge(prefixes, unit, first: list[Candidate], second: list[Candidate]) -> list[int]:
+    """The candidate with the higher mean log-probability per token (ties: the first)."""
+    del prefixes, unit
+    return [1 if a.mean_logprob >= b.mean_logprob else 2 for a, b in zip(first, second)]
+
+
+def judge_prompt(question: str, prefix: str, unit: str, first: str, second: str) -> str:
+    """The judge prompt vlmjax.data.shapes_cot trains the judge with: the question, the answer
+    so far as a hint, the two texts (a stage's without its tags, as in the judge data)."""
+    return shapes_cot.judge_prompt(question, STAGE_NAMES.get(unit, unit.lower()), prefix,
+                                   _untagged(first, unit), _untagged(second, unit))
+
+
+def _untagged(text: str, unit: str) -> str:
+    """A stage candidate without its own <TAG> and </TAG> (the judge data shows the text)."""
+    if unit in COT_TAGS:
+        text = text.strip()
+        opening, closing = f"<{unit}>", f"</{unit}>"
+        if text.startswith(opening):
+            text = text[len(opening):]
+        if text.endswith(closing):
+            text = text[:-len(closing)]
+    return text
+
+
+def parse_choice(text: str) -> int | None:
+    """1 or 2 from "Since ..., I choose response N."; None when the text names neither."""
+    lowered = text.lower()
+    at = lowered.rfind("response")
+    tail = lowered[at + len("response"):] if at >= 0 else lowered
+    for char in tail:
+        if char in "12":
+            return int(char)
+    return None
