@@ -39,7 +39,7 @@ def quality(candidate: cot.Candidate) -> int:
 
 
 def best_judge(calls=None):
-    def judge(prefixes, unit, first, second):
+    def judge(keys, prefixes, unit, first, second):
         if calls is not None:
             calls.append(len(first))
         return [1 if quality(a) >= quality(b) else 2 for a, b in zip(first, second)]
@@ -51,7 +51,7 @@ def test_tournament_keeps_the_judged_winner_in_n_minus_1_rounds():
     candidates = [[cot.Candidate(f"q{int(v)}") for v in rng.permutation(n * 10)[:n]]
                   for n in (1, 2, 4, 5)]
     rounds = []
-    winners = cot.tournament(candidates, lambda rows, a, b: best_judge(rounds)(None, "", a, b),
+    winners = cot.tournament(candidates, lambda rows, a, b: best_judge(rounds)(rows, None, "", a, b),
                              [np.random.default_rng(i) for i in range(4)])
     assert [quality(w) for w in winners] == [max(map(quality, row)) for row in candidates]
     assert len(rounds) == 4  # the largest pool (5) needs 4 rounds; finished rows drop out
@@ -80,7 +80,7 @@ def test_stage_beam_picks_the_best_candidate_of_each_stage():
 
 
 def test_a_deterministic_judge_makes_the_search_deterministic_and_batch_independent():
-    def noisy_judge(prefixes, unit, first, second):  # deterministic, but not "the best wins"
+    def noisy_judge(keys, prefixes, unit, first, second):  # deterministic, but not "the best wins"
         return [1 + (quality(a) * 7 + quality(b) * 3) % 2 for a, b in zip(first, second)]
     keys = [0, 1, 2, 5, 9]
     for method in (cot.stage_beam, cot.best_of_n, cot.sentence_beam):
@@ -110,7 +110,7 @@ def test_best_of_n_samples_whole_answers_once_and_sentence_beam_stops_at_the_con
 
 def test_loglik_judge_and_choice_parsing():
     a, b = cot.Candidate("x", logprob=-1.0, tokens=4), cot.Candidate("y", logprob=-3.0, tokens=4)
-    assert cot.loglik_judge(["", ""], "SUMMARY", [a, b], [b, a]) == [1, 2]
+    assert cot.loglik_judge([0, 1], ["", ""], "SUMMARY", [a, b], [b, a]) == [1, 2]
     assert cot.parse_choice("Since it is right, I choose response 2.") == 2
     assert cot.parse_choice("response 1") == 1
     assert cot.parse_choice("I cannot tell") is None

@@ -38,6 +38,18 @@ def stop_ids(tokenizer, template) -> list[int]:
     return sorted(set(ids))
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [B, L], prompt mask bool [B, L]) with every prompt ending at the last
+    column, so that the new tokens of all rows start at the same column."""
+    length = max(len(p) for p in prompts)
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    for row, ids in enumerate(prompts):
+        tokens[row, length - len(ids):] = ids
+        mask[row, length - len(ids):] = True
+    return tokens, mask
+
+
 class ImageQuestionAnswerer:
     """Greedy answers of `model` (anything `vlmjax.inference.generate` runs, taking `images`) to
     questions about images; see the module docstring.
@@ -104,12 +116,7 @@ class ImageQuestionAnswerer:
                   **options) -> list[str]:
         real, rows = len(prompts), self.batch_size
         prompts = prompts + [prompts[0]] * (rows - real)  # padding rows: copies of the first
-        length = max(len(p) for p in prompts)
-        tokens = np.full((rows, length), self.pad_id, np.int32)
-        mask = np.zeros((rows, length), bool)
-        for row, ids in enumerate(prompts):  # left-padded: the answers start at the same column
-            tokens[row, length - len(ids):] = ids
-            mask[row, length - len(ids):] = True
+        tokens, mask = left_padded(prompts, self.pad_id)
         if images is not None:
             images = np.asarray(images, np.float32)
             images = np.concatenate([images, np.repeat(images[:1], rows - real, axis=0)])

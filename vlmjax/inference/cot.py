@@ -17,7 +17,7 @@ samplers and judges and run with the model:
       `num` Candidates continuing its prefix by one `unit`: a stage tag ("SUMMARY", ...: the text from <TAG> to </TAG>), ANSWER (the
       whole rest of the answer, to </CONCLUSION>) or SENTENCE (up to a sentence end or a
       closing tag).
-  judge(prefixes, unit, first, second) -> per question, 1 or 2: the better Candidate.
+  judge(keys, prefixes, unit, first, second) -> per pair, 1 or 2: the better Candidate.
 Judges: `ModelCot.judge` (the model with LLaVA-CoT's judge prompt, default), `loglik_judge`
 (the candidates' mean log-probability), or any callable with that signature.
 """
@@ -48,7 +48,7 @@ class Candidate:
 
 
 Sampler = Callable[[list[int], list[str], str, int, int], list[list[Candidate]]]
-Judge = Callable[[list[str], str, list[Candidate], list[Candidate]], Sequence[int]]
+Judge = Callable[[list[int], list[str], str, list[Candidate], list[Candidate]], Sequence[int]]
 
 
 def tournament(candidates: list[list[Candidate]], judge: Callable,
@@ -95,7 +95,8 @@ def _search(sampler: Sampler, judge: Judge, units: Callable[[list[str]], str | N
             winners = [row[0] for row in sampled]
         else:
             def judge_round(active, first, second):
-                return judge([row_prefixes[i] for i in active], unit, first, second)
+                return judge([keys[rows[i]] for i in active], [row_prefixes[i] for i in active],
+                             unit, first, second)
             rngs = [np.random.default_rng([seed, step, keys[q]]) for q in rows]
             winners = tournament(sampled, judge_round, rngs)
         for q, winner in zip(rows, winners):
@@ -128,9 +129,10 @@ def sentence_beam(sampler: Sampler, judge: Judge, keys: Sequence[int], num_beams
     return _search(sampler, judge, unit, keys, num_beams, seed, max_sentences)
 
 
-def loglik_judge(prefixes, unit, first: list[Candidate], second: list[Candidate]) -> list[int]:
+def loglik_judge(keys, prefixes, unit, first: list[Candidate],
+                 second: list[Candidate]) -> list[int]:
     """The candidate with the higher mean log-probability per token (ties: the first)."""
-    del prefixes, unit
+    del keys, prefixes, unit
     return [1 if a.mean_logprob >= b.mean_logprob else 2 for a, b in zip(first, second)]
 
 
@@ -162,3 +164,94 @@ def parse_choice(text: str) -> int | None:
         if char in "12":
             return int(char)
     return None
+
+
+class ModelCot:
+    """The sampler and judge of a LLaVA-style model for questions about images.
+
+    Args:
+      answerer: an evals.generation.ImageQuestionAnswerer of the model (its tokenizer holds the
+        stage tags as special tokens: tokenizers.VLM_SHAPES_SYMBOLS).
+      params, images (float32 [B, H, W, 3] or None), questions (B strings): what is searched;
+        a sampler / judge call's `keys` index these.
+      temperature, top_p: sampling; max_stage_tokens: the longest unit sampled;
+      max_judge_tokens: the longest judge reply.
+
+    A stage is sampled from the question's prompt, the answer so far and the stage's opening
+    tag, and stops at its closing tag (or EOS / end of turn); ANSWER stops at </CONCLUSION>,
+    SENTENCE at a piece that ends a sentence or any closing tag. The judge asks the judge
+    prompt as a new question about the same image (greedy) and reads "response 1/2"; a reply
+    that names neither keeps the first text and is counted in `unparsed_judgements`.
+    `generated_tokens` counts every new token, the judges' included.
+    """
+
+    def __init__(self, answerer, params, images, questions: Sequence[str], temperature=0.7,
+                 top_p=1.0, max_stage_tokens: int = 96, max_judge_tokens: int = 24):
+        self.answerer, self.params, self.images = answerer, params, images
+        self.questions = list(questions)
+        self.temperature, self.top_p = float(temperature), float(top_p)
+        self.max_stage_tokens, self.max_judge_tokens = max_stage_tokens, max_judge_tokens
+        tokenizer = answerer.tokenizer
+        self.tokenizer = tokenizer
+        missing = [f"<{t}>" for t in COT_TAGS if f"<{t}>" not in tokenizer.special_tokens]
+        if missing:
+            raise ValueError(f"the tokenizer has no special token(s) {missing}: LLaVA-CoT's "
+                             "stage tags must be single tokens (tokenizers.VLM_SHAPES_SYMBOLS)")
+        self.opening = {t: tokenizer.token_id(f"<{t}>") for t in COT_TAGS}
+        self.closing = {t: tokenizer.token_id(f"</{t}>") for t in COT_TAGS}
+        self.prompts = answerer.prompts(self.questions, images is not None)
+        self.sentence_ends = [i for i in range(tokenizer.vocab_size)
+                              if tokenizer.decode_raw([i]).rstrip().endswith((".", "?", "!"))]
+        self.generated_tokens = 0
+        self.unparsed_judgements = 0
+
+    def _stops(self, unit: str) -> list[int]:
+        eos = list(self.answerer.eos_ids)
+        if unit in COT_TAGS:
+            return eos + [self.closing[unit]]
+        if unit == ANSWER:
+            return eos + [self.closing[COT_TAGS[-1]]]
+        return eos + list(self.closing.values()) + self.sentence_ends
+
+    def _generate(self, keys, prompts, stops, max_new_tokens, **options):
+        from vlmjax.evals.generation import left_padded
+        from vlmjax.inference.generate import generate
+        tokens, mask = left_padded(prompts, self.answerer.pad_id)
+        images = None if self.images is None else np.asarray(self.images, np.float32)[keys]
+        out = generate(self.answerer.model, self.params, tokens, images=images,
+                       prompt_mask=mask, max_new_tokens=max_new_tokens, eos_id=stops,
+                       pad_id=self.answerer.pad_id, **options)
+        new, lengths, scores = (np.asarray(x) for x in (out.tokens, out.lengths, out.scores))
+        self.generated_tokens += int(lengths.sum())
+        return [new[row, :int(lengths[row])].tolist() for row in range(len(prompts))], scores
+
+    def sample(self, keys, prefixes, unit, num, seed) -> list[list[Candidate]]:
+        import jax
+        forced = [self.opening[unit]] if unit in COT_TAGS else []
+        prompts, rows = [], []
+        for key, prefix in zip(keys, prefixes):
+            prompt = (self.prompts[key] + (self.tokenizer.encode_raw([prefix])[0] if prefix
+                                           else []) + forced)
+            prompts += [prompt] * num
+            rows += [key] * num
+        ids, scores = self._generate(rows, prompts, self._stops(unit), self.max_stage_tokens,
+                                     strategy="sample", temperature=self.temperature,
+                                     top_p=self.top_p, rng=jax.random.key(seed))
+        eos = set(self.answerer.eos_ids)
+        candidates = [Candidate(self.tokenizer.decode_raw(forced + [i for i in row if i not in eos]),
+                                float(score), len(row)) for row, score in zip(ids, scores)]
+        return [candidates[q * num:(q + 1) * num] for q in range(len(keys))]
+
+    def judge(self, keys, prefixes, unit, first, second) -> list[int]:
+        prompts = [self.answerer.prompts([judge_prompt(self.questions[key], prefix, unit,
+                                                       a.text, b.text)],
+                                         self.images is not None)[0]
+                   for key, prefix, a, b in zip(keys, prefixes, first, second)]
+        ids, _ = self._generate(keys, prompts, list(self.answerer.eos_ids),
+                                self.max_judge_tokens)
+        choices = []
+        for row in ids:
+            choice = parse_choice(self.tokenizer.decode_raw(row))
+            self.unparsed_judgements += choice is None
+            choices.append(choice or 1)
+        return choices

@@ -1,0 +1,117 @@
+"""inference/cot.py's ModelCot on a tiny random PrefixLM: a stage is sampled from the question's
+prompt + the answer so far + the opening tag and is cut at its closing tag, the judge asks the
+judge prompt about the same image, and the token count covers both."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlmjax.data import shapes
+from vlmjax.data.tokenizers import VLM_SHAPES_LM_TOKENS, load_tokenizer
+from vlmjax.evals.generation import ImageQuestionAnswerer, left_padded
+from vlmjax.inference import cot
+from vlmjax.inference.generate import generate
+from vlmjax.models.prefix_lm import PrefixLM
+
+VISION = dict(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=8, pool="cls")
+T = 4  # visual tokens of a 16 x 16 image (the class token dropped)
+QUESTIONS = ["How many corners do the red shape and the blue shape have together?",
+             "Are there more large shapes than small ones, and by how many?"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    builder = shapes.prepare(shapes.make_builder(
+        "32px", str(tmp_path_factory.mktemp("cot_tfds")), train_size=16, eval_size=4,
+        novel_size=2, num_workers=0))
+    tokenizer = load_tokenizer(shapes.tokenizer_path(builder))
+    tokenizer.add_special_tokens(list(VLM_SHAPES_LM_TOKENS))
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def searcher(tokenizer):
+    model = PrefixLM(vision=VISION, image_token_id=tokenizer.token_id("<image>"),
+                     llm=dict(vocab_size=tokenizer.vocab_size, width=32, depth=2, num_heads=4,
+                              num_kv_heads=2, mlp_dim=64))
+    tokens = jnp.full((1, T + 2), tokenizer.token_id("<image>"), jnp.int32).at[0, -2:].set(7)
+    shapes_ = nn.meta.unbox(jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), tokens, images=jnp.zeros((1, 16, 16, 3))))["params"])
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: jnp.asarray(
+        rng.normal(size=s.shape) / np.sqrt(s.shape[0] if len(s.shape) > 1 else 1)
+        + (len(s.shape) == 1), jnp.float32), shapes_)
+    images = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    answerer = ImageQuestionAnswerer(model, tokenizer, "chatml", T)
+    return cot.ModelCot(answerer, params, images, QUESTIONS, temperature=1.0,
+                        max_stage_tokens=12, max_judge_tokens=8)
+
+
+def test_a_stage_is_sampled_after_its_opening_tag_and_cut_at_its_closing_tag(searcher,
+                                                                            tokenizer,
+                                                                            monkeypatch):
+    close = tokenizer.token_id("</SUMMARY>")
+    assert set(searcher._stops("SUMMARY")) == {close, *searcher.answerer.eos_ids}
+    # A random model seldom samples </SUMMARY>: stop also at a quarter of the vocabulary, so
+    # that most samples end at a stop and the cut shows.
+    stops = sorted({close, *range(0, tokenizer.vocab_size, 4)})
+    monkeypatch.setattr(searcher, "_stops", lambda unit: stops)
+    prefix = "<SUMMARY>plan</SUMMARY>"
+    before = searcher.generated_tokens
+    sampled = searcher.sample([1, 0], ["", prefix], "SUMMARY", 6, seed=3)
+    assert [len(row) for row in sampled] == [6, 6]
+    assert all(c.text.startswith("<SUMMARY>") for row in sampled for c in row)
+    assert searcher.generated_tokens - before == sum(c.tokens for r in sampled for c in r)
+    # the first rows' prompt: question 1's prompt + <SUMMARY>; the others: question 0's +
+    # the tokenised prefix + <SUMMARY>; the same sampling call by hand gives the same texts
+    opening = tokenizer.token_id("<SUMMARY>")
+    prompts = ([searcher.prompts[1] + [opening]] * 6
+               + [searcher.prompts[0] + tokenizer.encode_raw([prefix])[0] + [opening]] * 6)
+    tokens, mask = left_padded(prompts, searcher.answerer.pad_id)
+    out = generate(searcher.answerer.model, searcher.params, tokens,
+                   images=searcher.images[[1] * 6 + [0] * 6], prompt_mask=mask,
+                   max_new_tokens=12, eos_id=stops, strategy="sample",
+                   temperature=1.0, rng=jax.random.key(3), pad_id=searcher.answerer.pad_id)
+    rows = [[int(i) for i in row[:int(n)]]
+            for row, n in zip(np.asarray(out.tokens), np.asarray(out.lengths))]
+    ended = 0
+    for ids, candidate in zip(rows, [c for row in sampled for c in row]):
+        assert candidate.tokens == len(ids)
+        assert not set(ids[:-1]) & set(stops)  # cut at the first stop, nothing after it
+        ended += ids[-1] in stops
+        eos = searcher.answerer.eos_ids
+        assert candidate.text == tokenizer.decode_raw([opening] + [i for i in ids
+                                                                   if i not in eos])
+    assert ended >= 6
+
+
+def test_the_judge_asks_about_the_same_image_and_falls_back_to_the_first(searcher):
+    first = [cot.Candidate("<SUMMARY>a</SUMMARY>"), cot.Candidate("<SUMMARY>b</SUMMARY>")]
+    second = [cot.Candidate("<SUMMARY>c</SUMMARY>"), cot.Candidate("<SUMMARY>d</SUMMARY>")]
+    unparsed = searcher.unparsed_judgements
+    choices = searcher.judge([1, 0], ["<CAPTION>x</CAPTION>", ""], "SUMMARY", first, second)
+    expected, missed = [], 0
+    for key, prefix, a, b in zip([1, 0], ["<CAPTION>x</CAPTION>", ""], first, second):
+        text = cot.judge_prompt(QUESTIONS[key], prefix, "SUMMARY", a.text, b.text)
+        (prompt,) = searcher.answerer.prompts([text], with_images=True)
+        out = generate(searcher.answerer.model, searcher.params, np.asarray([prompt], np.int32),
+                       images=searcher.images[key:key + 1], max_new_tokens=8,
+                       eos_id=list(searcher.answerer.eos_ids))
+        reply = searcher.tokenizer.decode_raw(
+            [int(i) for i in np.asarray(out.tokens[0, :int(out.lengths[0])])])
+        choice = cot.parse_choice(reply)
+        missed += choice is None
+        expected.append(choice or 1)
+    assert choices == expected
+    assert searcher.unparsed_judgements - unparsed == missed
+    answers = cot.stage_beam(searcher.sample, searcher.judge, keys=[0, 1], num_beams=2)
+    assert all(a.startswith("<SUMMARY>") for a in answers)
+
+
+def test_missing_stage_tokens_are_an_error(searcher):
+    class Plain:
+        special_tokens = {}
+    answerer = type("A", (), {"tokenizer": Plain()})()
+    with pytest.raises(ValueError, match="stage tags must be single tokens"):
+        cot.ModelCot(answerer, None, None, ["q"])
