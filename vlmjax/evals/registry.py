@@ -30,6 +30,7 @@ TYPES = {
     "perplexity": "vlmjax.evals.perplexity:PerplexityEvaluator",
     "vqa": "vlmjax.evals.vqa:VqaEvaluator",
     "captioning": "vlmjax.evals.captioning:CaptioningEvaluator",
+    "cot": "vlmjax.evals.cot:CotEvaluator",
 }
 COMMON_KEYS = {
     "type": f"evaluator type, one of {sorted(TYPES)}",

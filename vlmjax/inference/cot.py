@@ -255,3 +255,24 @@ class ModelCot:
             self.unparsed_judgements += choice is None
             choices.append(choice or 1)
         return choices
+
+
+def parse_stages(text: str) -> dict[str, str]:
+    """The text of each stage a response holds, {tag: text}, read in order: the response opens
+    with <SUMMARY>, and each stage opens right after the previous one closes (whitespace
+    between is allowed); reading stops at the first stage that does not."""
+    stages, rest = {}, text
+    for tag in COT_TAGS:
+        rest = rest.lstrip()
+        opening, closing = f"<{tag}>", f"</{tag}>"
+        end = rest.find(closing)
+        if not rest.startswith(opening) or end < 0:
+            break
+        stages[tag] = rest[len(opening):end].strip()
+        rest = rest[end + len(closing):]
+    return stages
+
+
+def conclusion(text: str) -> str:
+    """A response's final answer: its CONCLUSION stage, or "" when it has none."""
+    return parse_stages(text).get(COT_TAGS[-1], "")

@@ -17,8 +17,8 @@ Implements the task contract of vlmjax/train/tasks/base.py. Config keys it owns
   train_vision optional, stage 2 only: True also trains the vision tower (default False)
 Frozen parts are the task's `trainable`: the trainer differentiates only the trained params (no
 weight gradient, no optimiser state for the rest; optim.freeze freezes more on top).
-It also reads (trainer keys) model_init (see `pretrained_params`) and evals (types vqa and
-captioning, run by vlmjax.evals.generation.ImageQuestionAnswerer).
+It also reads (trainer keys) model_init (see `pretrained_params`) and evals (types vqa,
+captioning and cot, run by vlmjax.evals.generation.ImageQuestionAnswerer).
 
 Batches (llava_pipeline): tokens / targets int32 [B, L], loss_mask bool [B, L] (the answers),
 segment_ids int32 [B, L], image float32 [B, S, S, 3]; the image tokens of `tokens` take the
@@ -47,7 +47,7 @@ PREFIX_FIELDS = ("image_token_id", "vision_arch", "vision_feature_layer", "visio
                  "prefix_attention")
 MODEL_KEYS = ("vision", "llm", *PREFIX_FIELDS, "dtype")
 TRAINABLE = {1: r"^projector/", 2: r"^(projector|llm)/"}
-EVAL_TYPES = ("vqa", "captioning")
+EVAL_TYPES = ("vqa", "captioning", "cot")
 
 
 def _plain(value):
@@ -226,7 +226,7 @@ class LlavaTask(TaskDefaults):
                                           "special_tokens": record["special_tokens"]})
 
     def evaluators(self, eval_config) -> list:
-        """The evaluators of `eval_config` (config.evals; types vqa and captioning), built
+        """The evaluators of `eval_config` (config.evals; types vqa, captioning and cot), built
         lazily around an evals.generation.ImageQuestionAnswerer of this model."""
         from vlmjax.evals import registry
         if not registry.entries(eval_config):
