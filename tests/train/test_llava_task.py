@@ -260,3 +260,23 @@ def test_evaluators_get_an_answerer_of_the_model(llava_dirs):
     answerer = evaluators[0].context.model
     assert answerer.model is task.model and answerer.num_image_tokens == 16
     assert answerer.template.name == "chatml" and answerer.tokenizer.token_id("<image>") == 4
+
+
+@pytest.mark.slow
+def test_llava_cot_runlocal_trains_and_evaluates(llava_dirs, tmp_path_factory):
+    """configs/llava_cot/tiny.py:runlocal: a few SFT steps on the cot + cot_judge export, then
+    the cot evaluator on validation."""
+    data_dir, _ = llava_dirs
+    builder = shapes.make_builder("64px", data_dir, **RUNLOCAL_SIZES, num_workers=0)
+    out = str(tmp_path_factory.mktemp("llava_cot"))
+    counts = export.export_llava(builder, out, "train", kinds=("cot", "cot_judge"))
+    assert counts["cot"] == counts["cot_judge"] == RUNLOCAL_SIZES["train_size"]
+    config = config_lib.load_config(
+        f"configs/llava_cot/tiny.py:runlocal,shapes_dir={data_dir},llava_dir={out}")
+    assert set(config.data.sources) == {"cot", "cot_judge"}
+    result = trainer.train(config, str(tmp_path_factory.mktemp("cot_workdir")))
+    assert int(result.state.step) == config.total_steps
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.state.params))
+    assert {"cot/validation_cot/accuracy", "cot/validation_cot/format_valid",
+            "cot/validation_cot/judge_accuracy"} <= set(result.metrics)
+    assert result.metrics["cot/validation_cot/questions"] == 8.0  # max_examples of runlocal
