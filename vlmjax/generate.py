@@ -22,6 +22,14 @@ The image (any format PIL reads) is resized and normalised as in the run's evalu
 prompt is the question as one user turn of the run's chat template (`--template` to change it)
 with the image at its start, and the answer is greedy (or sampled) until the template's end of
 turn. Without `--image` the question is asked with no image.
+
+A LLaVA-CoT workdir (configs/llava_cot/tiny.py) can search its four-stage answer instead:
+
+  python -m vlmjax.generate --model WORKDIR --image PATH --prompt "How many corners ...?" \
+      --cot stage_beam --num_beams 4 --temperature 0.7 [--max_new_tokens 96 (per stage)]
+
+prints the chosen <SUMMARY>, <CAPTION>, <REASONING> and <CONCLUSION> and the tokens the search
+generated (inference.cot: stage_beam, best_of_n, sentence_beam).
 """
 from __future__ import annotations
 
@@ -47,7 +55,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="greedy")
-    p.add_argument("--num_beams", type=int, default=4, help="beam search only")
+    p.add_argument("--num_beams", type=int, default=4,
+                   help="beam search, and the candidates per step of a --cot search")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
@@ -62,6 +71,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="LLaVA workdirs: the image asked about")
     p.add_argument("--template", default=None,
                    help="LLaVA workdirs: chat template (default: the run's input.template)")
+    p.add_argument("--cot", default=None, choices=("stage_beam", "best_of_n", "sentence_beam"),
+                   help="LLaVA-CoT workdirs: search the four-stage answer (inference.cot) with "
+                        "--num_beams candidates, sampled at --temperature, the model its own "
+                        "judge; prints the chosen stages")
     return p
 
 
@@ -86,25 +99,58 @@ def load_image(path: str, model_config: dict) -> np.ndarray:
     return np.asarray(example["image"], np.float32)
 
 
-def answer_about_image(args: argparse.Namespace, model, params, model_config, out=None) -> str:
-    """A llava workdir's answer to `args.prompt` about `args.image` (None: no image)."""
+def llava_answerer(model, model_config: dict, template: str | None = None,
+                   tokenizer_path: str | None = None, max_new_tokens: int = 32):
+    """An evals.generation.ImageQuestionAnswerer of a llava workdir's model, with the run's
+    tokenizer (and special tokens) and chat template unless others are named."""
     import ml_collections
 
     from vlmjax.data import pipeline_config
     from vlmjax.evals.generation import ImageQuestionAnswerer
 
+    tokenizer = pipeline_config.resolve_tokenizer(ml_collections.ConfigDict(dict(
+        tokenizer=tokenizer_path or model_config["tokenizer"],
+        special_tokens=[*model_config["special_tokens"], model_config["image_token"]])), [])
+    return ImageQuestionAnswerer(model, tokenizer, template or model_config["template"],
+                                 model_config["num_image_tokens"],
+                                 max_new_tokens=max_new_tokens,
+                                 image_token=model_config["image_token"])
+
+
+def cot_answer(args: argparse.Namespace, answerer, params, images, out=None) -> str:
+    """`--cot METHOD`: a LLaVA-CoT answer found by inference.cot's search, printed stage by
+    stage with what the search cost."""
+    from vlmjax.inference import cot
+
+    searcher = cot.ModelCot(answerer, params, images, [args.prompt],
+                            temperature=args.temperature, top_p=args.top_p,
+                            max_stage_tokens=args.max_new_tokens)
+    search = {"stage_beam": cot.stage_beam, "best_of_n": cot.best_of_n,
+              "sentence_beam": cot.sentence_beam}[args.cot]
+    text = search(searcher.sample, searcher.judge, keys=[0], num_beams=args.num_beams,
+                  seed=args.seed)[0]
+    out = out or sys.stdout
+    stages = cot.parse_stages(text)
+    for tag, stage_text in stages.items():
+        out.write(f"{tag}: {stage_text}\n")
+    if len(stages) < 4:
+        out.write(f"(the answer is not four closed stages) {text}\n")
+    out.write(f"[{args.cot}, {args.num_beams} beams: {searcher.generated_tokens} tokens "
+              f"generated, judge prompts included]\n")
+    out.flush()
+    return text
+
+
+def answer_about_image(args: argparse.Namespace, model, params, model_config, out=None) -> str:
+    """A llava workdir's answer to `args.prompt` about `args.image` (None: no image)."""
     if args.strategy == "beam":
         raise ValueError("--strategy beam is not supported with a LLaVA model; use greedy or "
                          "sample")
-    tokenizer_path = args.tokenizer or model_config["tokenizer"]
-    tokenizer = pipeline_config.resolve_tokenizer(ml_collections.ConfigDict(dict(
-        tokenizer=tokenizer_path, special_tokens=[*model_config["special_tokens"],
-                                                  model_config["image_token"]])), [])
-    answerer = ImageQuestionAnswerer(model, tokenizer, args.template or model_config["template"],
-                                     model_config["num_image_tokens"],
-                                     max_new_tokens=args.max_new_tokens,
-                                     image_token=model_config["image_token"])
+    answerer = llava_answerer(model, model_config, args.template, args.tokenizer,
+                              args.max_new_tokens)
     images = None if args.image is None else load_image(args.image, model_config)[None]
+    if args.cot:
+        return cot_answer(args, answerer, params, images, out)
     if args.strategy == "greedy":
         text = answerer.answer(params, images, [args.prompt])[0]
     else:

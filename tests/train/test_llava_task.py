@@ -274,9 +274,29 @@ def test_llava_cot_runlocal_trains_and_evaluates(llava_dirs, tmp_path_factory):
     config = config_lib.load_config(
         f"configs/llava_cot/tiny.py:runlocal,shapes_dir={data_dir},llava_dir={out}")
     assert set(config.data.sources) == {"cot", "cot_judge"}
-    result = trainer.train(config, str(tmp_path_factory.mktemp("cot_workdir")))
+    workdir = str(tmp_path_factory.mktemp("cot_workdir"))
+    result = trainer.train(config, workdir)
     assert int(result.state.step) == config.total_steps
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result.state.params))
     assert {"cot/validation_cot/accuracy", "cot/validation_cot/format_valid",
             "cot/validation_cot/judge_accuracy"} <= set(result.metrics)
     assert result.metrics["cot/validation_cot/questions"] == 8.0  # max_examples of runlocal
+    # `python -m vlmjax.generate --cot stage_beam` on the run: the answer stage_beam gives
+    # over ModelCot with the run's answerer, and the tokens it cost
+    from vlmjax.inference import cot
+    image = os.path.join(out, "images", sorted(os.listdir(os.path.join(out, "images")))[0])
+    question = "How many corners do the red shape and the blue shape have together?"
+    model, params, model_config = load_pretrained(workdir)
+    argv = ["--model", workdir,
+            "--image", image, "--prompt", question, "--cot", "stage_beam", "--num_beams", "2",
+            "--max_new_tokens", "6", "--temperature", "1.0", "--seed", "3"]
+    printed = io.StringIO()
+    text, _ = generate_cli.run(generate_cli.parser().parse_args(argv), out=printed)
+    answerer = generate_cli.llava_answerer(model, model_config)
+    searcher = cot.ModelCot(answerer, params, generate_cli.load_image(image, model_config)[None],
+                            [question], temperature=1.0, max_stage_tokens=6)
+    assert text == cot.stage_beam(searcher.sample, searcher.judge, keys=[0], num_beams=2,
+                                  seed=3)[0]
+    assert printed.getvalue().rstrip().endswith(
+        f"[stage_beam, 2 beams: {searcher.generated_tokens} tokens generated, judge prompts "
+        "included]")

@@ -225,6 +225,13 @@ class ModelCot:
         self.generated_tokens += int(lengths.sum())
         return [new[row, :int(lengths[row])].tolist() for row in range(len(prompts))], scores
 
+    def _text(self, ids) -> str:
+        """The text of generated ids without EOS / end of turn, and without ids past the
+        tokenizer's vocabulary (a padded model vocabulary; an undertrained model emits them)."""
+        eos = set(self.answerer.eos_ids)
+        return self.tokenizer.decode_raw([i for i in ids if i not in eos
+                                          and 0 <= i < self.tokenizer.vocab_size])
+
     def sample(self, keys, prefixes, unit, num, seed) -> list[list[Candidate]]:
         import jax
         forced = [self.opening[unit]] if unit in COT_TAGS else []
@@ -237,9 +244,8 @@ class ModelCot:
         ids, scores = self._generate(rows, prompts, self._stops(unit), self.max_stage_tokens,
                                      strategy="sample", temperature=self.temperature,
                                      top_p=self.top_p, rng=jax.random.key(seed))
-        eos = set(self.answerer.eos_ids)
-        candidates = [Candidate(self.tokenizer.decode_raw(forced + [i for i in row if i not in eos]),
-                                float(score), len(row)) for row, score in zip(ids, scores)]
+        candidates = [Candidate(self._text(forced + row), float(score), len(row))
+                      for row, score in zip(ids, scores)]
         return [candidates[q * num:(q + 1) * num] for q in range(len(keys))]
 
     def judge(self, keys, prefixes, unit, first, second) -> list[int]:
@@ -251,7 +257,7 @@ class ModelCot:
                                 self.max_judge_tokens)
         choices = []
         for row in ids:
-            choice = parse_choice(self.tokenizer.decode_raw(row))
+            choice = parse_choice(self._text(row))
             self.unparsed_judgements += choice is None
             choices.append(choice or 1)
         return choices
