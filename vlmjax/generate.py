@@ -82,16 +82,21 @@ def load_image(path: str, model_config: dict) -> np.ndarray:
     """float32 [S, S, 3]: the image at `path` as the run's evaluations prepare an image."""
     from PIL import Image
 
-    from vlmjax.data import preprocess
-    from vlmjax.data.tf_cpu import tf
-    from vlmjax.evals.data import eval_preprocess
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--image {path} does not exist")
     try:
         rgb = np.asarray(Image.open(path).convert("RGB"))
     except OSError as error:
         raise ValueError(f"--image {path} is not an image PIL can read: {error}") from None
+    return prepare_image(rgb, model_config)
+
+
+def prepare_image(rgb: np.ndarray, model_config: dict) -> np.ndarray:
+    """float32 [S, S, 3]: uint8 RGB [H, W, 3] as the run's evaluations prepare an image."""
+    from vlmjax.data import preprocess
+    from vlmjax.data.tf_cpu import tf
+    from vlmjax.evals.data import eval_preprocess
+
     prepare = preprocess.make_preprocess_fn(eval_preprocess(model_config["preprocess"]),
                                             int(model_config["image_size"][0]))
     example = prepare({"image": tf.constant(rgb), "texts": tf.constant([""]),

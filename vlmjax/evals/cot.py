@@ -24,7 +24,7 @@ import numpy as np
 
 from vlmjax.data import shapes_cot
 from vlmjax.data.shapes_text import COT_TAGS
-from vlmjax.evals.vqa import NUM_SAMPLES, GenerativeEvaluator, _text, exact_match
+from vlmjax.evals.vqa import NUM_SAMPLES, GenerativeEvaluator, exact_match
 from vlmjax.inference import cot
 
 
@@ -45,6 +45,16 @@ def score_cot(responses, answers, question_types) -> dict[str, float]:
     return metrics
 
 
+def cot_items(facts, seed: int = 0):
+    """(CotQuestion, judge prompt, the judge's right choice) of an image's scene facts: drawn
+    from the image id and `seed`, so every run (and benchmarks/cot_search.py) asks the same."""
+    rng = np.random.default_rng([seed, zlib.crc32(facts.image_id.encode())])
+    question = shapes_cot.reasoning_question(facts, rng)
+    stage = COT_TAGS[int(rng.integers(len(COT_TAGS)))]
+    prompt, _, choice = shapes_cot.judge_example(facts, question, stage, rng)
+    return question, prompt, choice
+
+
 class CotEvaluator(GenerativeEvaluator):
     KEYS = {**GenerativeEvaluator.KEYS, "seed": "which question and judge pair each image gets"}
     DEFAULT_MAX_NEW_TOKENS = 192
@@ -56,12 +66,7 @@ class CotEvaluator(GenerativeEvaluator):
 
     def items(self, example):
         """(question, judge prompt, judge's right choice) of one example."""
-        facts = self.scene(example)
-        rng = np.random.default_rng([self.seed, zlib.crc32(_text(example["id"]).encode())])
-        question = shapes_cot.reasoning_question(facts, rng)
-        stage = COT_TAGS[int(rng.integers(len(COT_TAGS)))]
-        prompt, _, choice = shapes_cot.judge_example(facts, question, stage, rng)
-        return question, prompt, choice
+        return cot_items(self.scene(example), self.seed)
 
     def __call__(self, params) -> dict:
         questions, prompts, choices, images = [], [], [], []

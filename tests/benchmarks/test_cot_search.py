@@ -1,0 +1,20 @@
+"""benchmarks/cot_search.py: the rows the issue asks for, and its table."""
+import os
+import sys
+
+from tests.benchmarks.test_quick import REPO
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import cot_search as bench  # noqa: E402
+
+
+def test_methods_cover_greedy_stage_beam_1_to_4_best_of_n_and_sentence_beam():
+    assert bench.methods(8) == [("greedy", 1), ("stage_beam", 1), ("stage_beam", 2),
+                                ("stage_beam", 3), ("stage_beam", 4), ("best_of_n", 8),
+                                ("sentence_beam", 2)]
+
+
+def test_table_prints_accuracy_and_tokens():
+    text = bench.table([{"method": "stage_beam", "beams": 4, "seed": 0, "accuracy": 0.625,
+                         "generated_tokens": 812.4}])
+    assert text.splitlines()[-1] == "| stage_beam | 4 | 0 | 62.5% | 812 |"
