@@ -44,9 +44,10 @@ Presets: stage=1|2, shapes_dir (the vlm_shapes data_dir of the SigLIP and LM run
 (the export's OUT), tokenizer (default: shapes_dir's 64px one), vision_init, llm_init (their
 workdirs; '' = random), stage1 (stage 2: a stage-1 workdir for the whole model), steps, batch
 (rows), lr, vision_layer, train_vision, max_len, pack, posemb (projector_posemb, default
-True), norm (projector_norm: none | instance), select=N (stage 2: evaluate VQA on N validation images only, nothing else: the
-quick runs that choose a recipe), runlocal (a few steps of a tiny model on
-a tiny build, for tests).
+True), norm (projector_norm: none | instance), stage1_kind (stage 1's data: caption, the
+default, or detailed_description), select=N (evaluate N validation images only, stage 1
+captioning and stage 2 VQA, nothing else: the quick runs that choose a recipe), runlocal (a
+few steps of a tiny model on a tiny build, for tests).
 """
 import os
 
@@ -79,8 +80,8 @@ def llava_json(llava_dir: str, kind: str, **extra) -> dict:
 
 def evals(stage: int, shapes_dir: str, sizes: dict, batch_size: int, max_examples: int,
           max_new_tokens: int | None = None, select: bool = False) -> dict:
-    """The final evaluations; `select`: stage 2's validation VQA alone (choosing a recipe reads
-    nothing else)."""
+    """The final evaluations; `select`: validation alone (stage 1 its captions, stage 2 its
+    VQA: choosing a recipe reads nothing else)."""
     def data(split):
         return dict(source="vlm_shapes", split=split, config="64px", data_dir=shapes_dir,
                     **sizes)
@@ -88,6 +89,9 @@ def evals(stage: int, shapes_dir: str, sizes: dict, batch_size: int, max_example
     if max_new_tokens:
         limits["max_new_tokens"] = max_new_tokens
     out = {}
+    if select and stage == 1:
+        return {"validation_captions": dict(type="captioning", data=data("validation"),
+                                            **limits)}
     if select:
         return {"validation_vqa": dict(type="vqa", data=data("validation"), **limits,
                                        answer_instruction=SHORT_ANSWER_INSTRUCTION)}
@@ -105,12 +109,9 @@ def get_config(arg=None):
                              llava_dir="/tmp/llava_shapes", tokenizer="", vision_init="",
                              llm_init="", stage1="", steps=0, batch=0, lr=0.0,
                              vision_layer=-1, train_vision=False, max_len=0, pack=True,
-                             posemb=True, norm="none", select=0)
+                             posemb=True, norm="none", select=0, stage1_kind="caption")
     if args.stage not in STAGE_DATA:
         raise ConfigError(f"preset stage={args.stage!r} must be 1 or 2")
-    if args.select and args.stage != 2:
-        raise ConfigError("preset select=N evaluates stage 2's validation VQA: use it with "
-                          "stage=2")
     if args.stage1 and (args.stage != 2 or args.vision_init or args.llm_init):
         raise ConfigError("preset stage1=WORKDIR starts stage 2 from a stage-1 run (the whole "
                           "model): use it with stage=2 and without vision_init / llm_init")
@@ -139,6 +140,11 @@ def get_config(arg=None):
         c.model_init = {k: v for k, v in parts.items() if v} or ""
     c.loss = dict(chunk_size=128, z_loss=0.0, label_smoothing=0.0)
     kinds = STAGE_DATA[args.stage]
+    if args.stage == 1:
+        if args.stage1_kind not in ("caption", "detailed_description"):
+            raise ConfigError(f"preset stage1_kind={args.stage1_kind!r}: 'caption' or "
+                              "'detailed_description'")
+        kinds = {args.stage1_kind: 1.0}
     if len(kinds) == 1:
         c.data = llava_json(args.llava_dir, *kinds)
     else:
@@ -147,7 +153,8 @@ def get_config(arg=None):
             for kind, weight in kinds.items()})
     c.input = dict(global_batch_size=args.batch or (32 if args.stage == 1 else 16),
                    image_size=64, preprocess="resize|value_range",
-                   max_len=args.max_len or (128 if args.stage == 1 else 384),
+                   max_len=args.max_len or (384 if args.stage == 2 else
+                                            256 if args.stage1_kind != "caption" else 128),
                    pack=args.pack, images_per_row=3 if args.stage == 1 else 5,
                    template="plain" if args.stage == 1 else "chatml",
                    tokenizer=args.tokenizer or tokenizer_path(args.shapes_dir, sizes),

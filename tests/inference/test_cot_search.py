@@ -51,7 +51,8 @@ def test_tournament_keeps_the_judged_winner_in_n_minus_1_rounds():
     candidates = [[cot.Candidate(f"q{int(v)}") for v in rng.permutation(n * 10)[:n]]
                   for n in (1, 2, 4, 5)]
     rounds = []
-    winners = cot.tournament(candidates, lambda rows, a, b: best_judge(rounds)(rows, None, "", a, b),
+    judge = best_judge(rounds)
+    winners = cot.tournament(candidates, lambda rows, a, b: judge(rows, None, "", a, b),
                              [np.random.default_rng(i) for i in range(4)])
     assert [quality(w) for w in winners] == [max(map(quality, row)) for row in candidates]
     assert len(rounds) == 4  # the largest pool (5) needs 4 rounds; finished rows drop out
@@ -86,8 +87,8 @@ def test_a_deterministic_judge_makes_the_search_deterministic_and_batch_independ
     for method in (cot.stage_beam, cot.best_of_n, cot.sentence_beam):
         batched = method(scripted_sampler(), noisy_judge, keys=keys, num_beams=3, seed=4)
         assert batched == method(scripted_sampler(), noisy_judge, keys=keys, num_beams=3, seed=4)
-        alone = [method(scripted_sampler(), noisy_judge, keys=[k], num_beams=3, seed=4)[0]
-                 for k in keys]
+        alone = [method(scripted_sampler(), noisy_judge, keys=[k], num_beams=3,
+                        seed=4)[0] for k in keys]
         assert batched == alone, method.__name__
 
 

@@ -2,9 +2,9 @@
 and judge pairs that teach the same model to pick the better of two texts for a stage.
 
     question = reasoning_question(facts, rng)     # a CotQuestion, true to the scene
-    staged_answer(question)                       # "<SUMMARY>..</SUMMARY><CAPTION>..</CAPTION>
-                                                  #  <REASONING>..</REASONING><CONCLUSION>..</CONCLUSION>"
-    judge_example(facts, question, stage, rng)    # (judge prompt, "Since ..., I choose response N.")
+    staged_answer(question)    # "<SUMMARY>..</SUMMARY><CAPTION>..</CAPTION>
+                               #  <REASONING>..</REASONING><CONCLUSION>..</CONCLUSION>"
+    judge_example(facts, question, stage, rng)  # (prompt, "Since ..., I choose response N.", N)
 
 The questions (in the spirit of LLaVA-CoT's "how many corners do ... have together?"):
 

@@ -14,9 +14,9 @@ questions their N candidates, and each round of the elimination is one batched j
 The search is written against two small interfaces, so that it is tested with scripted
 samplers and judges and run with the model:
   sampler(keys, prefixes, unit, num, seed) -> per question (`keys`: the questions' ids),
-      `num` Candidates continuing its prefix by one `unit`: a stage tag ("SUMMARY", ...: the text from <TAG> to </TAG>), ANSWER (the
-      whole rest of the answer, to </CONCLUSION>) or SENTENCE (up to a sentence end or a
-      closing tag).
+      `num` Candidates continuing its prefix by one `unit`: a stage tag ("SUMMARY", ...: the
+      text from <TAG> to </TAG>), ANSWER (the whole rest of the answer, to </CONCLUSION>) or
+      SENTENCE (up to a sentence end or a closing tag).
   judge(keys, prefixes, unit, first, second) -> per pair, 1 or 2: the better Candidate.
 Judges: `ModelCot.judge` (the model with LLaVA-CoT's judge prompt, default), `loglik_judge`
 (the candidates' mean log-probability), or any callable with that signature.
