@@ -10,7 +10,7 @@ DEMO_CONFIG ?= configs/siglip/tiny.py
 
 LLAVA_WORKDIR ?= $(CURDIR)/workdir/llava_tiny
 
-.PHONY: demo demo-llava test test-fast install bench-loss-memory clean-demo
+.PHONY: demo demo-llava demo-cot test test-fast install bench-loss-memory clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ demo: $(VENV)/.installed
 # WORKDIR= names the chain's directory (one subdirectory per run).
 demo-llava: $(VENV)/.installed
 	$(PY) -m vlmjax.demos.llava --data_dir $(DATA_DIR) \
+		--workdir $(if $(filter command line,$(origin WORKDIR)),$(WORKDIR),$(LLAVA_WORKDIR))
+
+# LLaVA-CoT: the LLaVA chain (reused when complete), the CoT SFT, then benchmarks/cot_search.py
+# writing WORKDIR/cot_search.json.
+demo-cot: $(VENV)/.installed
+	$(PY) -m vlmjax.demos.cot --data_dir $(DATA_DIR) \
 		--workdir $(if $(filter command line,$(origin WORKDIR)),$(WORKDIR),$(LLAVA_WORKDIR))
 
 test: $(VENV)/.installed
