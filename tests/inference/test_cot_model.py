@@ -1,50 +1,24 @@
 """inference/cot.py's ModelCot on a tiny random PrefixLM: a stage is sampled from the question's
 prompt + the answer so far + the opening tag and is cut at its closing tag, the judge asks the
 judge prompt about the same image, and the token count covers both."""
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlmjax.data import shapes
-from vlmjax.data.tokenizers import VLM_SHAPES_LM_TOKENS, load_tokenizer
+from tests.evals.test_vqa import T, shapes_data, tiny_llava, tokenizer  # noqa: F401 (fixtures)
 from vlmjax.evals.generation import ImageQuestionAnswerer, left_padded
 from vlmjax.inference import cot
 from vlmjax.inference.generate import generate
-from vlmjax.models.prefix_lm import PrefixLM
 
-VISION = dict(width=16, depth=2, num_heads=2, mlp_dim=32, patch_size=8, pool="cls")
-T = 4  # visual tokens of a 16 x 16 image (the class token dropped)
 QUESTIONS = ["How many corners do the red shape and the blue shape have together?",
              "Are there more large shapes than small ones, and by how many?"]
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    builder = shapes.prepare(shapes.make_builder(
-        "32px", str(tmp_path_factory.mktemp("cot_tfds")), train_size=16, eval_size=4,
-        novel_size=2, num_workers=0))
-    tokenizer = load_tokenizer(shapes.tokenizer_path(builder))
-    tokenizer.add_special_tokens(list(VLM_SHAPES_LM_TOKENS))
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def searcher(tokenizer):
-    model = PrefixLM(vision=VISION, image_token_id=tokenizer.token_id("<image>"),
-                     llm=dict(vocab_size=tokenizer.vocab_size, width=32, depth=2, num_heads=4,
-                              num_kv_heads=2, mlp_dim=64))
-    tokens = jnp.full((1, T + 2), tokenizer.token_id("<image>"), jnp.int32).at[0, -2:].set(7)
-    shapes_ = nn.meta.unbox(jax.eval_shape(lambda: model.init(
-        jax.random.PRNGKey(0), tokens, images=jnp.zeros((1, 16, 16, 3))))["params"])
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: jnp.asarray(
-        rng.normal(size=s.shape) / np.sqrt(s.shape[0] if len(s.shape) > 1 else 1)
-        + (len(s.shape) == 1), jnp.float32), shapes_)
-    images = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
+def searcher(tiny_llava, tokenizer):  # noqa: F811 (fixtures of tests/evals/test_vqa.py)
+    model, params, images = tiny_llava
     answerer = ImageQuestionAnswerer(model, tokenizer, "chatml", T)
-    return cot.ModelCot(answerer, params, images, QUESTIONS, temperature=1.0,
+    return cot.ModelCot(answerer, params, images[:2], QUESTIONS, temperature=1.0,
                         max_stage_tokens=12, max_judge_tokens=8)
 
 
