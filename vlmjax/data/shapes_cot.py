@@ -32,7 +32,7 @@ import dataclasses
 import numpy as np
 
 from vlmjax.data import shapes_scene
-from vlmjax.data.shapes_text import COT_TAGS
+from vlmjax.data.shapes_text import COT_TAGS, _article, _pick
 
 CORNERS = {"circle": 0, "square": 4, "triangle": 3, "star": 10, "hexagon": 6, "cross": 12,
            "diamond": 4, "heart": 2}
@@ -64,10 +64,6 @@ def staged_answer(question: CotQuestion) -> str:
     return "".join(f"<{tag}>{text}</{tag}>" for tag, text in question.stages().items())
 
 
-def _pick(rng, options):
-    return options[int(rng.integers(len(options)))]
-
-
 def _listed(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
@@ -84,10 +80,6 @@ def _corners(obj) -> str:
     count = CORNERS[obj.shape]
     return f"the {obj.colour} shape is {_article(obj.shape)} {obj.shape}, which has {count} " \
            f"corner{'s' if count != 1 else ''}"
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
 
 
 def _uniquely_coloured(facts) -> list:

@@ -32,7 +32,7 @@ def score_cot(responses, answers, question_types) -> dict[str, float]:
     """The answer metrics of the module docstring for greedy `responses`."""
     metrics, by_type = {}, {}
     stages = [cot.parse_stages(r) for r in responses]
-    correct = [exact_match(s.get(COT_TAGS[-1], ""), a) if COT_TAGS[-1] in s else False
+    correct = [COT_TAGS[-1] in s and exact_match(s[COT_TAGS[-1]], a)
                for s, a in zip(stages, answers)]
     metrics["accuracy"] = float(np.mean(correct)) if correct else 0.0
     for hit, question_type in zip(correct, question_types):

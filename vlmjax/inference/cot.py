@@ -24,6 +24,7 @@ Judges: `ModelCot.judge` (the model with LLaVA-CoT's judge prompt, default), `lo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Sequence
 
 import numpy as np
@@ -200,10 +201,15 @@ class ModelCot:
         self.opening = {t: tokenizer.token_id(f"<{t}>") for t in COT_TAGS}
         self.closing = {t: tokenizer.token_id(f"</{t}>") for t in COT_TAGS}
         self.prompts = answerer.prompts(self.questions, images is not None)
-        self.sentence_ends = [i for i in range(tokenizer.vocab_size)
-                              if tokenizer.decode_raw([i]).rstrip().endswith((".", "?", "!"))]
         self.generated_tokens = 0
         self.unparsed_judgements = 0
+
+    @functools.cached_property
+    def sentence_ends(self) -> list[int]:
+        """The ids whose piece ends a sentence (SENTENCE's stops): one pass over the
+        vocabulary, made only when a sentence-level search asks for it."""
+        return [i for i in range(self.tokenizer.vocab_size)
+                if self.tokenizer.decode_raw([i]).rstrip().endswith((".", "?", "!"))]
 
     def _stops(self, unit: str) -> list[int]:
         eos = list(self.answerer.eos_ids)
@@ -249,10 +255,10 @@ class ModelCot:
         return [candidates[q * num:(q + 1) * num] for q in range(len(keys))]
 
     def judge(self, keys, prefixes, unit, first, second) -> list[int]:
-        prompts = [self.answerer.prompts([judge_prompt(self.questions[key], prefix, unit,
-                                                       a.text, b.text)],
-                                         self.images is not None)[0]
-                   for key, prefix, a, b in zip(keys, prefixes, first, second)]
+        prompts = self.answerer.prompts(
+            [judge_prompt(self.questions[key], prefix, unit, a.text, b.text)
+             for key, prefix, a, b in zip(keys, prefixes, first, second)],
+            self.images is not None)
         ids, _ = self._generate(keys, prompts, list(self.answerer.eos_ids),
                                 self.max_judge_tokens)
         choices = []
