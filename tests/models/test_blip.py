@@ -1,0 +1,150 @@
+"""BLIP model: the three text modes, parameter sharing, padding, the KV cache and generation."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlmjax.inference import generate
+from vlmjax.models.blip import Blip
+
+VOCAB = 40
+IMAGE = dict(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64, norm_eps=1e-5)
+TEXT = dict(vocab_size=VOCAB, max_len=16, width=32, depth=2, num_heads=4, mlp_dim=48)
+
+
+def make(**overrides):
+    return Blip(**{**dict(image=IMAGE, text=TEXT, embed_dim=16), **overrides})
+
+
+def randomise(params, seed=1):
+    """O(1) weights so that outputs are far from uniform and differences show."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    leaves = [x if x.ndim == 0 else
+              jax.random.normal(k, x.shape) / np.sqrt(x.shape[0] if x.ndim > 1 else 1)
+              + (x.ndim == 1) for k, x in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def images_of(batch, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, 16, 16, 3)), jnp.float32)
+
+
+def tokens_of(batch, length, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(3, VOCAB, (batch, length)), jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def model_params():
+    model = make()
+    v = model.init(jax.random.PRNGKey(0), images_of(1), tokens_of(1, 4), method=model.init_all)
+    return model, randomise(nn.meta.unbox(v["params"]))
+
+
+def test_encoder_and_decoder_share_all_but_self_attention(model_params):
+    model, params = model_params
+    layer = params["text_shared"]["layer_0"]
+    assert set(layer) == {"self_attention_encoder", "self_attention_decoder", "cross_attention",
+                          "mlp", "mlp_norm"}
+    images, tokens = images_of(2), tokens_of(2, 6)
+    apply = lambda p, method: model.apply({"params": p}, images, tokens, method=method)  # noqa
+    # The decoder's self-attention moves the caption logits only; the encoder's, ITC and ITM.
+    bumped = jax.tree.map(lambda x: x, params)
+    bumped["text_shared"]["layer_0"]["self_attention_decoder"]["query"]["kernel"] += 1.0
+    np.testing.assert_array_equal(apply(params, model.itm_logits), apply(bumped, model.itm_logits))
+    assert not np.allclose(apply(params, model.caption_logits),
+                           apply(bumped, model.caption_logits))
+    # The cross-attention is shared: it moves both image-grounded modes, and not ITC's text.
+    bumped = jax.tree.map(lambda x: x, params)
+    bumped["text_shared"]["layer_1"]["cross_attention"]["value"]["kernel"] += 1.0
+    assert not np.allclose(apply(params, model.itm_logits), apply(bumped, model.itm_logits))
+    assert not np.allclose(apply(params, model.caption_logits),
+                           apply(bumped, model.caption_logits))
+    text = lambda p: model.apply({"params": p}, tokens, method=model.encode_text)  # noqa
+    np.testing.assert_array_equal(text(params), text(bumped))
+
+
+def test_share_nothing_and_parts():
+    model = make(share="nothing")
+    v = model.init(jax.random.PRNGKey(0), images_of(1), tokens_of(1, 4), method=model.init_all)
+    params = nn.meta.unbox(v["params"])
+    assert {"text_encoder", "text_decoder"} <= set(params) and "text_shared" not in params
+    assert "self_attention_decoder" not in params["text_encoder"]["layer_0"]
+    assert "lm_bias" in params["text_decoder"] and "lm_bias" not in params["text_encoder"]
+    retrieval = make(parts=("encoder",))
+    v = retrieval.init(jax.random.PRNGKey(0), images_of(1), tokens_of(1, 4),
+                       method=retrieval.init_all)
+    assert "lm_bias" not in v["params"]["text_shared"]
+    with pytest.raises(ValueError, match="no text decoder"):
+        retrieval.apply(v, images_of(1), tokens_of(1, 4), method=retrieval.caption_logits)
+    with pytest.raises(ValueError, match="share"):
+        make(share="some").init(jax.random.PRNGKey(0), images_of(1), tokens_of(1, 4),
+                                method=Blip.init_all)
+
+
+def test_padding_never_changes_real_tokens(model_params):
+    model, params = model_params
+    images, tokens = images_of(2), tokens_of(2, 5)
+    padded = jnp.concatenate([tokens, jnp.zeros((2, 3), jnp.int32)], axis=1)
+    mask = jnp.arange(8)[None] < 5
+    full_mask = jnp.broadcast_to(mask, (2, 8))
+    run = lambda method, t, m: model.apply({"params": params}, images, t, m, method=method)  # noqa
+    text = lambda t, m: model.apply({"params": params}, t, m, method=model.encode_text)  # noqa
+    np.testing.assert_allclose(text(tokens, None), text(padded, full_mask), atol=1e-5)
+    np.testing.assert_allclose(run(model.itm_logits, tokens, None),
+                               run(model.itm_logits, padded, full_mask),
+                               atol=1e-5)
+    np.testing.assert_allclose(run(model.caption_logits, tokens, None),
+                               run(model.caption_logits, padded, full_mask)[:, :5], atol=1e-5)
+
+
+def test_itc_features_are_unit_vectors_and_temperature_is_clamped(model_params):
+    model, params = model_params
+    z = model.apply({"params": params}, images_of(3), method=model.encode_image)
+    np.testing.assert_allclose(jnp.linalg.norm(z, axis=-1), 1.0, atol=1e-5)
+    hot = dict(params, temp=jnp.float32(2.0))
+    t, grad = jax.value_and_grad(
+        lambda p: model.apply({"params": p}, method=model.temperature))(hot)
+    assert float(t) == pytest.approx(0.5) and float(grad["temp"]) == 1.0  # straight through
+
+
+def test_cached_decoding_equals_teacher_forcing_on_left_padded_prompts(model_params):
+    model, params = model_params
+    images, tokens = images_of(2), tokens_of(2, 7)
+    embeds = model.apply({"params": params}, images, method=model.image_features)
+    full = model.apply({"params": params}, tokens, image_embeds=embeds)
+    np.testing.assert_allclose(full, model.apply({"params": params}, images, tokens,
+                                                 method=model.caption_logits), atol=1e-5)
+    # Row 1 is left-padded by 2: its prompt is tokens[1, :3]; prefill 3 slots, then one by one.
+    prompt = jnp.stack([tokens[0, :3], jnp.array([0, 0, tokens[1, 0]])])
+    seg = jnp.array([[1, 1, 1], [0, 0, 1]])
+    pos = jnp.array([[0, 1, 2], [0, 0, 0]])
+    cache = model.init_cache(2, 8)
+    logits, cache = model.apply({"params": params}, prompt, segment_ids=seg, positions=pos,
+                                cache=cache, image_embeds=embeds)
+    np.testing.assert_allclose(logits[0], full[0, :3], atol=1e-4)
+    np.testing.assert_allclose(logits[1, 2], full[1, 0], atol=1e-4)
+    next_pos = jnp.array([3, 1])
+    for t in range(3):
+        step_tokens = jnp.stack([tokens[0, 3 + t], tokens[1, 1 + t]])[:, None]
+        logits, cache = model.apply({"params": params}, step_tokens,
+                                    segment_ids=jnp.ones((2, 1), jnp.int32),
+                                    positions=(next_pos + t)[:, None], cache=cache,
+                                    image_embeds=embeds)
+        np.testing.assert_allclose(logits[0, 0], full[0, 3 + t], atol=1e-4)
+        np.testing.assert_allclose(logits[1, 0], full[1, 1 + t], atol=1e-4)
+
+
+def test_greedy_generation_matches_argmax_of_teacher_forcing(model_params):
+    model, params = model_params
+    images = images_of(2)
+    embeds = model.apply({"params": params}, images, method=model.image_features)
+    prompt = tokens_of(2, 2, seed=3)
+    out = generate(model, params, prompt, max_new_tokens=4, image_embeds=embeds,
+                   decode_inputs={"image_embeds": embeds}, prompt_buckets=None)
+    seq = prompt
+    for _ in range(4):  # the reference: the full forward pass, one token at a time
+        logits = model.apply({"params": params}, seq, image_embeds=embeds)
+        seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1)[:, None]], axis=1)
+    np.testing.assert_array_equal(out.tokens, seq[:, 2:])
