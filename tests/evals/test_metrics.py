@@ -63,3 +63,83 @@ def test_imagenet_data_is_clip_s():
     assert [i for i, n in enumerate(names) if n == "missile"] == [657, 744]  # CLIP's duplicate
     assert all(t.count("{}") == 1 for t in templates)
     assert zero_shot.TEMPLATES["imagenet"] == templates
+
+
+# ------------------------------------------------------------------------- ITM re-ranking
+# 3 images, one caption each (text t is image t's). By ITC, image 1 ranks text 0 first and
+# text 2 ranks image 1 first.
+SCORES = np.array([[0.9, 0.8, 0.1],
+                   [0.7, 0.6, 0.5],
+                   [0.2, 0.3, 0.4]], np.float32)
+# ITM scores of the pairs re-ranking with k=2 needs, and no others.
+ITM = {(0, 0): 0.0, (0, 1): 0.5, (1, 0): -1.0, (1, 1): 0.2, (1, 2): 0.3, (2, 1): 1.0,
+       (2, 2): 0.0}
+
+
+def itm_arrays(itm):
+    pairs = sorted(itm)
+    return (np.array([i for i, _ in pairs]), np.array([t for _, t in pairs]),
+            np.array([itm[p] for p in pairs], np.float32))
+
+
+def test_rerank_pairs_are_each_querys_top_k():
+    # Image tops: 0 -> {0, 1}, 1 -> {0, 1}, 2 -> {2, 1}; text tops: 0 -> {0, 1}, 1 -> {0, 1},
+    # 2 -> {1, 2}.
+    image, text = retrieval.rerank_pairs(SCORES, 2)
+    assert list(zip(image.tolist(), text.tolist())) == sorted(ITM)
+    image, text = retrieval.rerank_pairs(SCORES, 9)  # k beyond the sizes: every pair
+    assert len(set(zip(image.tolist(), text.tolist()))) == len(image) == 9
+
+
+def test_rerank_recall_by_hand():
+    text_to_image = np.arange(3)
+    itc = retrieval.recall_of_scores(SCORES, text_to_image, ks=(1, 2))
+    assert itc == pytest.approx(dict(i2t_r1=2 / 3, t2i_r1=1 / 3, i2t_r2=1.0, t2i_r2=1.0))
+    out = retrieval.rerank_recall_at_k(SCORES, text_to_image, 2, *itm_arrays(ITM), ks=(1, 2))
+    # ITM + ITC.  Image 0: t0 0.9, t1 1.3 -> own rank 1.  Image 1: t0 -0.3, t1 0.8 -> rank 0.
+    # Image 2: t2 0.4, t1 1.3 -> rank 1.  Text 0: i0 0.9, i1 -0.3 -> rank 0.  Text 1: i0 1.3,
+    # i1 0.8 -> rank 1.  Text 2: i1 0.8, i2 0.4 -> rank 1.
+    assert out == pytest.approx(dict(i2t_r1_rerank=1 / 3, t2i_r1_rerank=1 / 3,
+                                     i2t_r2_rerank=1.0, t2i_r2_rerank=1.0))
+    # k=1: text 2's candidate is image 1 alone; its own image 2 comes after it whatever ITM
+    # says. Image 1's candidate is text 0: text 1 stays second.
+    itm = {(0, 0): 5.0, (1, 0): 5.0, (2, 2): 5.0, (0, 1): 5.0, (1, 2): -5.0}
+    out = retrieval.rerank_recall_at_k(SCORES, text_to_image, 1, *itm_arrays(itm), ks=(1, 2))
+    assert out == pytest.approx(dict(i2t_r1_rerank=2 / 3, t2i_r1_rerank=1 / 3,
+                                     i2t_r2_rerank=1.0, t2i_r2_rerank=1.0))
+    # Ties go to the lower index: text 0's top 1 is image 0, not its own image 1 (which ITC
+    # alone ranks first, ties favouring the truth), and no ITM score brings image 1 back.
+    tied = np.array([[0.5], [0.5]], np.float32)
+    assert retrieval.recall_of_scores(tied, np.array([1]), ks=(1,))["t2i_r1"] == 1.0
+    out = retrieval.rerank_recall_at_k(tied, np.array([1]), 1, *itm_arrays({(0, 0): -5.0,
+                                                                            (1, 0): 5.0}), ks=(1,))
+    assert out == dict(i2t_r1_rerank=0.5, t2i_r1_rerank=0.0)  # image 0 has no caption
+    with pytest.raises(ValueError, match=r"no ITM score for the pair \(image 2, text 1\)"):
+        retrieval.rerank_recall_at_k(SCORES, text_to_image, 2,
+                                     *itm_arrays({p: v for p, v in ITM.items() if p != (2, 1)}))
+
+
+def test_a_perfect_itm_lifts_r1_to_the_itc_recall_at_k_and_leaves_the_rest():
+    rng = np.random.default_rng(0)
+    zimg, ztxt = unit(rng.normal(size=(30, 8))), unit(rng.normal(size=(60, 8)))
+    text_to_image = np.repeat(np.arange(30), 2)
+    scores = zimg @ ztxt.T
+    itc = retrieval.recall_at_k(zimg, ztxt, text_to_image, ks=(1, 4, 5, 10, 20))
+    assert 0 < itc["i2t_r1"] < itc["i2t_r5"] < 1 and 0 < itc["t2i_r1"] < itc["t2i_r5"] < 1
+    image, text = retrieval.rerank_pairs(scores, 5)
+    assert len(image) < scores.size  # sparse: not every pair
+    for sign in (1, -1):  # a perfect head, then one that is always wrong
+        out = retrieval.rerank_recall_at_k(scores, text_to_image, 5, image, text,
+                                           sign * np.where(text_to_image[text] == image, 9, -9),
+                                           ks=(1, 4, 5, 10, 20))
+        for d in ("i2t", "t2i"):
+            # Past the top 5 nothing moves: recall at 5 or more is ITC's.
+            assert out[f"{d}_r10_rerank"] == itc[f"{d}_r10"]
+            assert out[f"{d}_r20_rerank"] == itc[f"{d}_r20"]
+            assert out[f"{d}_r5_rerank"] == itc[f"{d}_r5"]
+        if sign == 1:  # the truth, when in the top 5, comes first
+            assert out["i2t_r1_rerank"] == itc["i2t_r5"]
+            assert out["t2i_r1_rerank"] == itc["t2i_r5"]
+        else:  # own images and captions come last among the top 5 (2 captions an image)
+            assert out["t2i_r4_rerank"] == 0.0
+            assert out["i2t_r1_rerank"] == 0.0

@@ -33,7 +33,7 @@ def test_valid_entries_pass_and_read_nothing(tmp_path):
 
 
 @pytest.mark.parametrize("evals, message", [
-    (dict(test=dict(type="nope")), r"evals.test.type 'nope' is not one of \['captioning', 'cot', 'perplexity', "),
+    (dict(test=dict(type="nope")), r"evals.test.type 'nope' is not one of \['captioning', 'cot', 'itm', 'perplexity', "),
     (dict(test=zero_shot(splits=["test"])), r"evals.test.splits is not used by anything"),
     (dict(test=zero_shot(templates="nope")), r"evals.test.templates 'nope' is not one of"),
     (dict(test=zero_shot(every=-1)), r"evals.test.every must be an integer >= 0"),

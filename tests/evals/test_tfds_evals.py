@@ -156,3 +156,86 @@ def test_coco_retrieval_through_tfds(tmp_path):
     assert metrics == {"retrieval/coco/i2t_r1": 0.75, "retrieval/coco/i2t_r5": 0.75,
                        "retrieval/coco/i2t_r10": 1.0, "retrieval/coco/t2i_r1": 1.0,
                        "retrieval/coco/t2i_r5": 1.0, "retrieval/coco/t2i_r10": 1.0}
+
+
+class FakeItmModel:
+    """fake_two_towers plus an ITM head that knows the truth: 5 when the text's word{i} is the
+    image's grey index i, else -5; records each pair it scores as (image, text index), text
+    index = 5 * i + j for 'word{i} caption{j}'."""
+
+    def __init__(self, towers, tokenizer_path):
+        self.towers, self.pairs, self.calls = towers, [], []
+        with open(tokenizer_path) as f:
+            vocab = json.load(f)["model"]["vocab"]
+        self.word_of, self.caption_of = np.full(len(vocab), -1), np.full(len(vocab), -1)
+        for i in range(5):
+            self.word_of[vocab[f"word{i}"]] = self.caption_of[vocab[f"caption{i}"]] = i
+
+    def images(self, params, batches):
+        return self.towers.images(params, batches)
+
+    def texts(self, params, ids, mask, batch_size):
+        return self.towers.texts(params, ids, mask, batch_size)
+
+    def itm_scores(self, params, images, ids, mask):
+        assert set(params) == {"table"} and images.dtype == np.float32
+        image = np.round((images.mean(axis=(1, 2, 3)) + 1) * 127.5 / GREY_STEP).astype(int)
+        word = np.where(mask, self.word_of[ids], -1).max(1)
+        caption = np.where(mask, self.caption_of[ids], -1).max(1)
+        self.calls.append(len(ids))
+        self.pairs += list(zip(image.tolist(), (5 * word + caption).tolist()))
+        return np.where(image == word, 5.0, -5.0).astype(np.float32)
+
+
+def test_coco_retrieval_reranks_with_an_itm_head(tmp_path):
+    from vlmjax.config import ConfigError
+    from vlmjax.evals import retrieval
+    captions = [[f"word{i} caption{j}" for j in range(6)] for i in range(5)]
+    tokenizer = word_tokenizer(tmp_path / "tokenizer.json", sum(captions, []))
+    rows = [{"image": png(i), "captions": {"text": [c.encode() for c in caps]}}
+            for i, caps in enumerate(captions)]
+    table = bag_of_words(tokenizer, [f"word{i}" for i in range(5)])
+    # As above: image 3 ranks its own captions 6th to 10th, after image 0's five.
+    table[3] = (2 * table[0] + table[3]) / np.sqrt(5)
+    params = {"table": jnp.asarray(table)}
+    texts = [c for caps in captions[:4] for c in caps[:5]]
+    scores = table[:4] @ bag_of_words(tokenizer, texts).T  # ITC, as the fake towers compute it
+    mesh = make_mesh({"data": -1})
+    with open(tokenizer) as f:
+        vocab_size = len(json.load(f)["model"]["vocab"])
+    towers = fake_two_towers(mesh, vocab_size)
+    itc = {"i2t_r1": 0.75, "i2t_r5": 0.75, "i2t_r10": 1.0, "t2i_r1": 1.0, "t2i_r5": 1.0,
+           "t2i_r10": 1.0}
+
+    def evaluate(rerank_k, model):
+        entry = real_scale_evals()["coco"]
+        entry.update(max_images=4, rerank_k=rerank_k, batch_size=4)
+        entry.data.data_dir = str(tmp_path / "tfds")
+        context = registry.EvalContext(mesh, ml_collections.ConfigDict(dict(
+            source="webdataset", paths="/never/read.tar")), input_config(tokenizer), model)
+        (evaluator,) = registry.build_evaluators(ml_collections.ConfigDict({"coco": entry}),
+                                                 context)
+        metrics = evaluator(params)
+        return {k.removeprefix("retrieval/coco/"): v for k, v in metrics.items()}
+
+    with mocked_tfds(tmp_path / "tfds", {"coco_captions": {"test": rows}}):
+        # k=6: image 3's own first caption is among its candidates: the head lifts it to 1st.
+        model = FakeItmModel(towers, tokenizer)
+        metrics = evaluate(6, model)
+        assert metrics == {**itc, **{f"{m}_rerank": 1.0 for m in itc}}
+        # Each text's top 6 images are all 4: every (image, text) pair, once, 8 at most a call.
+        assert sorted(model.pairs) == [(i, t) for i in range(4) for t in range(20)]
+        assert max(model.calls) <= 8 and sum(model.calls) == 80
+        # k=5: its top 5 are image 0's captions, its own stay 6th: unchanged.
+        metrics = evaluate(5, FakeItmModel(towers, tokenizer))
+        assert metrics == {**itc, **{f"{m}_rerank": itc[m] for m in itc}}
+        # k=2: only the pairs of each query's top 2 by ITC are scored.
+        model = FakeItmModel(towers, tokenizer)
+        metrics = evaluate(2, model)
+        image, text = retrieval.rerank_pairs(scores, 2)
+        assert sorted(model.pairs) == list(zip(image.tolist(), text.tolist())) and len(image) < 80
+        assert metrics["i2t_r1_rerank"] == 0.75 and metrics["t2i_r1_rerank"] == 1.0
+        assert evaluate(0, towers) == itc  # off: the ITC metrics alone, no ITM head needed
+        with pytest.raises(ConfigError, match=r"evals.coco.rerank_k=2: re-ranking needs a model "
+                                              r"with an ITM head"):
+            evaluate(2, towers)

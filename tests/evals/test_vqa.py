@@ -14,7 +14,7 @@ from vlmjax.config import ConfigError
 from vlmjax.data import conversations, pipeline_config, shapes, shapes_instruct, shapes_text
 from vlmjax.data.shapes_instruct import ObjectFacts
 from vlmjax.data.tokenizers import VLM_SHAPES_LM_TOKENS, load_tokenizer
-from vlmjax.evals import captioning, registry, vqa
+from vlmjax.evals import caption_metrics, captioning, registry, vqa
 from vlmjax.evals.generation import ImageQuestionAnswerer, stop_ids
 from vlmjax.inference import generate
 from vlmjax.models.prefix_lm import PrefixLM
@@ -196,10 +196,33 @@ def test_captioning_checks_descriptions_against_each_scene(shapes_data, test_exa
     assert stub.questions == ["Describe it."] * len(facts) and stub.max_new_tokens == {128}
     objects = [len(f.objects) for f in facts]
     even = sum(objects[::2]) / sum(objects)
+    scores = caption_metrics.caption_scores(
+        replies, [[c.decode() for c in ex["captions"]] for ex in test_examples])
     assert metrics == pytest.approx({f"captioning/e/{k}": v for k, v in dict(
         colour_acc=even, shape_acc=even, all_objects_named=0.5, count_acc=1.0,
-        count_stated=0.5, object_precision=1.0, images=float(len(facts))).items()})
+        count_stated=0.5, object_precision=1.0, images=float(len(facts)), **scores).items()})
+    assert 0 < metrics["captioning/e/bleu4"] < 0.5  # paragraphs and empty texts: far off
     assert run.last_samples[0]["prediction"] == replies[0]
+
+
+def test_captioning_scores_texts_against_each_images_captions(shapes_data, test_examples):
+    """A model that answers with the image's own caption: BLEU-4 1 and a high CIDEr-D; with the
+    next image's caption, both far lower (the references are each image's own)."""
+    references = [[c.decode() for c in ex["captions"]] for ex in test_examples]
+    n = len(references)
+    metrics = {}
+    for shift in (0, 1):
+        stub = StubAnswerer(lambda k, q: references[(k + shift) % n][0])
+        run = evaluator(shapes_data[0], dict(type="captioning", data=dict(split="test"),
+                                             batch_size=4), stub)
+        metrics[shift] = run("params")
+    assert metrics[0]["captioning/e/bleu4"] == pytest.approx(1.0)
+    assert metrics[0]["captioning/e/cider_d"] > 3.0
+    assert metrics[0]["captioning/e/cider_d"] == pytest.approx(caption_metrics.cider_d(
+        [refs[0] for refs in references], references))
+    assert metrics[1]["captioning/e/bleu4"] < 0.5
+    assert metrics[1]["captioning/e/cider_d"] < metrics[0]["captioning/e/cider_d"] / 3
+    assert metrics[0]["captioning/e/images"] == n  # the scene checks are still reported
 
 
 # ------------------------------------------------------------------------------ config errors

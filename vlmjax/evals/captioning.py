@@ -24,6 +24,11 @@ Metrics for the entry `name` of config.evals (fractions in [0, 1]):
                                        pairs (0 when none is named): guards against a text
                                        that lists every colour and shape
   captioning/{name}/images             how many images were described
+  captioning/{name}/cider_d            CIDEr-D of the texts against each image's captions
+                                       (0 to 10, not a fraction: the corpus mean of
+                                       evals/caption_metrics.py, as coco-caption computes it)
+  captioning/{name}/bleu4              corpus BLEU-4 of the same
+                                       (both over the images that have a caption)
 Entry keys beside the common ones and vqa's data / max_examples (evals/vqa.py):
   prompt           the instruction (default "Describe the image in detail.", one of the
                    detailed-description instructions of vlmjax/data/shapes_instruct.py)
@@ -38,6 +43,7 @@ import numpy as np
 
 from vlmjax.config import ConfigError
 from vlmjax.data import shapes_scene, shapes_text
+from vlmjax.evals import caption_metrics as scores_lib
 from vlmjax.evals import vqa
 
 DEFAULT_PROMPT = "Describe the image in detail."
@@ -151,10 +157,11 @@ class CaptioningEvaluator(vqa.GenerativeEvaluator):
         self.last_samples: list[dict] = []
 
     def __call__(self, params) -> dict:
-        scenes, predictions = [], []
+        scenes, predictions, references = [], [], []
         pending: list[tuple[np.ndarray, str]] = []
         for example in self.examples():
             scenes.append(self.scene(example))
+            references.append([text for text in map(vqa._text, example["captions"]) if text])
             pending.append((example["image"], self.prompt))
             if len(pending) == self.batch_size:
                 predictions += self.generate(params, pending)
@@ -167,4 +174,8 @@ class CaptioningEvaluator(vqa.GenerativeEvaluator):
                              for scene, text in zip(scenes, predictions)][:vqa.NUM_SAMPLES]
         checks = [check_description(text, scene.objects)
                   for scene, text in zip(scenes, predictions, strict=True)]
-        return self.metric_names(caption_metrics(checks))
+        metrics = caption_metrics(checks)
+        scored = [(text, refs) for text, refs in zip(predictions, references) if refs]
+        if scored:
+            metrics.update(scores_lib.caption_scores(*map(list, zip(*scored))))
+        return self.metric_names(metrics)

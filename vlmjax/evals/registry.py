@@ -31,6 +31,7 @@ TYPES = {
     "vqa": "vlmjax.evals.vqa:VqaEvaluator",
     "captioning": "vlmjax.evals.captioning:CaptioningEvaluator",
     "cot": "vlmjax.evals.cot:CotEvaluator",
+    "itm": "vlmjax.evals.itm:ItmEvaluator",
 }
 COMMON_KEYS = {
     "type": f"evaluator type, one of {sorted(TYPES)}",
