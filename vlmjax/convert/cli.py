@@ -11,6 +11,8 @@ LLaVA: `export` takes a `llava` trainer WORKDIR (a ViT vision tower: HF LLaVA ho
 SigLIP vision models, not the tiny CNN) or an HF LlavaForConditionalGeneration directory (e.g.
 to bfloat16) and writes an HF LLaVA directory. HF LLaVA directories need no `import`: vlmjax
 reads them as they are (load_pretrained, config.model_init, `python -m vlmjax.generate`).
+BLIP: HF BlipForImageTextRetrieval / BlipForConditionalGeneration directories need no `import`
+either; `export` of one writes the same HF class again (e.g. to bfloat16, convert.hf_blip_export).
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import argparse
 import os
 import sys
 
-from vlmjax.convert import (decoder_pretrained as decoder_lib, hf_io, hf_llava, llava_workdir,
-                            tokenizer as tok)
+from vlmjax.convert import (decoder_pretrained as decoder_lib, hf_blip, hf_io, hf_llava,
+                            llava_workdir, tokenizer as tok)
+from vlmjax.convert.hf_blip_export import export_hf_blip
 from vlmjax.convert.hf_decoder_export import EXPORT_DTYPES
 from vlmjax.convert.hf_export import export_hf
 from vlmjax.convert.hf_llava_export import export_hf_llava
@@ -50,6 +53,18 @@ def export_llava(src: str, kind: str, out_dir: str, dtype: str) -> str:
     return "llava"
 
 
+def is_blip(src: str, kind: str) -> bool:
+    return kind == "hf" and hf_blip.is_blip_source(src)
+
+
+def export_blip(src: str, out_dir: str, dtype: str) -> str:
+    """An HF BLIP directory -> the same HF class in `out_dir` (with its tokenizer and
+    processor files); returns 'blip'."""
+    _, params, model_config = load_pretrained(src)
+    export_hf_blip(model_config, params, out_dir, dtype=dtype, tokenizer_dir=src)
+    return "blip"
+
+
 def export_pretrained(src: str, out_dir: str, dtype: str = "float32") -> str:
     """Any pretrained source (a trainer workdir or checkpoint directory too) -> HF directory
     with its tokenizer files and, for two towers, an image processor config; returns the
@@ -57,6 +72,8 @@ def export_pretrained(src: str, out_dir: str, dtype: str = "float32") -> str:
     kind = source_kind(src)
     if is_llava(src, kind):
         return export_llava(src, kind, out_dir, dtype)
+    if is_blip(src, kind):
+        return export_blip(src, out_dir, dtype)
     if decoder_lib.is_decoder_source(src, kind):
         return decoder_lib.export_decoder(src, kind, out_dir, dtype)
     if dtype != "float32":
@@ -106,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("src")
     exp.add_argument("out")
     exp.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32",
-                     help="weight dtype of an exported decoder LM or LLaVA")
+                     help="weight dtype of an exported decoder LM, LLaVA or BLIP")
     return p
 
 
@@ -118,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"{args.src} is an HF LLaVA model: it needs no import, vlmjax "
                                  "reads it as it is (load_pretrained, config.model_init=DIR, "
                                  "python -m vlmjax.generate --model DIR)")
+            if args.kind == "hf" and os.path.isdir(args.src) and is_blip(args.src, "hf"):
+                raise ValueError(f"{args.src} is an HF BLIP model: it needs no import, vlmjax "
+                                 "reads it as it is (load_pretrained)")
             config = import_pretrained(args.src, args.out, args.kind, args.image_size,
                                        args.tokenizer, args.overwrite)
             model = config["model"]

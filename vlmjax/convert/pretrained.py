@@ -3,7 +3,8 @@ directory, a big_vision `.npz`, a converted directory, or a trainer workdir (see
 convert.workdir); and writing converted directories. Decoder LMs (HF LlamaForCausalLM /
 Qwen2ForCausalLM, their converted directories, workdirs of task `lm`) go through
 convert.decoder_pretrained and give a `Decoder`; HF LlavaForConditionalGeneration directories go
-through convert.hf_llava and give a `PrefixLM`.
+through convert.hf_llava and give a `PrefixLM`; HF BlipForImageTextRetrieval /
+BlipForConditionalGeneration directories through convert.hf_blip and give a `Blip`.
 
 A converted directory holds
   config.json   {"format": FORMAT, "model": <model config>, "image": {"size": [H, W], "mean",
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.convert import decoder_pretrained as decoder_lib
-from vlmjax.convert import hf_io, hf_llava, llava_workdir, params as params_lib, posemb
+from vlmjax.convert import hf_blip, hf_io, hf_llava, llava_workdir, params as params_lib, posemb
 from vlmjax.convert import tokenizer as tok
 from vlmjax.convert.big_vision import load_big_vision
 from vlmjax.convert.hf import load_hf, model_config_from_hf
@@ -171,6 +172,10 @@ def load_pretrained(src: str, *, image_size: Sequence[int] | None = None,
     `llava` workdir: a `PrefixLM` too, with the run's image size, tokenizer and chat template
     (convert.llava_workdir).
 
+    HF BLIP (BlipForImageTextRetrieval / BlipForConditionalGeneration): `model` is a `Blip`
+    with the encoder or the decoder part, `model_config` its arguments plus the HF class, image
+    size / mean / std and the text special ids (convert.hf_blip).
+
     `model` is a `TwoTowers` (compute `dtype`); `params` are float32 jax arrays placed by
     `shardings` (a pytree of shardings matching the params, or one sharding for all) when given;
     `model_config` is the JSON-serialisable dict of TwoTowers arguments. `image_size` (H, W)
@@ -181,6 +186,10 @@ def load_pretrained(src: str, *, image_size: Sequence[int] | None = None,
         if image_size is not None:
             raise ValueError(f"{src} is a LLaVA model: image_size does not apply")
         return hf_llava.load_hf_llava(src, shardings, dtype, scan_layers)
+    if kind == "hf" and hf_blip.is_blip_source(src):
+        if image_size is not None:
+            raise ValueError(f"{src} is a BLIP model: image_size does not apply")
+        return hf_blip.load_hf_blip(src, shardings, dtype)
     if decoder_lib.is_decoder_source(src, kind):
         if image_size is not None:
             raise ValueError(f"{src} is a decoder LM: image_size does not apply")

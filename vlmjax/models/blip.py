@@ -50,6 +50,17 @@ def _dense_general(features, axis, in_axes, out_axes, dtype, name):
                            bias_init=layers.partitioned(nn.initializers.zeros, out_axes))
 
 
+class _Kernel(nn.Module):
+    """A bare weight matrix `kernel` (the untied LM head's output, read as [width, vocab])."""
+    shape: tuple[int, int]
+    axes: tuple[str, str]
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", layers.partitioned(nn.initializers.normal(0.02), self.axes),
+                          self.shape)
+
+
 class BertAttention(nn.Module):
     """BERT's attention sublayer, post-norm: LN(x + Out(Attn(x -> kv))). Self-attention when
     `kv` is None (with an optional KV cache [B, H, S, K] written at `index`), else
@@ -160,10 +171,7 @@ class BlipText(nn.Module):
                                                                     ("vocab",)),
                                       (self.vocab_size,))
             if not self.tie_word_embeddings:
-                self.lm_out = nn.Dense(
-                    self.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=layers.partitioned(nn.initializers.normal(0.02),
-                                                   ("embed", "vocab")))
+                self.lm_out = _Kernel((self.width, self.vocab_size), ("embed", "vocab"))
 
     def _check(self, part, length):
         if part not in self.parts:
@@ -194,16 +202,22 @@ class BlipText(nn.Module):
             return x
         return x, {n: tuple(c[n] for c in new_cache) for n in ("k", "v")}
 
-    def logits(self, hidden):
-        """float32 [B, L, vocab] of the prediction head."""
+    def head_inputs(self, hidden):
+        """The prediction head as (h [B, L, width + 1], kernel [width + 1, vocab]) with
+        logits = h @ kernel: the transformed states with a unit of 1s, whose kernel row is the
+        head's bias, so losses.lm's chunked cross-entropy computes it unchanged."""
         h = layers.get_activation(self.activation)(self.head_transform(hidden))
         h = self.head_norm(h)
-        if self.tie_word_embeddings:
-            kernel = self.token_embed.embedding.T
-        else:
-            kernel = self.lm_out.variables["params"]["kernel"]
+        kernel = (self.token_embed.embedding.T if self.tie_word_embeddings
+                  else self.lm_out())
+        h = jnp.concatenate([h, jnp.ones((*h.shape[:-1], 1), h.dtype)], axis=-1)
+        return h, jnp.concatenate([kernel, self.lm_bias[None]], axis=0)
+
+    def logits(self, hidden):
+        """float32 [B, L, vocab] of the prediction head."""
+        h, kernel = self.head_inputs(hidden)
         logits = jnp.dot(h, kernel.astype(self.dtype), preferred_element_type=jnp.float32)
-        return constrain(logits + self.lm_bias, ("act_batch", "act_length", "act_vocab"))
+        return constrain(logits, ("act_batch", "act_length", "act_vocab"))
 
 
 def text_kwargs(text: Mapping[str, Any] | None, parts, dtype) -> dict:
@@ -299,14 +313,22 @@ class Blip(nn.Module):
         hidden = self.grounded_text(image_embeds, tokens, text_mask, train=train)
         return self._tower("decoder").logits(hidden)
 
+    def decoder_hidden(self, image_embeds, tokens, text_mask=None, *, train=False):
+        """The image-grounded decoder's hidden states [B, L, width] (causal)."""
+        mask = _key_mask(tokens, text_mask) & layers.causal_mask(tokens.shape[1])
+        return self._tower("decoder")(tokens, mask, "decoder", image_embeds, train=train)
+
+    def head_inputs(self, hidden):
+        """The decoder's prediction head as (h, kernel) with logits = h @ kernel (BlipText)."""
+        return self._tower("decoder").head_inputs(hidden)
+
     def caption_logits(self, images, tokens, text_mask=None, *, train=False, image_embeds=None):
         """[B, L, vocab] next-token logits of the image-grounded decoder (causal; the first
         token is BLIP's [DEC])."""
         if image_embeds is None:
             image_embeds = self.image_features(images, train=train)
-        decoder = self._tower("decoder")
-        mask = _key_mask(tokens, text_mask) & layers.causal_mask(tokens.shape[1])
-        return decoder.logits(decoder(tokens, mask, "decoder", image_embeds, train=train))
+        hidden = self.decoder_hidden(image_embeds, tokens, text_mask, train=train)
+        return self._tower("decoder").logits(hidden)
 
     def init_all(self, images, tokens):
         """Touches every part (for `init`): image features, ITC, ITM and the decoder."""
