@@ -8,7 +8,8 @@ from vlmjax.train import trainer
 from vlmjax.train.tasks import TASKS, base, get_task
 
 CONFIGS = {"contrastive": "configs/siglip/tiny.py:runlocal", "lm": "configs/lm/tiny.py:runlocal",
-           "llava": "configs/llava/tiny.py:runlocal,shapes_dir={tmp},llava_dir={tmp}"}
+           "llava": "configs/llava/tiny.py:runlocal,shapes_dir={tmp},llava_dir={tmp}",
+           "blip": "configs/blip/tiny.py:runlocal"}
 
 
 def load_task_config(name, tmp_path):

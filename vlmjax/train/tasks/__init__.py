@@ -17,6 +17,7 @@ TASKS = {
     "contrastive": "vlmjax.train.tasks.contrastive:ContrastiveTask",
     "lm": "vlmjax.train.tasks.lm:LMTask",
     "llava": "vlmjax.train.tasks.llava:LlavaTask",
+    "blip": "vlmjax.train.tasks.blip:BlipTask",
 }
 
 

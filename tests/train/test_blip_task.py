@@ -1,0 +1,127 @@
+"""The blip task: its losses on 8 devices equal 1 device's, momentum state, config errors and the
+tiny config end to end (train, resume exactly, evaluate)."""
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlmjax import config as config_lib, sharding
+from vlmjax.config import ConfigError
+from vlmjax.train import trainer
+from vlmjax.train.tasks import get_task
+
+TOKEN_IDS = dict(bos=1, eos=2, pad=0, enc=480, dec=481, mask=482)
+
+
+def runlocal_config(preset="runlocal", evals=False):
+    config = config_lib.load_config(f"configs/blip/tiny.py:{preset}")
+    if not evals:
+        config.evals = {}
+    return config
+
+
+def make_task(config, mesh):
+    task = get_task("blip")(config, mesh)
+    task.__dict__["token_ids"] = TOKEN_IDS  # no tokenizer (and so no data) needed here
+    return task
+
+
+def fake_batch(batch=16, length=32, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(5, 400, (batch, length)).astype(np.int32)
+    tokens[:, 0] = TOKEN_IDS["bos"]
+    mask = np.arange(length)[None] < rng.integers(4, length, (batch, 1))
+    return dict(image=rng.normal(size=(batch, 32, 32, 3)).astype(np.float32), text=tokens,
+                text_mask=mask, image_id=(np.arange(batch) // 2).astype(np.int32))
+
+
+def test_loss_on_8_devices_equals_one_device():
+    """Every loss at once (ITC with momentum distillation and a queue, ITM, LM, MLM)."""
+    config = runlocal_config("runlocal,momentum=0.995,queue=32,mlm=1.0")
+    one = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    eight = sharding.make_mesh({"data": -1})
+    task_1, task_8 = make_task(config, one), make_task(config, eight)
+    params = nn.meta.unbox(task_1.init_params(jax.random.PRNGKey(0)))
+    extra = task_1.extra_state(params)
+    batch, rng = fake_batch(), jax.random.PRNGKey(3)
+
+    def run(task, mesh):
+        with jax.set_mesh(mesh):
+            placed = sharding.host_batch_to_global(batch, mesh)
+            (loss, aux), grads = jax.jit(jax.value_and_grad(
+                lambda p: task.loss_fn(p, extra, placed, rng), has_aux=True))(params)
+        return float(loss), {k: float(v) for k, v in aux.items() if jnp.ndim(v) == 0}, grads
+
+    loss_1, aux_1, grads_1 = run(task_1, one)
+    loss_8, aux_8, grads_8 = run(task_8, eight)
+    assert loss_8 == pytest.approx(loss_1, rel=1e-5)
+    for key in ("loss_itc", "loss_itm", "loss_lm", "loss_mlm", "itm_accuracy"):
+        assert aux_8[key] == pytest.approx(aux_1[key], rel=1e-5, abs=1e-6), key
+    for path, g1, g8 in zip(*zip(*jax.tree_util.tree_flatten_with_path(grads_1)[0]),
+                            jax.tree.leaves(grads_8)):
+        np.testing.assert_allclose(g8, g1, rtol=1e-3, atol=1e-5,
+                                   err_msg=jax.tree_util.keystr(path))
+    # Every part learns from some loss: no parameter is left without gradient.
+    assert all(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads_1))
+
+
+def test_momentum_state_moves_towards_params_and_queues_the_batch():
+    config = runlocal_config("runlocal,momentum=0.9,queue=32")
+    task = make_task(config, sharding.make_mesh({"data": -1}))
+    params = nn.meta.unbox(task.init_params(jax.random.PRNGKey(0)))
+    extra = task.extra_state(params)
+    assert set(extra["momentum"]) == {"vision", "vision_proj", "text_shared", "text_proj"}
+    assert (np.asarray(extra["id_queue"]) == -1).all()
+    _, aux = jax.jit(task.loss_fn)(params, extra, fake_batch(), jax.random.PRNGKey(1))
+    moved = jax.tree.map(lambda p: p + 1.0, params)
+    new = task.update_extra(extra, moved, aux)
+    np.testing.assert_allclose(new["momentum"]["vision_proj"]["kernel"],
+                               extra["momentum"]["vision_proj"]["kernel"] + 0.1, atol=1e-6)
+    np.testing.assert_array_equal(new["id_queue"][:16], np.arange(16) // 2)
+    np.testing.assert_allclose(new["image_queue"][:16], aux["image_feat_m"], atol=1e-6)
+    assert int(new["queue_ptr"]) == 16
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.queue_size=32"], "needs momentum distillation"),
+    (["loss.momentum=0.9", "loss.queue_size=24"], "multiple of"),
+    (["loss.itc=0", "loss.itm=0", "loss.lm=0"], "nothing would train"),
+    (["loss.lm=1.0", "model.parts=('encoder',)"], "needs the text decoder"),
+    (["input.add_bos=False"], "add_bos=True"),
+    (["loss.itn=1.0"], "itn"),
+])
+def test_config_errors_name_the_key(overrides, message):
+    config = runlocal_config()
+    with pytest.raises(ConfigError, match=message):
+        config_lib.apply_overrides(config, overrides)
+        get_task("blip")(config, sharding.make_mesh({"data": -1}))
+
+
+@pytest.mark.slow
+def test_runlocal_trains_resumes_exactly_and_evaluates(tmp_path_factory):
+    """Momentum state included: 4 steps straight equal 2 steps, a restart, and 2 more."""
+    data_dir = str(tmp_path_factory.getbasetemp() / "runlocal_tfds")
+    overrides = [f"data.data_dir={data_dir}"]
+    straight = runlocal_config("runlocal,momentum=0.995,queue=32", evals=True)
+    config_lib.apply_overrides(straight, overrides)
+    result = trainer.train(straight, str(tmp_path_factory.mktemp("blip_straight")))
+    metrics = result.metrics
+    for key in ("itm/itm_test/accuracy", "retrieval/retrieval_test/i2t_r1",
+                "retrieval/retrieval_test/i2t_r1_rerank", "captioning/captioning_test/cider_d",
+                "captioning/captioning_test/colour_acc"):
+        assert key in metrics, sorted(metrics)
+    assert 0.0 <= metrics["itm/itm_test/accuracy"] <= 1.0
+    assert np.isfinite(result.train_metrics["loss_itm"])
+
+    resumed_dir = str(tmp_path_factory.mktemp("blip_resumed"))
+    split = runlocal_config("runlocal,momentum=0.995,queue=32")
+    config_lib.apply_overrides(split, overrides)
+    trainer.train(split, resumed_dir, stop_after=2)
+    resumed = trainer.train(split, resumed_dir)
+    assert sorted(os.listdir(os.path.join(resumed_dir, "checkpoints")))[-1] == "4"
+    for a, b in zip(jax.tree.leaves((result.state.params, result.state.extra)),
+                    jax.tree.leaves((resumed.state.params, resumed.state.extra))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,85 @@
+"""What the evaluators need of a BLIP model (models/blip.py), as the `blip` task's
+`EvalContext.model`: ITC features (zero_shot, retrieval), ITM scores (itm, retrieval's
+re-ranking) and captions (captioning).
+
+    model = BlipEvalModel(blip, tokenizer, mesh, token_ids={"enc": .., "dec": ..})
+    model.images(params, batches) / model.texts(params, ids, mask, batch_size)   # ITC, [N, D]
+    model.itm_scores(params, images, ids, mask)          # [N]: logit(match) - logit(no match)
+    model.answer(params, images, prompts, max_new_tokens)  # greedy captions (prompts ignored)
+
+Texts arrive tokenised as in training (`[CLS] caption [SEP]`); ITM reads them with [ENC] first.
+Captions are greedy from `[DEC] + caption_prompt` (BLIP's captioner: "a picture of"; "" = none,
+the vlmjax tiny recipe's) and stop at EOS ([SEP]); the prompt is not part of the returned text.
+Batches are padded to a fixed multiple of the devices so that a new count does not recompile.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlmjax import sharding
+from vlmjax.evals import embed
+from vlmjax.inference import generate
+
+DEFAULT_BATCH = 64
+
+
+class BlipEvalModel(embed.TwoTowerEncoders):
+    def __init__(self, model, tokenizer, mesh, token_ids: dict, *, caption_prompt: str = "",
+                 batch_size: int = DEFAULT_BATCH):
+        replicated = sharding.replicated(mesh)
+        encode_image = jax.jit(lambda params, b: model.apply(
+            {"params": params}, b["image"], method=model.encode_image), out_shardings=replicated)
+        encode_text = jax.jit(lambda params, b: model.apply(
+            {"params": params}, b["text"], b["text_mask"], method=model.encode_text),
+            out_shardings=replicated)
+        super().__init__(encode_image, encode_text, mesh)
+        self.model, self.tokenizer, self.token_ids = model, tokenizer, dict(token_ids)
+        self.caption_prompt = caption_prompt
+        self.batch_size = embed.device_multiple(batch_size, mesh)
+
+        def itm(params, b):
+            tokens = b["text"].at[:, 0].set(self.token_ids["enc"])
+            logits = model.apply({"params": params}, b["image"], tokens, b["text_mask"],
+                                 method=model.itm_logits)
+            return logits[:, 1] - logits[:, 0]
+        self._itm = jax.jit(itm, out_shardings=replicated)
+        self._features = jax.jit(lambda params, images: model.apply(
+            {"params": params}, images, method=model.image_features))
+
+    def itm_scores(self, params, images: np.ndarray, ids: np.ndarray,
+                   mask: np.ndarray) -> np.ndarray:
+        """[N] ITM score of each (image, text) row: > 0 means 'match'."""
+        arrays = {"image": np.asarray(images, np.float32), "text": np.asarray(ids, np.int32),
+                  "text_mask": np.asarray(mask, bool)}
+        return embed.embed_all(lambda b: self._itm(params, b), arrays, self.batch_size,
+                               self.mesh).reshape(-1)
+
+    def _prompt(self) -> list[int]:
+        words = self.tokenizer.encode_raw([self.caption_prompt])[0] if self.caption_prompt else []
+        return [int(self.token_ids["dec"]), *map(int, words)]
+
+    def answer(self, params, images, prompts: Sequence[str] = (),
+               max_new_tokens: int = 32) -> list[str]:
+        """Greedy captions of `images` [N, H, W, 3]; `prompts` are ignored (BLIP's captioner
+        has one prompt, `caption_prompt`)."""
+        del prompts
+        images = np.asarray(images, np.float32)
+        prompt = np.asarray([self._prompt()], np.int32)
+        eos = self.tokenizer.eos_id
+        texts = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = embed.pad_batch({"image": images[start:start + self.batch_size]},
+                                    self.batch_size)
+            embeds = self._features(params, jnp.asarray(chunk["image"]))
+            out = generate(self.model, params, np.repeat(prompt, self.batch_size, axis=0),
+                           max_new_tokens=max_new_tokens, eos_id=eos, image_embeds=embeds,
+                           decode_inputs={"image_embeds": embeds}, prompt_buckets=None)
+            tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+            for row in np.flatnonzero(chunk["_mask"]):
+                ids = [int(t) for t in tokens[row, :lengths[row]] if int(t) != eos]
+                texts.append(self.tokenizer.decode(ids).strip())
+        return texts
