@@ -80,6 +80,8 @@ class BlipEvalModel(embed.TwoTowerEncoders):
                            decode_inputs={"image_embeds": embeds}, prompt_buckets=None)
             tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
             for row in np.flatnonzero(chunk["_mask"]):
-                ids = [int(t) for t in tokens[row, :lengths[row]] if int(t) != eos]
+                # Ids past the tokenizer's (a model vocabulary rounded up) name no text.
+                ids = [int(t) for t in tokens[row, :lengths[row]]
+                       if int(t) != eos and 0 <= int(t) < self.tokenizer.vocab_size]
                 texts.append(self.tokenizer.decode(ids).strip())
         return texts
