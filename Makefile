@@ -9,8 +9,9 @@ WORKDIR ?= $(CURDIR)/workdir/siglip_tiny
 DEMO_CONFIG ?= configs/siglip/tiny.py
 
 LLAVA_WORKDIR ?= $(CURDIR)/workdir/llava_tiny
+BLIP_WORKDIR ?= $(CURDIR)/workdir/blip_tiny
 
-.PHONY: demo demo-llava demo-cot test test-fast install bench-loss-memory clean-demo
+.PHONY: demo demo-llava demo-cot demo-blip test test-fast install bench-loss-memory clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,13 @@ demo-llava: $(VENV)/.installed
 demo-cot: $(VENV)/.installed
 	$(PY) -m vlmjax.demos.cot --data_dir $(DATA_DIR) \
 		--workdir $(if $(filter command line,$(origin WORKDIR)),$(WORKDIR),$(LLAVA_WORKDIR))
+
+# Tiny BLIP (ITC + ITM on hard negatives + LM) on vlm_shapes; WORKDIR= names its run directory.
+demo-blip: $(VENV)/.installed
+	$(PY) -m vlmjax.data.build vlm_shapes --data_dir $(DATA_DIR)
+	$(PY) -m vlmjax.train --config configs/blip/tiny.py \
+		--workdir $(if $(filter command line,$(origin WORKDIR)),$(WORKDIR),$(BLIP_WORKDIR)) \
+		--config.data.data_dir=$(DATA_DIR)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests
