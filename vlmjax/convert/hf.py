@@ -134,11 +134,19 @@ def params_from_hf_state(state: dict[str, np.ndarray], family: str, model_config
     """HF state dict -> flat {vlmjax/param/path: array}; raises on missing/unused tensors."""
     state = {k: v for k, v in split_packed_attention(state).items()
              if not k.endswith(IGNORED_BUFFERS)}
-    entries = weight_map(family, model_config)
+    return params_from_entries(state, weight_map(family, model_config), f"{family} model",
+                               where)
+
+
+def params_from_entries(state: dict[str, np.ndarray], entries, what: str,
+                        where: str) -> dict[str, np.ndarray]:
+    """The flat {vlmjax/param/path: array} of `entries` (hf_names.WeightEntry) read from an HF
+    state dict; raises naming missing and unused tensors (of a `what` of this config.json) and a
+    tensor whose shape does not fit."""
     missing = [e.hf for e in entries if e.hf not in state]
     unused = sorted(set(state) - {e.hf for e in entries})
     if missing or unused:
-        raise ValueError(f"{where}: the weights do not match a {family} model of this config.json:"
+        raise ValueError(f"{where}: the weights do not match a {what} of this config.json:"
                          f" missing {missing[:10]}{' ...' if len(missing) > 10 else ''}; unused "
                          f"{unused[:10]}{' ...' if len(unused) > 10 else ''}")
     flat = {}

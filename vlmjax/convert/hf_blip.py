@@ -297,21 +297,9 @@ def params_from_state(state: Mapping[str, np.ndarray], model_config: Mapping[str
     skipped = set(tied_copies(tied)) if ARCHITECTURES[architecture] == "decoder" else set()
     state = {k: v for k, v in split_qkv(state).items()
              if not _IGNORED.search(k) and k not in skipped}
-    entries = weight_entries(model_config, architecture)
-    missing = [e.hf for e in entries if e.hf not in state]
-    unused = sorted(set(state) - {e.hf for e in entries})
-    if missing or unused:
-        raise ValueError(f"{where}: the weights do not match a {architecture} of this "
-                         f"config.json: missing {missing[:10]}{' ...' if len(missing) > 10 else ''}"
-                         f"; unused {unused[:10]}{' ...' if len(unused) > 10 else ''}")
-    flat = {}
-    for e in entries:
-        try:
-            flat[e.vlmjax] = e.layout.to_vlmjax(np.asarray(state[e.hf], np.float32), e.heads)
-        except ValueError as err:
-            raise ValueError(f"{where}: tensor {e.hf} of shape {state[e.hf].shape} does not fit "
-                             f"{e.vlmjax}: {err}") from err
-    return flat
+    state = {k: np.asarray(v, np.float32) for k, v in state.items()}
+    return hf.params_from_entries(state, weight_entries(model_config, architecture),
+                                  architecture, where)
 
 
 def load_hf_blip(directory: str, shardings: Any = None,
