@@ -133,14 +133,20 @@ def test_imagenet_zero_shot_through_tfds(tmp_path):
     assert 4 / 6 <= metrics["zero_shot/imagenet/top5"] <= 1.0
 
 
-def test_coco_retrieval_through_tfds(tmp_path):
+def coco_like(tmp_path):
+    """(captions, tokenizer, rows, table): 5 images of 6 captions each; image 3 looks more like
+    image 0 than like itself, so its own captions rank 6th to 10th."""
     captions = [[f"word{i} caption{j}" for j in range(6)] for i in range(5)]
     tokenizer = word_tokenizer(tmp_path / "tokenizer.json", sum(captions, []))
     rows = [{"image": png(i), "captions": {"text": [c.encode() for c in caps]}}
             for i, caps in enumerate(captions)]
     table = bag_of_words(tokenizer, [f"word{i}" for i in range(5)])
-    # Image 3 looks more like image 0 than like itself: its own captions rank 6th to 10th.
     table[3] = (2 * table[0] + table[3]) / np.sqrt(5)
+    return captions, tokenizer, rows, table
+
+
+def test_coco_retrieval_through_tfds(tmp_path):
+    _, tokenizer, rows, table = coco_like(tmp_path)
     entry = real_scale_evals()["coco"]
     assert entry.data.name == "coco_captions" and entry.data.split == "test"
     assert entry.max_images == 5000 and entry.captions_per_image == 5
@@ -190,13 +196,7 @@ class FakeItmModel:
 def test_coco_retrieval_reranks_with_an_itm_head(tmp_path):
     from vlmjax.config import ConfigError
     from vlmjax.evals import retrieval
-    captions = [[f"word{i} caption{j}" for j in range(6)] for i in range(5)]
-    tokenizer = word_tokenizer(tmp_path / "tokenizer.json", sum(captions, []))
-    rows = [{"image": png(i), "captions": {"text": [c.encode() for c in caps]}}
-            for i, caps in enumerate(captions)]
-    table = bag_of_words(tokenizer, [f"word{i}" for i in range(5)])
-    # As above: image 3 ranks its own captions 6th to 10th, after image 0's five.
-    table[3] = (2 * table[0] + table[3]) / np.sqrt(5)
+    captions, tokenizer, rows, table = coco_like(tmp_path)
     params = {"table": jnp.asarray(table)}
     texts = [c for caps in captions[:4] for c in caps[:5]]
     scores = table[:4] @ bag_of_words(tokenizer, texts).T  # ITC, as the fake towers compute it
