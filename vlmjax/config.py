@@ -88,6 +88,16 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     return config
 
 
+def plain(value: Any) -> Any:
+    """A ConfigDict (a config section) as a plain dict; any other value as it is."""
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def plain_dict(section: Any) -> dict:
+    """A config section (ConfigDict, dict or None) as a plain dict ({} for None)."""
+    return dict(plain(section) or {})
+
+
 def check_keys(section: Mapping, allowed: Iterable[str], where: str):
     """Raise for a key of `section` that its consumer does not read."""
     allowed = list(allowed)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from vlmjax.config import ConfigError
+from vlmjax.config import ConfigError, plain
 from vlmjax.convert.params import SEP, format_problems, shape_problems
 from vlmjax.models import scan_layout
 
@@ -40,12 +40,8 @@ class InitEntry:
         return WHOLE if self.sub_model is None else f"{WHOLE}.{self.sub_model}"
 
 
-def _plain(value):
-    return value.to_dict() if hasattr(value, "to_dict") else value
-
-
 def _entry(sub_model: str | None, value, where: str) -> InitEntry:
-    value = _plain(value)
+    value = plain(value)
     if isinstance(value, str):
         spec = {"source": value}
     elif isinstance(value, Mapping):
@@ -69,7 +65,7 @@ def _entry(sub_model: str | None, value, where: str) -> InitEntry:
 def parse_model_init(model_init, sub_models: Mapping[str, Sequence[str]]) -> list[InitEntry]:
     """The entries of `config.model_init` (see the module docstring); [] for '' / None / {}.
     Pure: reads no files, so a task can call it when it validates its config."""
-    model_init = _plain(model_init)
+    model_init = plain(model_init)
     if not model_init:
         return []
     if isinstance(model_init, str) or (isinstance(model_init, Mapping) and "source" in model_init):
@@ -84,7 +80,7 @@ def parse_model_init(model_init, sub_models: Mapping[str, Sequence[str]]) -> lis
                           f"sub-models: {sorted(sub_models)} (or give one source for the whole "
                           "model)")
     return [_entry(name, value, f"{WHOLE}.{name}") for name, value in model_init.items()
-            if _plain(value)]
+            if plain(value)]
 
 
 def _subtree(tree: Mapping[str, Any], path: str, entry: InitEntry, whose: str | None = None

@@ -16,7 +16,7 @@ from typing import Iterator
 import ml_collections
 import numpy as np
 
-from vlmjax.config import ConfigError
+from vlmjax.config import ConfigError, plain_dict
 from vlmjax.data import pipeline_config, preprocess, sources
 from vlmjax.data.tf_cpu import tf
 from vlmjax.evals import embed
@@ -37,7 +37,7 @@ def eval_preprocess(train_spec: str) -> str:
 def resolve_data_config(entry_data, train_data, where: str) -> ml_collections.ConfigDict:
     """The data config an evaluator reads (see the module docstring); raises ConfigError naming
     `where` (e.g. 'evals.test.data') for a config it cannot honour. Pure: reads nothing."""
-    entry_data = _plain(entry_data)
+    entry_data = plain_dict(entry_data)
     if entry_data.get("source") not in (None, train_data.get("source")):
         config = dict(entry_data)
     else:
@@ -49,7 +49,7 @@ def resolve_data_config(entry_data, train_data, where: str) -> ml_collections.Co
                               f"evaluation reads the training source "
                               f"({train_data.get('source')!r}) at a held-out split, e.g. "
                               f"{where}.split='test'")
-        config = _plain(train_data)
+        config = plain_dict(train_data)
         config.pop("filters", None)  # training filters; an evaluation reads every record
         config.update(entry_data)
     source = config.get("source")
@@ -77,12 +77,6 @@ def resolve_data_config(entry_data, train_data, where: str) -> ml_collections.Co
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return config
-
-
-def _plain(config) -> dict:
-    if config is None:
-        return {}
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
 @dataclasses.dataclass
@@ -127,7 +121,7 @@ class EvalData:
         out = []
         for config in configs:
             if config.source == "vlm_shapes":
-                config = _plain(config)
+                config = plain_dict(config)
                 config.pop("weight", None)
                 out.append(make_source(ml_collections.ConfigDict(config)))
         return out

@@ -125,7 +125,8 @@ class BertLayer(nn.Module):
 
     def __call__(self, x, mask, part, image_embeds=None, *, train=False, kv_cache=None,
                  index=None):
-        x, kv_cache = self.self_attention[part](x, mask, train=train, kv_cache=kv_cache, index=index)
+        x, kv_cache = self.self_attention[part](x, mask, train=train, kv_cache=kv_cache,
+                                                index=index)
         if image_embeds is not None:
             x, _ = self.cross_attention(x, None, image_embeds, train=train)
         h = self.mlp_dropout(self.mlp(x), deterministic=not train)

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlmjax import sharding
-from vlmjax.config import ConfigError, check_keys
+from vlmjax.config import ConfigError, check_keys, plain_dict
 from vlmjax.losses import contrastive, lm as lm_loss, matching, mlm as mlm_lib
 from vlmjax.models.blip import Blip
 from vlmjax.train.tasks.base import TaskDefaults, with_compute_dtype
@@ -43,12 +41,8 @@ EVAL_TYPES = ("zero_shot", "retrieval", "itm", "captioning")
 ITC_PARTS = ("vision", "vision_proj", "text_shared", "text_encoder", "text_proj")
 
 
-def _plain(config):
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config or {})
-
-
 def loss_settings(config) -> dict:
-    loss = _plain(config.get("loss"))
+    loss = plain_dict(config.get("loss"))
     check_keys(loss, tuple(LOSS_DEFAULTS), "loss")
     settings = {**LOSS_DEFAULTS, **loss}
     for key in ("itc", "itm", "lm", "mlm", "momentum", "label_smoothing", "alpha"):
@@ -104,7 +98,7 @@ class BlipTask(TaskDefaults):
         if self.loss["queue_size"] % global_batch:
             raise ConfigError(f"loss.queue_size={self.loss['queue_size']} must be a multiple of "
                               f"input.global_batch_size={global_batch}")
-        accum = int(_plain(config.get("optim")).get("accum_steps", 1))
+        accum = int(plain_dict(config.get("optim")).get("accum_steps", 1))
         if self.loss["momentum"] and accum != 1:
             raise ConfigError("momentum distillation (loss.momentum > 0) needs "
                               "optim.accum_steps=1: the queue takes the global batch each step")
@@ -148,8 +142,7 @@ class BlipTask(TaskDefaults):
     def extra_state(self, params):
         if not self.loss["momentum"]:
             return {}
-        momentum = {k: v for k, v in params.items() if k in ITC_PARTS}
-        extra = {"momentum": jax.tree.map(lambda x: x, momentum)}
+        extra = {"momentum": {k: v for k, v in params.items() if k in ITC_PARTS}}
         if self.loss["queue_size"]:
             dim = int(self.kwargs.get("embed_dim", 256))
             size = self.loss["queue_size"]
@@ -268,11 +261,10 @@ class BlipTask(TaskDefaults):
     # ------------------------------------------------------------------------------------ data
     def example_transform(self, training: bool) -> list[str]:
         """Caption choice (unless input.preprocess has one), `image_id` and tokenisation."""
-        from vlmjax.data import ops, ops_blip  # noqa: F401  (registers image_id)
-        from vlmjax.data import ops_contrastive
-        transform = ops_contrastive.example_transform(
-            ml_collections.ConfigDict({**_plain(self.config.input), "hard_negatives": None}),
-            training)
+        from vlmjax.data import ops_blip, ops_contrastive  # noqa: F401  (registers image_id)
+        no_negatives = {**plain_dict(self.config.input), "hard_negatives": None}
+        transform = ops_contrastive.example_transform(ml_collections.ConfigDict(no_negatives),
+                                                      training)
         return transform[:-1] + ["image_id", transform[-1]]
 
     def train_input(self, data_state: dict | None, shard: int | None = None,

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vlmjax.config import ConfigError, check_keys
+from vlmjax.config import ConfigError, check_keys, plain
 from vlmjax.losses import lm as lm_loss
 from vlmjax.models.decoder import output_kernel
 from vlmjax.models.prefix_lm import PrefixLM
@@ -50,10 +50,6 @@ TRAINABLE = {1: r"^projector/", 2: r"^(projector|llm)/"}
 EVAL_TYPES = ("vqa", "captioning", "cot")
 
 
-def _plain(value):
-    return value.to_dict() if hasattr(value, "to_dict") else value
-
-
 def model_kwargs(model_config) -> dict:
     """config.model -> PrefixLM keyword arguments; ConfigError for a bad or unknown key."""
     kwargs = with_compute_dtype(model_config)
@@ -62,7 +58,7 @@ def model_kwargs(model_config) -> dict:
         if key not in kwargs:
             raise ConfigError(f"config.model is missing {key!r} (PrefixLM arguments, "
                               "vlmjax/models/prefix_lm.py)")
-    vision, llm = dict(_plain(kwargs["vision"])), dict(_plain(kwargs["llm"]))
+    vision, llm = dict(plain(kwargs["vision"])), dict(plain(kwargs["llm"]))
     for part, sub in (("vision", vision), ("llm", llm)):
         if "dtype" in sub:
             raise ConfigError(f"model.{part}.dtype: the compute dtype of every part is "
@@ -135,7 +131,7 @@ class LlavaTask(TaskDefaults):
         if self.num_image_tokens >= int(config.input.max_len):
             raise ConfigError(f"input.max_len={config.input.max_len} leaves no room for text "
                               f"after an image's {self.num_image_tokens} tokens; raise it")
-        self.accum_steps = int((_plain(config.get("optim")) or {}).get("accum_steps", 1))
+        self.accum_steps = int((plain(config.get("optim")) or {}).get("accum_steps", 1))
         from vlmjax.train.tasks import llava_init
         llava_init.parse(config.get("model_init"))  # pure check
         from vlmjax.evals import registry  # late: TensorFlow is slow to import
@@ -222,7 +218,7 @@ class LlavaTask(TaskDefaults):
         tokenizer, special_tokens with the image token, max_text_len, ...), for evaluators."""
         from vlmjax.data import llava_pipeline
         record = llava_pipeline.record_input_config(self.config.input).to_dict()
-        return ml_collections.ConfigDict({**record, **_plain(self.config.input),
+        return ml_collections.ConfigDict({**record, **plain(self.config.input),
                                           "special_tokens": record["special_tokens"]})
 
     def evaluators(self, eval_config) -> list:

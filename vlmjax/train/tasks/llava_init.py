@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlmjax.config import ConfigError
+from vlmjax.config import ConfigError, plain
 from vlmjax.convert import model_init as model_init_lib
 from vlmjax.models import scan_layout
 from vlmjax.models.prefix_lm import PrefixLM
@@ -63,10 +63,6 @@ class SourceInfo:
     kind: str                     # convert.pretrained.source_kind
     model: dict | None            # PrefixLM kwargs (llava), Decoder kwargs, or TwoTowers kwargs
     image_size: list | None = None  # llava sources: the size its position embedding is for
-
-
-def _plain(value):
-    return value.to_dict() if hasattr(value, "to_dict") else value
 
 
 def parse(model_init) -> list[model_init_lib.InitEntry]:
@@ -118,7 +114,7 @@ def source_info(src: str, where: str) -> SourceInfo:
 
 # ---------------------------------------------------------------------------- architecture
 def _vision_fields(vision, arch: str) -> dict:
-    full = with_defaults(IMAGE_TOWERS[arch], _plain(vision))
+    full = with_defaults(IMAGE_TOWERS[arch], plain(vision))
     fields = {k: v for k, v in full.items() if k not in VISION_NOT_ARCHITECTURE}
     if arch == "vit":
         class_token = full["class_token"]
@@ -127,8 +123,8 @@ def _vision_fields(vision, arch: str) -> dict:
 
 
 def _llm_fields(llm) -> dict:
-    llm = _plain(llm)
-    return {k: _plain(llm.get(k, default)) for k, default in lm_task.decoder_fields().items()
+    llm = plain(llm)
+    return {k: plain(llm.get(k, default)) for k, default in lm_task.decoder_fields().items()
             if k not in lm_task.NOT_ARCHITECTURE}
 
 
@@ -148,7 +144,7 @@ def _diffs(where: str, ours: dict, theirs: dict) -> list[str]:
 
 def check_source(entry, info: SourceInfo, model_config, image_size: int) -> None:
     """The entry's part(s) of `info` fit config.model (see the module docstring)."""
-    src, ours = entry.source, _plain(model_config)
+    src, ours = entry.source, plain(model_config)
     if entry.sub_model is None and info.holds != "llava":
         raise ConfigError(f"model_init {src} is {DESCRIBED[info.holds]}, not a whole LLaVA "
                           f"model; name the parts it fills: model_init = {{'"
@@ -189,9 +185,9 @@ def check_source(entry, info: SourceInfo, model_config, image_size: int) -> None
 # --------------------------------------------------------------------------------- loading
 def _built_vision(tower: dict, model_config) -> dict:
     """An image tower's params without what a PrefixLM does not build (unrolled layout)."""
-    model = _plain(model_config)
+    model = plain(model_config)
     arch = model.get("vision_arch", "vit")
-    vision = with_defaults(IMAGE_TOWERS[arch], _plain(model["vision"]))
+    vision = with_defaults(IMAGE_TOWERS[arch], plain(model["vision"]))
     depth = int(vision["depth"]) if arch == "vit" else len(vision["channels"])
     layers = model.get("vision_feature_layer", -2)
     layers = [layers] if isinstance(layers, int) else list(layers)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vlmjax import sharding
-from vlmjax.config import ConfigError, check_keys
+from vlmjax.config import ConfigError, check_keys, plain
 from vlmjax.losses import lm as lm_loss
 from vlmjax.models.decoder import Decoder, output_kernel
 from vlmjax.models.layers import DTYPES
@@ -70,10 +70,6 @@ def model_kwargs(model_config) -> dict:
     return kwargs
 
 
-def _plain(value):
-    return value.to_dict() if hasattr(value, "to_dict") else value
-
-
 def source_model_config(src: str) -> dict:
     """The Decoder arguments a decoder source holds, from its config files only."""
     from vlmjax.convert import hf_io
@@ -98,12 +94,12 @@ def source_model_config(src: str) -> dict:
 def check_architecture(src: str, model_config, where: str = "model_init") -> None:
     """Every Decoder field that defines the function the weights compute must agree."""
     theirs = source_model_config(src)
-    ours = _plain(model_config)
+    ours = plain(model_config)
     diffs = []
     for key, default in decoder_fields().items():
         if key in NOT_ARCHITECTURE:
             continue
-        mine, pretrained = _plain(ours.get(key, default)), theirs.get(key, default)
+        mine, pretrained = plain(ours.get(key, default)), theirs.get(key, default)
         if isinstance(mine, (int, float)) and isinstance(pretrained, (int, float)):
             same = math.isclose(float(mine), float(pretrained), rel_tol=1e-9)
         else:
@@ -115,7 +111,7 @@ def check_architecture(src: str, model_config, where: str = "model_init") -> Non
 
 def loss_settings(config) -> dict:
     """config.loss over LOSS_DEFAULTS, checked (the lm and llava tasks' next-token loss)."""
-    loss = _plain(config.get("loss")) or {}
+    loss = plain(config.get("loss")) or {}
     check_keys(loss, LOSS_DEFAULTS, "loss")
     settings = {**LOSS_DEFAULTS, **loss}
     if type(settings["chunk_size"]) is not int or settings["chunk_size"] < 1:
@@ -158,7 +154,7 @@ class LMTask(TaskDefaults):
         except ValueError as error:
             raise ConfigError(str(error)) from None
         self.max_len = int(config.input.max_len)
-        self.accum_steps = int((_plain(config.get("optim")) or {}).get("accum_steps", 1))
+        self.accum_steps = int((plain(config.get("optim")) or {}).get("accum_steps", 1))
         from vlmjax.convert import model_init as model_init_lib
         model_init_lib.parse_model_init(config.get("model_init"), SUB_MODELS)  # pure check
         from vlmjax.evals import registry  # late: TensorFlow is slow to import
