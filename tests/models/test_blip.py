@@ -135,3 +135,50 @@ def test_cached_decoding_equals_teacher_forcing_on_left_padded_prompts(model_par
                                     image_embeds=embeds)
         np.testing.assert_allclose(logits[0, 0], full[0, 3 + t], atol=1e-4)
         np.testing.assert_allclose(logits[1, 0], full[1, 1 + t], atol=1e-4)
+
+
+def test_fan_in_init_scales_kernels_and_lets_itm_learn_a_colour_match():
+    """init="fan_in": attention kernels have std 1 / sqrt(fan_in) (BERT's 0.02 at width 768), and
+    ITM trained from scratch on solid-colour images vs their colour word leaves its prior (with
+    BERT's 0.02 at width 32 it stays at the prior: the cross-attention barely reaches [ENC])."""
+    import optax
+
+    from vlmjax.losses import matching
+    model = make(image={**IMAGE, "stem": "conv"}, text={**TEXT, "depth": 1, "init": "fan_in"})
+    with pytest.raises(ValueError, match="not one of"):
+        make(text={**TEXT, "init": "xavier"}).init(jax.random.PRNGKey(0), images_of(1),
+                                                   tokens_of(1, 3), method=Blip.init_all)
+    params = nn.meta.unbox(jax.jit(lambda r: model.init(r, images_of(1), tokens_of(1, 3),
+                                                        method=model.init_all))(
+        jax.random.PRNGKey(0))["params"])
+    cross = params["text_shared"]["layer_0"]["cross_attention"]
+    assert float(jnp.std(cross["key"]["kernel"])) == pytest.approx(1 / np.sqrt(32), rel=0.1)
+    assert float(jnp.std(cross["out"]["kernel"])) == pytest.approx(1 / np.sqrt(32), rel=0.1)
+    rng = np.random.default_rng(0)
+    colours = rng.uniform(-1, 1, (6, 3)).astype(np.float32)
+    tx = optax.adam(1e-3)
+
+    def loss(p, images, tokens, negatives):
+        embeds = model.apply({"params": p}, images, method=model.image_features)
+        itm = lambda t: model.apply({"params": p}, None, t, image_embeds=embeds,  # noqa: E731
+                                    method=model.itm_logits)
+        return matching.itm_loss(itm(tokens), itm(negatives), jnp.ones(len(tokens), bool))
+
+    @jax.jit
+    def step(p, state, images, tokens, negatives):
+        (_, accuracy), grads = jax.value_and_grad(loss, has_aux=True)(p, images, tokens,
+                                                                       negatives)
+        updates, state = tx.update(grads, state, p)
+        return optax.apply_updates(p, updates), state, accuracy
+
+    state = tx.init(params)
+    for _ in range(80):
+        colour = rng.integers(0, 6, 32)
+        other = (colour + rng.integers(1, 6, 32)) % 6
+        images = np.broadcast_to(colours[colour][:, None, None], (32, 16, 16, 3))
+        tokens = np.stack([np.full(32, 1), 10 + colour, np.full(32, 2)], 1)
+        negatives = tokens.copy()
+        negatives[:, 1] = 10 + other
+        params, state, accuracy = step(params, state, jnp.asarray(images), jnp.asarray(tokens),
+                                       jnp.asarray(negatives))
+    assert float(accuracy) >= 0.95  # the prior (half the pairs) is 0.5

@@ -35,6 +35,20 @@ def test_schedules_after_warmup(schedule, checks):
         np.testing.assert_allclose(fn(step), value, rtol=1e-5, atol=1e-7)
 
 
+def test_step_schedule_decays_per_epoch_from_step_0_down_to_end_lr():
+    """BLIP: lr = max(min_lr, lr * rate ** epoch), epochs counted from step 0 (the warmup lies in
+    epoch 0)."""
+    cfg = optim.settings(optim_config(lr=1.0, schedule="step", warmup_steps=10, decay_every=20,
+                                      decay_rate=0.5, end_lr=0.2))
+    fn = optim.make_schedule(cfg, total_steps=100)
+    for step, value in {5: 0.5, 10: 1.0, 19: 1.0, 20: 0.5, 39: 0.5, 40: 0.25, 60: 0.2,
+                        99: 0.2}.items():
+        np.testing.assert_allclose(fn(step), value, rtol=1e-6)
+    for bad in (dict(decay_every=0, decay_rate=0.5), dict(decay_every=5, decay_rate=1.5)):
+        with pytest.raises(ConfigError, match="decay_every >= 1"):
+            optim.settings(optim_config(schedule="step", **bad))
+
+
 def test_unknown_optim_keys_and_values_are_errors():
     with pytest.raises(ConfigError, match="'weight_decay'"):
         optim.settings(optim_config(weight_decy=0.1))

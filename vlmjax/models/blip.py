@@ -43,10 +43,27 @@ TEMPERATURE_RANGE = (0.001, 0.5)
 CACHE_KV_AXES = ("act_batch", "act_heads", None, None)  # [B, H, S, K] per layer
 
 
-def _dense_general(features, axis, in_axes, out_axes, dtype, name):
+# Kernel inits of the text transformer: BERT's normal(0.02), or variance 1 / fan_in. At BERT's
+# width (768) both give the attention paths a similar gain; at a tiny width 0.02 leaves the
+# cross-attention's contribution to the residual at ~1%, so an image-grounded head trained from
+# scratch sits at its prior (models/blip tiny: ITM never left 67% with "bert").
+INITS = ("bert", "fan_in")
+
+
+def kernel_init(init: str, in_axes: tuple, out_axes: tuple):
+    if init not in INITS:
+        raise ValueError(f"BLIP text init {init!r} is not one of {INITS}")
+    if init == "bert":
+        base = nn.initializers.normal(0.02)
+    else:
+        # DenseGeneral initialises its kernel flattened to [fan_in, fan_out].
+        base = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+    return layers.partitioned(base, in_axes + out_axes)
+
+
+def _dense_general(features, axis, in_axes, out_axes, dtype, name, init="bert"):
     return nn.DenseGeneral(features, axis=axis, dtype=dtype, param_dtype=jnp.float32, name=name,
-                           kernel_init=layers.partitioned(nn.initializers.normal(0.02),
-                                                          in_axes + out_axes),
+                           kernel_init=kernel_init(init, in_axes, out_axes),
                            bias_init=layers.partitioned(nn.initializers.zeros, out_axes))
 
 
@@ -69,6 +86,7 @@ class BertAttention(nn.Module):
     norm_eps: float = 1e-12
     dropout: float = 0.0
     attention_dropout: float = 0.0
+    init: str = "bert"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -80,9 +98,9 @@ class BertAttention(nn.Module):
         src = x if kv is None else kv
 
         def proj(name, inputs):
-            return constrain(_dense_general((self.num_heads, head_dim), -1, ("embed",),
-                                            ("heads", "head_dim"), self.dtype, name)(inputs),
-                             layers.HEADS_BLHK)
+            dense = _dense_general((self.num_heads, head_dim), -1, ("embed",),
+                                   ("heads", "head_dim"), self.dtype, name, self.init)
+            return constrain(dense(inputs), layers.HEADS_BLHK)
 
         q, k, v = proj("query", x), proj("key", src), proj("value", src)
         layout = "BSHK"
@@ -95,7 +113,7 @@ class BertAttention(nn.Module):
         h = layers.dot_product_attention(q, k, v, mask, kv_layout=layout, dropout_rng=rng,
                                          dropout_rate=self.attention_dropout if train else 0.0)
         h = _dense_general(width, (-2, -1), ("heads", "head_dim"), ("embed",), self.dtype,
-                           "out")(constrain(h, layers.HEADS_BLHK))
+                           "out", self.init)(constrain(h, layers.HEADS_BLHK))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         x = layers.make_norm("layernorm", self.dtype, self.norm_eps, name="norm")(x + h)
         return constrain(x, layers.RESIDUAL_BLD), kv_cache
@@ -111,11 +129,12 @@ class BertLayer(nn.Module):
     norm_eps: float = 1e-12
     dropout: float = 0.0
     attention_dropout: float = 0.0
+    init: str = "bert"
     dtype: Any = jnp.float32
 
     def setup(self):
         kwargs = dict(num_heads=self.num_heads, norm_eps=self.norm_eps, dropout=self.dropout,
-                      attention_dropout=self.attention_dropout, dtype=self.dtype)
+                      attention_dropout=self.attention_dropout, init=self.init, dtype=self.dtype)
         # A dict attribute names its modules self_attention_{part}.
         self.self_attention = {part: BertAttention(**kwargs) for part in self.self_attentions}
         self.cross_attention = BertAttention(**kwargs)
@@ -148,6 +167,7 @@ class BlipText(nn.Module):
     attention_dropout: float = 0.0
     parts: tuple[str, ...] = PARTS
     tie_word_embeddings: bool = True
+    init: str = "bert"             # INITS: the attention and head kernels' init
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -160,12 +180,12 @@ class BlipText(nn.Module):
         self.embed_dropout = nn.Dropout(self.dropout)
         self.layer = [BertLayer(self.num_heads, self.mlp_dim or 4 * self.width,
                                 tuple(self.parts), self.activation, self.norm_eps, self.dropout,
-                                self.attention_dropout, self.dtype)
+                                self.attention_dropout, self.init, self.dtype)
                       for _ in range(self.depth)]  # named layer_0 .. layer_{depth-1}
         if "decoder" in self.parts:  # BERT's prediction head (the LM and MLM logits)
             self.head_transform = nn.Dense(
                 self.width, dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=layers.partitioned(nn.initializers.normal(0.02), ("embed", "mlp")),
+                kernel_init=kernel_init(self.init, ("embed",), ("mlp",)),
                 bias_init=layers.partitioned(nn.initializers.zeros, ("mlp",)))
             self.head_norm = layers.make_norm("layernorm", self.dtype, self.norm_eps)
             self.lm_bias = self.param("lm_bias", layers.partitioned(nn.initializers.zeros,

@@ -3,9 +3,12 @@
 Keys (defaults in `DEFAULTS`):
   name           adamw | adafactor | sgd (SGD with momentum)
   lr             peak learning rate
-  schedule       cosine | linear | rsqrt | constant (after linear warmup from 0)
+  schedule       cosine | linear | rsqrt | constant | step (after linear warmup from 0)
   warmup_steps   linear warmup length
-  end_lr         learning rate at the end of cosine / linear decay
+  end_lr         learning rate at the end of cosine / linear decay; step's floor
+  decay_every, decay_rate  step decay: lr * decay_rate ** floor(step / decay_every), counted
+                 from step 0 (warmup included) and floored at end_lr; BLIP's per-epoch decay is
+                 decay_every = steps per epoch
   rsqrt_timescale  rsqrt decay: lr / sqrt(1 + (step - warmup) / timescale)
   weight_decay   decoupled weight decay (AdamW-style: lr * wd * param)
   no_decay       regex of parameter paths without weight decay; parameters with fewer than 2
@@ -31,9 +34,9 @@ import optax
 from vlmjax.config import ConfigError, check_keys
 
 DEFAULTS = dict(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=0, end_lr=0.0,
-                rsqrt_timescale=10_000, weight_decay=1e-4, no_decay="", b1=0.9, b2=0.999,
+                rsqrt_timescale=10_000, decay_every=0, decay_rate=1.0, weight_decay=1e-4, no_decay="", b1=0.9, b2=0.999,
                 eps=1e-8, clip_norm=1.0, freeze="", accum_steps=1, ema_decay=0.0)
-SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
+SCHEDULES = ("cosine", "linear", "rsqrt", "constant", "step")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 
 
@@ -44,6 +47,10 @@ def settings(optim_config) -> dict:
         raise ConfigError(f"optim.name {out['name']!r} is not one of {OPTIMIZERS}")
     if out["schedule"] not in SCHEDULES:
         raise ConfigError(f"optim.schedule {out['schedule']!r} is not one of {SCHEDULES}")
+    if out["schedule"] == "step" and (int(out["decay_every"]) < 1
+                                      or not 0.0 < float(out["decay_rate"]) <= 1.0):
+        raise ConfigError(f"optim.schedule 'step' needs decay_every >= 1 (steps) and decay_rate "
+                          f"in (0, 1], got {out['decay_every']} and {out['decay_rate']}")
     if int(out["accum_steps"]) < 1:
         raise ConfigError(f"optim.accum_steps must be >= 1, got {out['accum_steps']}")
     if not 0.0 <= float(out["ema_decay"]) < 1.0:
@@ -62,6 +69,11 @@ def make_schedule(cfg: dict, total_steps: int) -> optax.Schedule:
     elif cfg["schedule"] == "rsqrt":
         timescale = float(cfg["rsqrt_timescale"])
         decay = lambda step: lr / jnp.sqrt(1.0 + step / timescale)  # noqa: E731
+    elif cfg["schedule"] == "step":
+        every, rate, floor = int(cfg["decay_every"]), float(cfg["decay_rate"]), cfg["end_lr"]
+        # join_schedules hands the decay (step - warmup); BLIP counts epochs from step 0.
+        decay = lambda step: jnp.maximum(  # noqa: E731
+            floor, lr * rate ** jnp.floor((step + warmup) / every))
     else:
         decay = optax.constant_schedule(lr)
     if warmup == 0:
