@@ -7,6 +7,9 @@ Implements the task contract of vlmjax/train/tasks/base.py. Config keys it owns:
           momentum (0 = no momentum distillation; ALBEF/BLIP 0.995), alpha (0.4), queue_size
           (momentum features kept beside the batch; BLIP 57600; a multiple of the global
           batch); mlm_probability (0.15)
+  model_init  '' (random), a BLIP source for the whole model, or {"image": SRC, "text": SRC}:
+          image a ViT (e.g. {"source": WORKDIR, "prefix": "image_tower"} of a contrastive run),
+          text an HF BERT directory (BLIP starts from bert-base-uncased; convert.hf_bert)
   data, input  image-text data and its preprocessing (vlmjax.data.pipeline); the tokenizer must
           have BOS (BLIP's [CLS]) and EOS, and input.special_tokens [ENC] and [DEC] ([MASK]
           too for MLM)
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,6 +43,9 @@ LOSS_DEFAULTS = dict(itc=1.0, itm=1.0, lm=1.0, mlm=0.0, label_smoothing=0.1, mom
 EVAL_TYPES = ("zero_shot", "retrieval", "itm", "captioning")
 # The parameter subtrees of the ITC features: what the momentum encoder copies.
 ITC_PARTS = ("vision", "vision_proj", "text_shared", "text_encoder", "text_proj")
+# model_init sub-models: the parameter subtrees each one owns (vlmjax/convert/model_init.py).
+SUB_MODELS = {"image": ("vision", "vision_proj"),
+              "text": ("text_shared", "text_encoder", "text_decoder", "text_proj")}
 
 
 def loss_settings(config) -> dict:
@@ -138,6 +145,30 @@ class BlipTask(TaskDefaults):
         tokens = jnp.zeros((1, self.text_length), jnp.int32)
         return self.model.init({"params": rng}, images, tokens,
                                method=self.model.init_all)["params"]
+
+    def pretrained_params(self, model_init, abstract_params, shardings):
+        """Params of `config.model_init` (see the module docstring), shape-checked against this
+        model's and placed by `shardings`; what no source names keeps the random init of
+        config.seed (the cross-attention, [ENC] / [DEC] rows and heads under a BERT init)."""
+        from vlmjax.convert import hf_bert, hf_blip, load_pretrained, model_init as model_init_lib
+        from vlmjax.convert.pretrained import source_kind
+        entries = model_init_lib.parse_model_init(model_init, SUB_MODELS)
+        size = (self.image_size, self.image_size)
+
+        @functools.cache
+        def init_random():
+            rng = jax.random.split(jax.random.PRNGKey(int(self.config.get("seed", 0))))[0]
+            return jax.device_get(jax.jit(lambda r: nn.meta.unbox(self.init_params(r)))(rng))
+
+        def load(src):
+            if hf_bert.is_bert_source(src):
+                return hf_bert.bert_into_blip(src, self.kwargs, init_random())
+            blip = source_kind(src) == "hf" and hf_blip.is_blip_source(src)  # its own size
+            return jax.device_get(load_pretrained(src, image_size=None if blip else size)[1])
+
+        params = model_init_lib.assemble_params(entries, SUB_MODELS, abstract_params, load,
+                                                init_random)
+        return jax.device_put(params, shardings)
 
     def extra_state(self, params):
         if not self.loss["momentum"]:
