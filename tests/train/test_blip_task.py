@@ -102,11 +102,21 @@ def test_config_errors_name_the_key(overrides, message):
 
 @pytest.mark.slow
 def test_runlocal_trains_resumes_exactly_and_evaluates(tmp_path_factory):
-    """Momentum state included: 4 steps straight equal 2 steps, a restart, and 2 more."""
+    """configs/blip/base_14m.py:runlocal (the tiny model with BLIP's momentum distillation,
+    queue and per-epoch step decay): 4 steps straight equal 2 steps, a restart, and 2 more,
+    momentum state included; the evaluators report."""
     data_dir = str(tmp_path_factory.getbasetemp() / "runlocal_tfds")
     overrides = [f"data.data_dir={data_dir}"]
-    straight = runlocal_config("runlocal,momentum=0.995,queue=32", evals=True)
-    config_lib.apply_overrides(straight, overrides)
+
+    def base_runlocal(evals):
+        config = config_lib.load_config("configs/blip/base_14m.py:runlocal")
+        assert (config.loss.momentum, config.optim.schedule) == (0.995, "step")
+        if not evals:
+            config.evals = {}
+        config_lib.apply_overrides(config, overrides)
+        return config
+
+    straight = base_runlocal(evals=True)
     result = trainer.train(straight, str(tmp_path_factory.mktemp("blip_straight")))
     metrics = result.metrics
     for key in ("itm/itm_test/accuracy", "retrieval/retrieval_test/i2t_r1",
@@ -117,8 +127,7 @@ def test_runlocal_trains_resumes_exactly_and_evaluates(tmp_path_factory):
     assert np.isfinite(result.train_metrics["loss_itm"])
 
     resumed_dir = str(tmp_path_factory.mktemp("blip_resumed"))
-    split = runlocal_config("runlocal,momentum=0.995,queue=32")
-    config_lib.apply_overrides(split, overrides)
+    split = base_runlocal(evals=False)
     trainer.train(split, resumed_dir, stop_after=2)
     resumed = trainer.train(split, resumed_dir)
     assert sorted(os.listdir(os.path.join(resumed_dir, "checkpoints")))[-1] == "4"

@@ -6,7 +6,10 @@ Implements the task contract of vlmjax/train/tasks/base.py. Config keys it owns:
   loss    weights itc, itm, lm, mlm (0 = off; BLIP: 1, 1, 1, 0); label_smoothing (LM, BLIP 0.1);
           momentum (0 = no momentum distillation; ALBEF/BLIP 0.995), alpha (0.4), queue_size
           (momentum features kept beside the batch; BLIP 57600; a multiple of the global
-          batch); mlm_probability (0.15)
+          batch); mlm_probability (0.15); itm_temperature (ITM negatives are drawn from
+          softmax(sim / T): 0 = the ITC temperature, BLIP's; a larger T draws easier negatives,
+          for captions that describe only part of an image, whose hardest "negative" is often
+          true of it)
   model_init  '' (random), a BLIP source for the whole model, or {"image": SRC, "text": SRC}:
           image a ViT (e.g. {"source": WORKDIR, "prefix": "image_tower"} of a contrastive run),
           text an HF BERT directory (BLIP starts from bert-base-uncased; convert.hf_bert)
@@ -39,7 +42,7 @@ from vlmjax.models.blip import Blip
 from vlmjax.train.tasks.base import TaskDefaults, with_compute_dtype
 
 LOSS_DEFAULTS = dict(itc=1.0, itm=1.0, lm=1.0, mlm=0.0, label_smoothing=0.1, momentum=0.0,
-                     alpha=0.4, queue_size=0, mlm_probability=0.15)
+                     alpha=0.4, queue_size=0, mlm_probability=0.15, itm_temperature=0.0)
 EVAL_TYPES = ("zero_shot", "retrieval", "itm", "captioning")
 # The parameter subtrees of the ITC features: what the momentum encoder copies.
 ITC_PARTS = ("vision", "vision_proj", "text_shared", "text_encoder", "text_proj")
@@ -52,7 +55,8 @@ def loss_settings(config) -> dict:
     loss = plain_dict(config.get("loss"))
     check_keys(loss, tuple(LOSS_DEFAULTS), "loss")
     settings = {**LOSS_DEFAULTS, **loss}
-    for key in ("itc", "itm", "lm", "mlm", "momentum", "label_smoothing", "alpha"):
+    for key in ("itc", "itm", "lm", "mlm", "momentum", "label_smoothing", "alpha",
+                "itm_temperature"):
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ConfigError(f"loss.{key}={value!r} must be a number >= 0")
@@ -76,7 +80,7 @@ class BlipTask(TaskDefaults):
     config_keys = {
         "model": "Blip kwargs and dtype (see this module's docstring)",
         "loss": "weights itc, itm, lm, mlm; label_smoothing; momentum, alpha, queue_size; "
-                "mlm_probability",
+                "mlm_probability; itm_temperature",
         "data": "image-text training data (vlmjax.data.pipeline)",
         "input": "preprocessing, tokenizer (with [ENC], [DEC] special tokens), max_text_len and "
                  "global_batch_size",
@@ -229,7 +233,8 @@ class BlipTask(TaskDefaults):
         enc_tokens = tokens.at[:, 0].set(ids_["enc"])
         neg_text, neg_image, valid_text, valid_image = matching.hard_negative_indices(
             rng, jax.lax.stop_gradient(aux["image_feat"]), jax.lax.stop_gradient(aux["text_feat"]),
-            ids, jax.lax.stop_gradient(aux["temperature"]), mesh=self.mesh)
+            ids, self.loss["itm_temperature"] or jax.lax.stop_gradient(aux["temperature"]),
+            mesh=self.mesh)
         gather = functools.partial(matching.gather_rows, mesh=self.mesh)
         # Rows: (image i, its negative text), then (the negative image of text j, text j).
         pair_embeds = jnp.concatenate([image_embeds, gather(image_embeds, neg_image)])
