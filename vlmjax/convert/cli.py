@@ -13,6 +13,9 @@ to bfloat16) and writes an HF LLaVA directory. HF LLaVA directories need no `imp
 reads them as they are (load_pretrained, config.model_init, `python -m vlmjax.generate`).
 BLIP: HF BlipForImageTextRetrieval / BlipForConditionalGeneration directories need no `import`
 either; `export` of one writes the same HF class again (e.g. to bfloat16, convert.hf_blip_export).
+`export` of a `blip` trainer WORKDIR writes each part the run has as its HF class: OUT itself for
+one part, OUT/BlipForImageTextRetrieval and OUT/BlipForConditionalGeneration for both (HF splits
+BLIP in two); the ViT must be HF's (a patch stem).
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ import argparse
 import os
 import sys
 
-from vlmjax.convert import (decoder_pretrained as decoder_lib, hf_blip, hf_io, hf_llava,
-                            llava_workdir, tokenizer as tok)
+from vlmjax.convert import (blip_workdir, decoder_pretrained as decoder_lib, hf_blip, hf_io,
+                            hf_llava, llava_workdir, tokenizer as tok)
 from vlmjax.convert.hf_blip_export import export_hf_blip
 from vlmjax.convert.hf_decoder_export import EXPORT_DTYPES
 from vlmjax.convert.hf_export import export_hf
@@ -54,14 +57,30 @@ def export_llava(src: str, kind: str, out_dir: str, dtype: str) -> str:
 
 
 def is_blip(src: str, kind: str) -> bool:
+    if kind == "trainer":
+        return blip_workdir.is_blip_workdir(src)
     return kind == "hf" and hf_blip.is_blip_source(src)
 
 
-def export_blip(src: str, out_dir: str, dtype: str) -> str:
+def export_blip(src: str, kind: str, out_dir: str, dtype: str) -> str:
     """An HF BLIP directory -> the same HF class in `out_dir` (with its tokenizer and
-    processor files); returns 'blip'."""
-    _, params, model_config = load_pretrained(src)
-    export_hf_blip(model_config, params, out_dir, dtype=dtype, tokenizer_dir=src)
+    processor files); a `blip` workdir -> one HF class per part (see the module docstring);
+    returns 'blip'."""
+    if kind == "hf":
+        _, params, model_config = load_pretrained(src)
+        export_hf_blip(model_config, params, out_dir, dtype=dtype, tokenizer_dir=src)
+        return "blip"
+    run = blip_workdir.load_blip_workdir(src)
+    parts = tuple(run.task.model.parts)
+    for architecture, part in hf_blip.ARCHITECTURES.items():
+        if part in parts:
+            where = out_dir if len(parts) == 1 else os.path.join(out_dir, architecture)
+            export_hf_blip(blip_workdir.model_config(run), run.params, where, architecture,
+                           dtype, token_ids=blip_workdir.hf_token_ids(run.task.token_ids))
+            print(f"wrote {architecture} -> {where}", file=sys.stderr)
+    print(f"note: {src} trains with the tokenizer {run.config.input.tokenizer} (special tokens "
+          f"{list(run.config.input.get('special_tokens', []))}); {out_dir} has no tokenizer "
+          "files", file=sys.stderr)
     return "blip"
 
 
@@ -73,7 +92,7 @@ def export_pretrained(src: str, out_dir: str, dtype: str = "float32") -> str:
     if is_llava(src, kind):
         return export_llava(src, kind, out_dir, dtype)
     if is_blip(src, kind):
-        return export_blip(src, out_dir, dtype)
+        return export_blip(src, kind, out_dir, dtype)
     if decoder_lib.is_decoder_source(src, kind):
         return decoder_lib.export_decoder(src, kind, out_dir, dtype)
     if dtype != "float32":

@@ -58,7 +58,7 @@ VISION_REQUIREMENTS = {"stem": ("patch",), "posemb": ("learn",), "norm": ("layer
 EXTRA_TOKENIZER_FILES = ("vocab.txt",)  # BLIP's BertTokenizer
 
 
-def _as_model_config(model) -> dict:
+def model_config_of(model) -> dict:
     """A Blip instance or a model config -> a model config (plain dicts and lists)."""
     if isinstance(model, Blip):
         fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
@@ -225,7 +225,7 @@ def export_hf_blip(model, params: Mapping[str, Any], out_dir: str,
     (see the module docstring); returns the config.json dict."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype {dtype!r} is not one of {EXPORT_DTYPES}")
-    model_config = _as_model_config(model)
+    model_config = model_config_of(model)
     architecture = choose_architecture(model_config, architecture)
     params = nn.meta.unbox(dict(params))
     if "vision" not in params:

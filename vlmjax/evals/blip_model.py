@@ -6,10 +6,13 @@ re-ranking) and captions (captioning).
     model.images(params, batches) / model.texts(params, ids, mask, batch_size)   # ITC, [N, D]
     model.itm_scores(params, images, ids, mask)          # [N]: logit(match) - logit(no match)
     model.answer(params, images, prompts, max_new_tokens)  # greedy captions (prompts ignored)
+    model.caption(params, images, prompt=None, top_p=0.9, rng=key)  # nucleus-sampled captions
 
 Texts arrive tokenised as in training (`[CLS] caption [SEP]`); ITM reads them with [ENC] first.
 Captions are greedy from `[DEC] + caption_prompt` (BLIP's captioner: "a picture of"; "" = none,
 the vlmjax tiny recipe's) and stop at EOS ([SEP]); the prompt is not part of the returned text.
+`caption` is the same with another prompt and, given `top_p` and `rng`, nucleus sampling (BLIP's
+CapFilt captioner: top_p 0.9); a batch draws with fold_in(rng, batch number).
 Batches are padded to a fixed multiple of the devices so that a new count does not recompile.
 """
 from __future__ import annotations
@@ -58,8 +61,9 @@ class BlipEvalModel(embed.TwoTowerEncoders):
         return embed.embed_all(lambda b: self._itm(params, b), arrays, self.batch_size,
                                self.mesh).reshape(-1)
 
-    def _prompt(self) -> list[int]:
-        words = self.tokenizer.encode_raw([self.caption_prompt])[0] if self.caption_prompt else []
+    def _prompt(self, prompt: str | None = None) -> list[int]:
+        prompt = self.caption_prompt if prompt is None else prompt
+        words = self.tokenizer.encode_raw([prompt])[0] if prompt else []
         return [int(self.token_ids["dec"]), *map(int, words)]
 
     def answer(self, params, images, prompts: Sequence[str] = (),
@@ -67,17 +71,32 @@ class BlipEvalModel(embed.TwoTowerEncoders):
         """Greedy captions of `images` [N, H, W, 3]; `prompts` are ignored (BLIP's captioner
         has one prompt, `caption_prompt`)."""
         del prompts
+        return self.caption(params, images, max_new_tokens=max_new_tokens)
+
+    def caption(self, params, images, *, prompt: str | None = None, max_new_tokens: int = 32,
+                top_p: float | None = None, temperature: float = 1.0, rng=None) -> list[str]:
+        """Captions of `images` [N, H, W, 3] after `[DEC] + prompt` (None: `caption_prompt`),
+        without the prompt. Greedy unless `top_p` is given: then sampled at `temperature` from
+        the nucleus `top_p`, batch b (of `batch_size` rows) with fold_in(rng, b), so the same
+        rng, images and batch size give the same captions."""
+        if top_p is not None and rng is None:
+            raise ValueError("caption: nucleus sampling (top_p) needs an rng")
+        sampling = ({} if top_p is None else
+                    dict(strategy="sample", top_p=float(top_p), temperature=float(temperature)))
         images = np.asarray(images, np.float32)
-        prompt = np.asarray([self._prompt()], np.int32)
+        prompt_ids = np.asarray([self._prompt(prompt)], np.int32)
         eos = self.tokenizer.eos_id
         texts = []
-        for start in range(0, len(images), self.batch_size):
+        for number, start in enumerate(range(0, len(images), self.batch_size)):
             chunk = embed.pad_batch({"image": images[start:start + self.batch_size]},
                                     self.batch_size)
             embeds = self._features(params, jnp.asarray(chunk["image"]))
-            out = generate(self.model, params, np.repeat(prompt, self.batch_size, axis=0),
+            if sampling:
+                sampling["rng"] = jax.random.fold_in(rng, number)
+            out = generate(self.model, params, np.repeat(prompt_ids, self.batch_size, axis=0),
                            max_new_tokens=max_new_tokens, eos_id=eos, image_embeds=embeds,
-                           decode_inputs={"image_embeds": embeds}, prompt_buckets=None)
+                           decode_inputs={"image_embeds": embeds}, prompt_buckets=None,
+                           **sampling)
             tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
             for row in np.flatnonzero(chunk["_mask"]):
                 # Ids past the tokenizer's (a model vocabulary rounded up) name no text.
