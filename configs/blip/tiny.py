@@ -12,8 +12,9 @@ in BLIP. Two departures from BLIP (docs/experiments.md, BLIP tiny): the text ker
 variance 1/fan_in (with BERT's 0.02 at width 96 ITM stays at its prior), and the ITM negatives
 are drawn at temperature 0.2, not the ITC temperature (at the ITC temperature ITM had not left
 its prior after 450 steps; at 0.2 it learns from step ~300). Evaluations at the end: ITM
-accuracy on validation (recipes are chosen on it) and test, retrieval on test with ITM re-ranking of the ITC top 8, captioning on test (attribute accuracy
-against the scene, CIDEr-D, BLEU-4).
+accuracy on validation (recipes are chosen on it) and test, retrieval on test with ITM
+re-ranking of the ITC top 8, captioning on test (attribute accuracy against the scene, CIDEr-D,
+BLEU-4).
 Presets: runlocal (a few steps on tiny data, for tests), steps=N, batch=N, lr=X, mlm=W (the
 MLM weight; 0 = off), momentum=M (momentum distillation with a queue of `queue` features;
 0 = off), queue=N, width=N (text and image width), itm_t=T (the ITM negatives' temperature; 0 =
