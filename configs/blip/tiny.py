@@ -18,7 +18,8 @@ BLEU-4).
 Presets: runlocal (a few steps on tiny data, for tests), steps=N, batch=N, lr=X, mlm=W (the
 MLM weight; 0 = off), momentum=M (momentum distillation with a queue of `queue` features;
 0 = off), queue=N, width=N (text and image width), itm_t=T (the ITM negatives' temperature; 0 =
-the ITC temperature, BLIP's).
+the ITC temperature, BLIP's), swaps=K (K shape-word-swapped captions per image as extra ITM
+negatives; 0 = off, BLIP).
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -43,7 +44,8 @@ def evals(max_images: int, captions: int, batch_size: int) -> dict:
 
 def get_config(arg=None):
     args = parse_preset_args(arg, runlocal=False, steps=1500, batch=64, lr=1e-3, mlm=0.0,
-                             momentum=0.0, queue=0, width=96, itm_t=0.2)
+                             momentum=0.0, queue=0, width=96, itm_t=0.2,
+                             swaps=0)
     c = ml_collections.ConfigDict()
     c.task = "blip"
     c.seed = 0
@@ -67,6 +69,8 @@ def get_config(arg=None):
                    crop_area_min=0.3, shuffle_buffer=10_000, seed=0, tokenizer="vlm_shapes",
                    special_tokens=list(VLM_SHAPES_LM_TOKENS) + ["[MASK]"], max_text_len=32,
                    add_bos=True, eos="sticky", prefetch_batches=4)
+    if args.swaps:
+        c.input.hard_negatives = dict(count=args.swaps, vocabulary="vlm_shapes")
     c.optim = dict(name="adamw", lr=args.lr, schedule="cosine", warmup_steps=100, end_lr=1e-5,
                    weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0)
     c.evals = evals(max_images=500, captions=500, batch_size=128)

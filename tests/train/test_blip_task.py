@@ -134,3 +134,28 @@ def test_runlocal_trains_resumes_exactly_and_evaluates(tmp_path_factory):
     for a, b in zip(jax.tree.leaves((result.state.params, result.state.extra)),
                     jax.tree.leaves((resumed.state.params, resumed.state.extra))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_word_swapped_captions_are_extra_itm_negatives():
+    """input.hard_negatives: each valid (image i, swapped caption i) is one more ITM negative.
+    With the caption itself as its 'swap', the loss is the mean over 3B mined pairs and the
+    valid swaps, each swap costing the positive's NLL of 'no match'."""
+    config = runlocal_config()
+    config.input.hard_negatives = dict(count=1, vocabulary="vlm_shapes")
+    task = make_task(config, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    transform = task.example_transform(training=True)
+    assert transform[0] == "image_id" and any("key='neg_text'" in op for op in transform)
+    assert not any("neg_text" in op for op in task.example_transform(training=False))
+    params = nn.meta.unbox(task.init_params(jax.random.PRNGKey(0)))
+    batch, rng = fake_batch(), jax.random.PRNGKey(3)
+    valid = np.arange(16)[:, None] % 3 != 0
+    swapped = dict(batch, neg_text=batch["text"][:, None],
+                   neg_text_mask=batch["text_mask"][:, None], neg_valid=valid)
+    loss_fn = jax.jit(lambda b: task.loss_fn(params, {}, b, rng)[1]["loss_itm"])
+    plain, with_swaps = float(loss_fn(batch)), float(loss_fn(swapped))
+    enc = jnp.asarray(batch["text"]).at[:, 0].set(TOKEN_IDS["enc"])
+    logits = task.model.apply({"params": params}, jnp.asarray(batch["image"]), enc,
+                              jnp.asarray(batch["text_mask"]), method=task.model.itm_logits)
+    nll_no_match = np.asarray(jax.nn.logsumexp(logits, -1) - logits[:, 0])
+    expected = (plain * 48 + nll_no_match[valid[:, 0]].sum()) / (48 + valid.sum())
+    assert with_swaps == pytest.approx(expected, rel=1e-5)

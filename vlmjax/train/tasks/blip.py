@@ -15,7 +15,9 @@ Implements the task contract of vlmjax/train/tasks/base.py. Config keys it owns:
           text an HF BERT directory (BLIP starts from bert-base-uncased; convert.hf_bert)
   data, input  image-text data and its preprocessing (vlmjax.data.pipeline); the tokenizer must
           have BOS (BLIP's [CLS]) and EOS, and input.special_tokens [ENC] and [DEC] ([MASK]
-          too for MLM)
+          too for MLM); input.hard_negatives (count K, vocabulary; as the contrastive task's)
+          adds K word-swapped captions of each image as ITM negatives (NegCLIP-style; not
+          BLIP's)
 Each caption is tokenised once, `[CLS] caption [SEP]`; the ITM encoder reads it with [ENC] in
 place of [CLS], the decoder with [DEC] (targets: everything after it). Rows with the same
 `image_id` (ops_blip.image_id: the record key) are positives of each other in ITC and never
@@ -227,8 +229,9 @@ class BlipTask(TaskDefaults):
                                          **queues)
         return loss, {**aux, "image_feat_m": image_feat_m, "text_feat_m": text_feat_m}
 
-    def _itm(self, params, rng, aux, image_embeds, tokens, mask, ids):
-        """(loss, accuracy) of ITM on the true pairs and one hard negative per image and text."""
+    def _itm(self, params, rng, aux, image_embeds, tokens, mask, ids, swapped=None):
+        """(loss, accuracy) of ITM on the true pairs and one hard negative per image and text;
+        `swapped` (neg_text [B, K, L], its mask, valid [B, K]) adds K negatives per image."""
         model, ids_ = self.model, self.token_ids
         enc_tokens = tokens.at[:, 0].set(ids_["enc"])
         neg_text, neg_image, valid_text, valid_image = matching.hard_negative_indices(
@@ -240,12 +243,20 @@ class BlipTask(TaskDefaults):
         pair_embeds = jnp.concatenate([image_embeds, gather(image_embeds, neg_image)])
         pair_tokens = jnp.concatenate([gather(enc_tokens, neg_text), enc_tokens])
         pair_mask = jnp.concatenate([gather(mask, neg_text), mask])
+        valid = jnp.concatenate([valid_text, valid_image])
+        if swapped is not None:  # input.hard_negatives: (image i, its caption word-swapped)
+            neg_tokens, neg_mask, neg_valid = swapped
+            count = neg_tokens.shape[1]
+            pair_embeds = jnp.concatenate([pair_embeds, jnp.repeat(image_embeds, count, 0)])
+            pair_tokens = jnp.concatenate([pair_tokens, neg_tokens.reshape(
+                -1, neg_tokens.shape[-1]).at[:, 0].set(ids_["enc"])])
+            pair_mask = jnp.concatenate([pair_mask, neg_mask.reshape(-1, neg_mask.shape[-1])])
+            valid = jnp.concatenate([valid, neg_valid.reshape(-1)])
         itm = functools.partial(model.apply, {"params": params}, None, train=True,
                                 method=model.itm_logits)
         logits_pos = itm(enc_tokens, mask, image_embeds=image_embeds)
         logits_neg = itm(pair_tokens, pair_mask, image_embeds=pair_embeds)
-        return matching.itm_loss(logits_pos, logits_neg,
-                                 jnp.concatenate([valid_text, valid_image]))
+        return matching.itm_loss(logits_pos, logits_neg, valid)
 
     def _token_loss(self, params, hidden, targets, loss_mask):
         """losses.lm on the prediction head: its bias rides as an extra hidden unit of 1s."""
@@ -270,8 +281,12 @@ class BlipTask(TaskDefaults):
             aux.update(itc_aux, loss_itc=loss_itc)
             total += weights["itc"] * loss_itc
         if weights["itm"]:
+            swapped = None
+            if "neg_text" in batch:
+                swapped = (batch["neg_text"], batch["neg_text_mask"], batch["neg_valid"])
             aux["loss_itm"], aux["itm_accuracy"] = self._itm(params, negative_rng, aux,
-                                                             image_embeds, tokens, mask, ids)
+                                                             image_embeds, tokens, mask, ids,
+                                                             swapped)
             total += weights["itm"] * aux["loss_itm"]
         if weights["lm"]:
             dec_tokens = tokens.at[:, 0].set(token_ids["dec"])
@@ -296,12 +311,10 @@ class BlipTask(TaskDefaults):
 
     # ------------------------------------------------------------------------------------ data
     def example_transform(self, training: bool) -> list[str]:
-        """Caption choice (unless input.preprocess has one), `image_id` and tokenisation."""
+        """Caption choice (unless input.preprocess has one), `image_id`, tokenisation and, with
+        input.hard_negatives, the word-swapped captions (`neg_text`, training only)."""
         from vlmjax.data import ops_blip, ops_contrastive  # noqa: F401  (registers image_id)
-        no_negatives = {**plain_dict(self.config.input), "hard_negatives": None}
-        transform = ops_contrastive.example_transform(ml_collections.ConfigDict(no_negatives),
-                                                      training)
-        return transform[:-1] + ["image_id", transform[-1]]
+        return ["image_id"] + ops_contrastive.example_transform(self.config.input, training)
 
     def train_input(self, data_state: dict | None, shard: int | None = None,
                     num_shards: int | None = None):
