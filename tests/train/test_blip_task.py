@@ -137,9 +137,10 @@ def test_runlocal_trains_resumes_exactly_and_evaluates(tmp_path_factory):
 
 
 def test_word_swapped_captions_are_extra_itm_negatives():
-    """input.hard_negatives: each valid (image i, swapped caption i) is one more ITM negative.
-    With the caption itself as its 'swap', the loss is the mean over 3B mined pairs and the
-    valid swaps, each swap costing the positive's NLL of 'no match'."""
+    """input.hard_negatives: each valid (image i, swapped caption i) is one more ITM negative and
+    one more ITC negative of image i. With the caption itself as its 'swap', the ITM loss is the
+    mean over 3B mined pairs and the valid swaps, each swap costing the positive's NLL of 'no
+    match'."""
     config = runlocal_config()
     config.input.hard_negatives = dict(count=1, vocabulary="vlm_shapes")
     task = make_task(config, sharding.make_mesh({"data": 1}, devices=jax.devices()[:1]))
@@ -151,8 +152,13 @@ def test_word_swapped_captions_are_extra_itm_negatives():
     valid = np.arange(16)[:, None] % 3 != 0
     swapped = dict(batch, neg_text=batch["text"][:, None],
                    neg_text_mask=batch["text_mask"][:, None], neg_valid=valid)
-    loss_fn = jax.jit(lambda b: task.loss_fn(params, {}, b, rng)[1]["loss_itm"])
-    plain, with_swaps = float(loss_fn(batch)), float(loss_fn(swapped))
+    losses = jax.jit(lambda b: {k: v for k, v in task.loss_fn(params, {}, b, rng)[1].items()
+                                if k.startswith("loss_")})
+    plain_losses, swap_losses = losses(batch), losses(swapped)
+    # ITC: the caption against itself as its swap adds log(1 + k_i), mean over images.
+    assert float(swap_losses["loss_itc"] - plain_losses["loss_itc"]) == pytest.approx(
+        np.mean(np.log1p(valid[:, 0].astype(float))), rel=1e-4)
+    plain, with_swaps = float(plain_losses["loss_itm"]), float(swap_losses["loss_itm"])
     enc = jnp.asarray(batch["text"]).at[:, 0].set(TOKEN_IDS["enc"])
     logits = task.model.apply({"params": params}, jnp.asarray(batch["image"]), enc,
                               jnp.asarray(batch["text_mask"]), method=task.model.itm_logits)

@@ -16,8 +16,8 @@ Implements the task contract of vlmjax/train/tasks/base.py. Config keys it owns:
   data, input  image-text data and its preprocessing (vlmjax.data.pipeline); the tokenizer must
           have BOS (BLIP's [CLS]) and EOS, and input.special_tokens [ENC] and [DEC] ([MASK]
           too for MLM); input.hard_negatives (count K, vocabulary; as the contrastive task's)
-          adds K word-swapped captions of each image as ITM negatives (NegCLIP-style; not
-          BLIP's)
+          adds K word-swapped captions of each image as negatives of ITM and of ITC (the
+          contrastive task's NegCLIP term); not BLIP's
 Each caption is tokenised once, `[CLS] caption [SEP]`; the ITM encoder reads it with [ENC] in
 place of [CLS], the decoder with [DEC] (targets: everything after it). Rows with the same
 `image_id` (ops_blip.image_id: the record key) are positives of each other in ITC and never
@@ -205,8 +205,10 @@ class BlipTask(TaskDefaults):
                 batch_out["text_feat_m"], ids)
         return out
 
-    def _itc(self, params, extra, images, image_embeds, tokens, mask, ids):
-        """(loss, aux): BLIP's ITC, with momentum distillation when loss.momentum > 0."""
+    def _itc(self, params, extra, images, image_embeds, tokens, mask, ids, swapped=None):
+        """(loss, aux): BLIP's ITC, with momentum distillation when loss.momentum > 0; with
+        `swapped` (see _itm) plus each image's true caption against its swapped ones (the
+        contrastive task's NegCLIP term)."""
         model = self.model
         image_feat = model.apply({"params": params}, None, image_embeds=image_embeds,
                                  method=model.encode_image)
@@ -214,8 +216,18 @@ class BlipTask(TaskDefaults):
                                 method=model.encode_text)
         temp = model.apply({"params": params}, method=model.temperature)
         aux = {"temperature": temp, "image_feat": image_feat, "text_feat": text_feat}
+        swap_loss = 0.0
+        if swapped is not None:
+            neg_tokens, neg_mask, neg_valid = swapped
+            flat = (-1, neg_tokens.shape[-1])
+            neg_feat = model.apply({"params": params}, neg_tokens.reshape(flat),
+                                   neg_mask.reshape(flat), train=True, method=model.encode_text)
+            swap_loss = contrastive.hard_negative_loss(
+                image_feat, text_feat, neg_feat.reshape(*neg_tokens.shape[:2], -1), neg_valid,
+                1.0 / temp)
         if not self.loss["momentum"]:
-            return contrastive.clip_loss(image_feat, text_feat, 1.0 / temp, mesh=self.mesh), aux
+            return swap_loss + contrastive.clip_loss(image_feat, text_feat, 1.0 / temp,
+                                                     mesh=self.mesh), aux
         momentum = jax.lax.stop_gradient({**params, **extra["momentum"]})
         embeds_m = model.apply({"params": momentum}, images, method=model.image_features)
         image_feat_m = model.apply({"params": momentum}, None, image_embeds=embeds_m,
@@ -227,7 +239,7 @@ class BlipTask(TaskDefaults):
         loss = matching.itc_distill_loss(image_feat, text_feat, image_feat_m, text_feat_m, ids,
                                          temp, alpha=self.loss["alpha"], mesh=self.mesh,
                                          **queues)
-        return loss, {**aux, "image_feat_m": image_feat_m, "text_feat_m": text_feat_m}
+        return swap_loss + loss, {**aux, "image_feat_m": image_feat_m, "text_feat_m": text_feat_m}
 
     def _itm(self, params, rng, aux, image_embeds, tokens, mask, ids, swapped=None):
         """(loss, accuracy) of ITM on the true pairs and one hard negative per image and text;
@@ -276,14 +288,15 @@ class BlipTask(TaskDefaults):
         image_embeds = model.apply({"params": params}, images, train=True,
                                    rngs={"dropout": drop_rng}, method=model.image_features)
         total, aux = 0.0, {"image_id": ids}
+        swapped = None  # input.hard_negatives: K word-swapped captions per image
+        if "neg_text" in batch:
+            swapped = (batch["neg_text"], batch["neg_text_mask"], batch["neg_valid"])
         if weights["itc"] or weights["itm"]:
-            loss_itc, itc_aux = self._itc(params, extra, images, image_embeds, tokens, mask, ids)
+            loss_itc, itc_aux = self._itc(params, extra, images, image_embeds, tokens, mask, ids,
+                                          swapped)
             aux.update(itc_aux, loss_itc=loss_itc)
             total += weights["itc"] * loss_itc
         if weights["itm"]:
-            swapped = None
-            if "neg_text" in batch:
-                swapped = (batch["neg_text"], batch["neg_text_mask"], batch["neg_valid"])
             aux["loss_itm"], aux["itm_accuracy"] = self._itm(params, negative_rng, aux,
                                                              image_embeds, tokens, mask, ids,
                                                              swapped)
