@@ -55,7 +55,7 @@ def get_config(arg=None):
         image=dict(patch_size=8, stem="conv", width=width, depth=3, num_heads=4,
                    mlp_dim=4 * width, posemb="learn", norm_eps=1e-5),
         text=dict(vocab_size=512, max_len=32, width=width, depth=2, num_heads=4,
-                  mlp_dim=4 * width, init="fan_in"),
+                  mlp_dim=4 * width, init_scheme="fan_in"),
         embed_dim=64, share="all_but_self_attention", parts=("encoder", "decoder"),
         temperature_init=0.07, dtype="float32")
     c.model_init = ""

@@ -138,15 +138,15 @@ def test_cached_decoding_equals_teacher_forcing_on_left_padded_prompts(model_par
 
 
 def test_fan_in_init_scales_kernels_and_lets_itm_learn_a_colour_match():
-    """init="fan_in": attention kernels have std 1 / sqrt(fan_in) (BERT's 0.02 at width 768), and
+    """init_scheme="fan_in": attention kernels have std 1 / sqrt(fan_in) (BERT's 0.02 at width 768), and
     ITM trained from scratch on solid-colour images vs their colour word leaves its prior (with
     BERT's 0.02 at width 32 it stays at the prior: the cross-attention barely reaches [ENC])."""
     import optax
 
     from vlmjax.losses import matching
-    model = make(image={**IMAGE, "stem": "conv"}, text={**TEXT, "depth": 1, "init": "fan_in"})
+    model = make(image={**IMAGE, "stem": "conv"}, text={**TEXT, "depth": 1, "init_scheme": "fan_in"})
     with pytest.raises(ValueError, match="not one of"):
-        make(text={**TEXT, "init": "xavier"}).init(jax.random.PRNGKey(0), images_of(1),
+        make(text={**TEXT, "init_scheme": "xavier"}).init(jax.random.PRNGKey(0), images_of(1),
                                                    tokens_of(1, 3), method=Blip.init_all)
     params = nn.meta.unbox(jax.jit(lambda r: model.init(r, images_of(1), tokens_of(1, 3),
                                                         method=model.init_all))(

@@ -50,10 +50,10 @@ CACHE_KV_AXES = ("act_batch", "act_heads", None, None)  # [B, H, S, K] per layer
 INITS = ("bert", "fan_in")
 
 
-def kernel_init(init: str, in_axes: tuple, out_axes: tuple):
-    if init not in INITS:
-        raise ValueError(f"BLIP text init {init!r} is not one of {INITS}")
-    if init == "bert":
+def kernel_init(scheme: str, in_axes: tuple, out_axes: tuple):
+    if scheme not in INITS:
+        raise ValueError(f"BLIP text init_scheme {scheme!r} is not one of {INITS}")
+    if scheme == "bert":
         base = nn.initializers.normal(0.02)
     else:
         # DenseGeneral initialises its kernel flattened to [fan_in, fan_out].
@@ -61,9 +61,9 @@ def kernel_init(init: str, in_axes: tuple, out_axes: tuple):
     return layers.partitioned(base, in_axes + out_axes)
 
 
-def _dense_general(features, axis, in_axes, out_axes, dtype, name, init="bert"):
+def _dense_general(features, axis, in_axes, out_axes, dtype, name, init_scheme="bert"):
     return nn.DenseGeneral(features, axis=axis, dtype=dtype, param_dtype=jnp.float32, name=name,
-                           kernel_init=kernel_init(init, in_axes, out_axes),
+                           kernel_init=kernel_init(init_scheme, in_axes, out_axes),
                            bias_init=layers.partitioned(nn.initializers.zeros, out_axes))
 
 
@@ -86,7 +86,7 @@ class BertAttention(nn.Module):
     norm_eps: float = 1e-12
     dropout: float = 0.0
     attention_dropout: float = 0.0
-    init: str = "bert"
+    init_scheme: str = "bert"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -99,7 +99,7 @@ class BertAttention(nn.Module):
 
         def proj(name, inputs):
             dense = _dense_general((self.num_heads, head_dim), -1, ("embed",),
-                                   ("heads", "head_dim"), self.dtype, name, self.init)
+                                   ("heads", "head_dim"), self.dtype, name, self.init_scheme)
             return constrain(dense(inputs), layers.HEADS_BLHK)
 
         q, k, v = proj("query", x), proj("key", src), proj("value", src)
@@ -113,28 +113,37 @@ class BertAttention(nn.Module):
         h = layers.dot_product_attention(q, k, v, mask, kv_layout=layout, dropout_rng=rng,
                                          dropout_rate=self.attention_dropout if train else 0.0)
         h = _dense_general(width, (-2, -1), ("heads", "head_dim"), ("embed",), self.dtype,
-                           "out", self.init)(constrain(h, layers.HEADS_BLHK))
+                           "out", self.init_scheme)(constrain(h, layers.HEADS_BLHK))
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         x = layers.make_norm("layernorm", self.dtype, self.norm_eps, name="norm")(x + h)
         return constrain(x, layers.RESIDUAL_BLD), kv_cache
 
 
-class BertLayer(nn.Module):
-    """One BLIP text layer: a self-attention per mode (`self_attentions`), a shared
-    cross-attention to the image tokens (skipped without `image_embeds`) and a post-norm MLP."""
-    num_heads: int
-    mlp_dim: int
-    self_attentions: tuple[str, ...]
+class BertSettings(nn.Module):
+    """The fields of a BERT-style (post-norm) layer: BLIP's text layers and BLIP-2's Q-Former
+    layers declare them through this class."""
+    num_heads: int = 12
+    mlp_dim: int = 3072
     activation: str = "gelu"
     norm_eps: float = 1e-12
     dropout: float = 0.0
     attention_dropout: float = 0.0
-    init: str = "bert"
+    init_scheme: str = "bert"      # INITS (not `init`: that would hide Module.init)
     dtype: Any = jnp.float32
 
+    def attention_kwargs(self) -> dict:
+        return dict(num_heads=self.num_heads, norm_eps=self.norm_eps, dropout=self.dropout,
+                    attention_dropout=self.attention_dropout, init_scheme=self.init_scheme,
+                    dtype=self.dtype)
+
+
+class BertLayer(BertSettings):
+    """One BLIP text layer: a self-attention per mode (`self_attentions`), a shared
+    cross-attention to the image tokens (skipped without `image_embeds`) and a post-norm MLP."""
+    self_attentions: tuple[str, ...] = PARTS
+
     def setup(self):
-        kwargs = dict(num_heads=self.num_heads, norm_eps=self.norm_eps, dropout=self.dropout,
-                      attention_dropout=self.attention_dropout, init=self.init, dtype=self.dtype)
+        kwargs = self.attention_kwargs()
         # A dict attribute names its modules self_attention_{part}.
         self.self_attention = {part: BertAttention(**kwargs) for part in self.self_attentions}
         self.cross_attention = BertAttention(**kwargs)
@@ -167,7 +176,7 @@ class BlipText(nn.Module):
     attention_dropout: float = 0.0
     parts: tuple[str, ...] = PARTS
     tie_word_embeddings: bool = True
-    init: str = "bert"             # INITS: the attention and head kernels' init
+    init_scheme: str = "bert"      # INITS: the attention and head kernels' init
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -178,14 +187,16 @@ class BlipText(nn.Module):
             nn.initializers.normal(0.02), (None, "embed")), (self.max_len, self.width))
         self.embed_norm = layers.make_norm("layernorm", self.dtype, self.norm_eps)
         self.embed_dropout = nn.Dropout(self.dropout)
-        self.layer = [BertLayer(self.num_heads, self.mlp_dim or 4 * self.width,
-                                tuple(self.parts), self.activation, self.norm_eps, self.dropout,
-                                self.attention_dropout, self.init, self.dtype)
-                      for _ in range(self.depth)]  # named layer_0 .. layer_{depth-1}
+        self.layer = [BertLayer(
+            num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
+            activation=self.activation, norm_eps=self.norm_eps, dropout=self.dropout,
+            attention_dropout=self.attention_dropout, init_scheme=self.init_scheme,
+            dtype=self.dtype,
+            self_attentions=tuple(self.parts)) for _ in range(self.depth)]  # layer_0 ..
         if "decoder" in self.parts:  # BERT's prediction head (the LM and MLM logits)
             self.head_transform = nn.Dense(
                 self.width, dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=kernel_init(self.init, ("embed",), ("mlp",)),
+                kernel_init=kernel_init(self.init_scheme, ("embed",), ("mlp",)),
                 bias_init=layers.partitioned(nn.initializers.zeros, ("mlp",)))
             self.head_norm = layers.make_norm("layernorm", self.dtype, self.norm_eps)
             self.lm_bias = self.param("lm_bias", layers.partitioned(nn.initializers.zeros,
