@@ -298,7 +298,7 @@ BASE = dict(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_laye
 
 @pytest.mark.parametrize("config, message", [
     (dict(model_type="mistral", architectures=["MistralForCausalLM"]),
-     r"model_type 'mistral' is not supported.*'llama', 'qwen2'.*LlamaForCausalLM"),
+     r"model_type 'mistral' is not supported.*'llama', 'opt', 'qwen2'.*LlamaForCausalLM"),
     (dict(model_type="llama", architectures=["LlamaForSequenceClassification"]),
      r"LlamaForSequenceClassification.*expected LlamaForCausalLM"),
     (dict(model_type="llama", rope_parameters={"rope_type": "yarn", "rope_theta": 1e4,

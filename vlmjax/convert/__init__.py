@@ -1,6 +1,6 @@
 """Pretrained weights: import CLIP / SigLIP checkpoints (Hugging Face directories, big_vision
-`.npz`) as vlmjax TwoTowers params + model config, and HF LlamaForCausalLM / Qwen2ForCausalLM
-as a `Decoder`; export them back to Hugging Face.
+`.npz`) as vlmjax TwoTowers params + model config, and HF LlamaForCausalLM / Qwen2ForCausalLM /
+OPTForCausalLM as a `Decoder`; export them back to Hugging Face.
 
     model, params, model_config = load_pretrained("path/to/hf_dir" | "x.npz" | "converted_dir")
     export_hf(params, model_config, "out_dir")

@@ -5,8 +5,8 @@
   python -m vlmjax.convert export --to hf SRC OUT     # SRC: converted DIR, HF dir, .npz,
                                                       # trainer WORKDIR (latest checkpoint) or
                                                       # WORKDIR/checkpoints/<step>
-Decoder LMs (HF LlamaForCausalLM / Qwen2ForCausalLM, their converted DIRs, `lm` workdirs) use
-the same commands; `export --dtype bfloat16` writes their weights in bfloat16.
+Decoder LMs (HF LlamaForCausalLM / Qwen2ForCausalLM / OPTForCausalLM, their converted DIRs, `lm`
+workdirs) use the same commands; `export --dtype bfloat16` writes their weights in bfloat16.
 LLaVA: `export` takes a `llava` trainer WORKDIR (a ViT vision tower: HF LLaVA holds CLIP or
 SigLIP vision models, not the tiny CNN) or an HF LlavaForConditionalGeneration directory (e.g.
 to bfloat16) and writes an HF LLaVA directory. HF LLaVA directories need no `import`: vlmjax

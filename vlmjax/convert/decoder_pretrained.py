@@ -1,10 +1,10 @@
-"""Decoder LMs (Llama / Qwen2 family) as pretrained sources, beside the two-tower ones.
+"""Decoder LMs (Llama / Qwen2 / OPT family) as pretrained sources, beside the two-tower ones.
 
     model, params, model_config = load_decoder(src, kind, shardings=None, scan_layers=None)
 
 SRC (`kind` as `pretrained.source_kind` names it):
-  hf         an HF LlamaForCausalLM / Qwen2ForCausalLM directory, streamed tensor by tensor
-             into `shardings` (hf_decoder.load_hf_decoder)
+  hf         an HF LlamaForCausalLM / Qwen2ForCausalLM / OPTForCausalLM directory, streamed
+             tensor by tensor into `shardings` (hf_decoder.load_hf_decoder)
   converted  a directory written by `python -m vlmjax.convert import --from hf`:
              config.json {"format", "architecture": "decoder", "model": <model config>,
              "tokenizer": <settings> or null, "source"} + params/ (orbax, unrolled layers,
@@ -36,6 +36,7 @@ from vlmjax.models import scan_layout
 
 ARCHITECTURE = "decoder"   # converted config.json "architecture" (absent: two towers)
 LM_TASKS = ("lm",)         # trainer tasks whose params are a Decoder's
+BOS_FAMILIES = ("llama", "opt")  # whose tokenizers prepend BOS (OPT's is </s>) by default
 
 
 def is_decoder_source(src: str, kind: str) -> bool:
@@ -63,8 +64,8 @@ def fresh_dir(out_dir: str, overwrite: bool) -> None:
 def tokenizer_settings(directory: str | None, model_config: Mapping[str, Any]) -> dict | None:
     """The LM tokenizer beside a model: `file` (tokenizer.json / tokenizer.model, or None when
     only other tokenizer files exist), `files` (all TOKENIZER_FILES there), `add_bos`
-    (tokenizer_config's add_bos_token; default: Llama yes, Qwen2 no), `max_len`, the special
-    tokens and ids. Open it with `convert.tokenizer.open_tokenizer(directory, settings)`."""
+    (tokenizer_config's add_bos_token; default: Llama and OPT yes, Qwen2 no), `max_len`, the
+    special tokens and ids. Open it with `convert.tokenizer.open_tokenizer(directory, settings)`."""
     from vlmjax.data.tokenizers import hf_special_tokens, load_model_tokenizer
 
     files = [f for f in TOKENIZER_FILES if directory and os.path.isfile(
@@ -77,7 +78,7 @@ def tokenizer_settings(directory: str | None, model_config: Mapping[str, Any]) -
     names = hf_special_tokens(directory)
     settings = dict(file=file, files=files, eos="none", text_mask=True,
                     add_bos=bool(config.get("add_bos_token",
-                                            model_config.get("model_type") == "llama")),
+                                            model_config.get("model_type") in BOS_FAMILIES)),
                     max_len=int(model_config.get("max_position_embeddings") or 2048),
                     **{k: names[k] for k in ("bos_token", "eos_token", "pad_token") if k in names})
     ids = {k: model_config.get(k) for k in ("bos_id", "eos_id", "pad_id")}

@@ -1,4 +1,5 @@
-"""Import Hugging Face `LlamaForCausalLM` / `Qwen2ForCausalLM` weights as `Decoder` params.
+"""Import Hugging Face `LlamaForCausalLM` / `Qwen2ForCausalLM` / `OPTForCausalLM` weights as
+`Decoder` params.
 
     params, model_config = load_hf_decoder(directory, shardings=None, scan_layers=None)
     model = build_decoder(model_config)  # the config: vlmjax.convert.hf_decoder_config
@@ -11,6 +12,11 @@ Weights (HF torch layouts -> vlmjax; RoPE is rotate_half in both, so no row perm
   model.layers.{i}.mlp.{gate,up,down}_proj.weight [out, in] -> {gate,up,down}/kernel [in, out]
   model.layers.{i}.input_layernorm / post_attention_layernorm -> attn_norm / mlp_norm/scale
   model.norm.weight -> final_norm/scale;  lm_head.weight [V, D] -> lm_head/kernel [D, V]
+OPT (`opt_weight_entries`): model.decoder.embed_tokens / embed_positions -> embed /
+  position_embed; layers.{i}.self_attn.{q,k,v,out}_proj -> query / key / value / out as above;
+  fc1 / fc2 -> up / down; self_attn_layer_norm / final_layer_norm -> attn_norm / mlp_norm
+  (scale, bias); model.decoder.final_layer_norm -> final_norm. Files saved from OPTModel
+  (the facebook/opt-* checkpoints) spell the names without `model.`; both are read.
 Under `scan_layers` the per-layer tensors are stacked into layers/blocks/... [depth, ...].
 
 Streaming: tensors are read one at a time (`hf_io.SafetensorsTensors`), converted and placed
@@ -20,7 +26,7 @@ one tensor (one parameter across layers under scan_layers), not a copy of the ch
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 import jax
@@ -28,7 +34,8 @@ import numpy as np
 
 from vlmjax.convert import hf_io
 from vlmjax.convert.hf_decoder_config import (abstract_decoder_params, build_decoder,
-                                              decoder_config_from_hf, decoder_kwargs)
+                                              decoder_config_from_hf, decoder_kwargs,
+                                              hf_family_of_decoder)
 from vlmjax.convert.params import flatten, unflatten
 from vlmjax.models import scan_layout
 
@@ -49,6 +56,8 @@ class Entry:
 
 def weight_entries(model_config: Mapping[str, Any]) -> list[Entry]:
     """Every tensor of the HF checkpoint of this model config, in checkpoint order."""
+    if hf_family_of_decoder(model_config) == "opt":
+        return opt_weight_entries(model_config)
     heads, kv = model_config["num_heads"], model_config.get("num_kv_heads") or model_config[
         "num_heads"]
     entries = [Entry("model.embed_tokens.weight", "embed/embedding", "copy")]
@@ -74,6 +83,42 @@ def weight_entries(model_config: Mapping[str, Any]) -> list[Entry]:
     if not model_config.get("tie_embeddings"):
         entries.append(Entry("lm_head.weight", "lm_head/kernel", "linear"))
     return entries
+
+
+def opt_weight_entries(model_config: Mapping[str, Any]) -> list[Entry]:
+    """Every tensor of the HF OPTForCausalLM checkpoint of this model config."""
+    heads, top = model_config["num_heads"], "model.decoder."
+    entries = [Entry(f"{top}embed_tokens.weight", "embed/embedding", "copy"),
+               Entry(f"{top}embed_positions.weight", "position_embed/embedding", "copy")]
+    for i in range(model_config["depth"]):
+        hf, ours = f"{top}layers.{i}.", f"layers/block{i}/"
+        for name, mod, layout, bias in (
+                ("self_attn.q_proj", "query", "proj", "qkv_bias"),
+                ("self_attn.k_proj", "key", "proj", "qkv_bias"),
+                ("self_attn.v_proj", "value", "proj", "qkv_bias"),
+                ("self_attn.out_proj", "out", "out", "out_bias"),
+                ("fc1", "up", "linear", "mlp_bias"), ("fc2", "down", "linear", "mlp_bias")):
+            entries.append(Entry(f"{hf}{name}.weight", f"{ours}{mod}/kernel", layout, heads, i))
+            if model_config.get(bias):
+                entries.append(Entry(f"{hf}{name}.bias", f"{ours}{mod}/bias",
+                                     "proj_bias" if layout == "proj" else "copy", heads, i))
+        for name, mod in (("self_attn_layer_norm", "attn_norm"), ("final_layer_norm", "mlp_norm")):
+            entries += [Entry(f"{hf}{name}.weight", f"{ours}{mod}/scale", "copy", 0, i),
+                        Entry(f"{hf}{name}.bias", f"{ours}{mod}/bias", "copy", 0, i)]
+    entries += [Entry(f"{top}final_layer_norm.weight", "final_norm/scale", "copy"),
+                Entry(f"{top}final_layer_norm.bias", "final_norm/bias", "copy")]
+    if not model_config.get("tie_embeddings"):
+        entries.append(Entry("lm_head.weight", "lm_head/kernel", "linear"))
+    return entries
+
+
+def spelled_as_checkpoint(entries: list[Entry], names: set[str]) -> list[Entry]:
+    """`entries` named as the checkpoint names them: a file saved from the base model (OPTModel,
+    as the facebook/opt-* ones) has `decoder.…` where OPTForCausalLM has `model.decoder.…`."""
+    if any(e.hf in names for e in entries):
+        return entries
+    bare = [replace(e, hf=e.hf.removeprefix("model.")) for e in entries]
+    return bare if any(e.hf in names for e in bare) else entries
 
 
 def to_vlmjax(x: np.ndarray, entry: Entry) -> np.ndarray:
@@ -142,8 +187,8 @@ def stream_params(tensors, model_config: Mapping[str, Any], shardings: Any = Non
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     flat_shardings = (flatten(shardings) if isinstance(shardings, Mapping)
                       else dict.fromkeys(abstract, shardings))
-    entries = weight_entries(model_config)
     names = set(tensors.names())
+    entries = spelled_as_checkpoint(weight_entries(model_config), names)
     skip = {n for n in names if n.endswith(IGNORED_SUFFIXES)}
     if model_config.get("tie_embeddings"):
         skip.add("lm_head.weight")  # tied: HF ties it to the embedding whatever the file holds
@@ -190,9 +235,10 @@ def stream_params(tensors, model_config: Mapping[str, Any], shardings: Any = Non
 
 def load_hf_decoder(directory: str, shardings: Any = None, scan_layers: bool | None = None
                     ) -> tuple[dict, dict]:
-    """HF LlamaForCausalLM / Qwen2ForCausalLM directory -> (params, model config). Float32
-    params are streamed into `shardings`; `scan_layers` (default: whether `shardings` is in
-    the scanned layout) stacks the layers and is recorded in the model config."""
+    """HF LlamaForCausalLM / Qwen2ForCausalLM / OPTForCausalLM directory -> (params, model
+    config). Float32 params are streamed into `shardings`; `scan_layers` (default: whether
+    `shardings` is in the scanned layout) stacks the layers and is recorded in the model
+    config."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"HF model directory {directory} does not exist")
     config_path = os.path.join(directory, "config.json")

@@ -1,4 +1,5 @@
-"""Export vlmjax `Decoder` params to a Hugging Face LlamaForCausalLM / Qwen2ForCausalLM directory.
+"""Export vlmjax `Decoder` params to a Hugging Face LlamaForCausalLM / Qwen2ForCausalLM /
+OPTForCausalLM directory.
 
     export_hf_decoder(params, model_config, out_dir, dtype="float32" | "bfloat16",
                       tokenizer_dir=None)

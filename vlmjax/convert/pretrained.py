@@ -1,7 +1,7 @@
 """`load_pretrained(SRC)`: a TwoTowers model, its params and its model config from an HF
 directory, a big_vision `.npz`, a converted directory, or a trainer workdir (see
 convert.workdir); and writing converted directories. Decoder LMs (HF LlamaForCausalLM /
-Qwen2ForCausalLM, their converted directories, workdirs of task `lm`) go through
+Qwen2ForCausalLM / OPTForCausalLM, their converted directories, workdirs of task `lm`) go through
 convert.decoder_pretrained and give a `Decoder`; HF LlavaForConditionalGeneration directories go
 through convert.hf_llava and give a `PrefixLM`; HF BlipForImageTextRetrieval /
 BlipForConditionalGeneration directories through convert.hf_blip and give a `Blip`.

@@ -11,6 +11,11 @@ optional sliding window (a query attends to the `sliding_window` latest slots, i
 included, as HF's sliding attention). Parameters are float32 with logical axes;
 `dtype` is the compute dtype.
 
+OPT (the BLIP-2 LLM) is the same Decoder with `norm="layernorm"` (scale and bias),
+`mlp="plain"` (down(act(up)): OPT's fc1/fc2, ReLU), `mlp_bias`, q/k/v and out biases, and
+`position_embedding="learned"`: no RoPE; the row `positions + position_offset` (OPT: 2) of the
+table `position_embed` [num_positions, D] is added to the input embeddings (token or given).
+
 Sequences: `segment_ids` int32 [B, L] (0 = padding, 1..n = documents). Attention is causal and
 stays within a document; `positions` default to restarting at 0 per document. A left-padded
 prompt is segment_ids = its mask (one document per row) and positions = cumsum(mask) - 1.
@@ -50,6 +55,8 @@ from vlmjax.sharding import constrain
 
 LOGITS_BLV = ("act_batch", "act_length", "act_vocab")
 CACHE_KV_AXES = (None, "act_batch", "act_heads", None, None)  # [depth, B, Hkv, S, K]
+MLP_KINDS = ("gated", "plain")
+POSITION_EMBEDDINGS = ("rope", "learned")
 _lecun = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
 
@@ -85,34 +92,38 @@ def _dense(features, in_axes, out_axes, use_bias, dtype, name, axis=-1):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm Llama block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)). With `kv_cache`
-    the new keys/values are written at slot `index` of this layer's {"k", "v"} [B, Hkv, S, K]
-    and the block returns (x, kv_cache)."""
+    """Pre-norm Llama block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)) (OPT: LayerNorm and
+    a plain MLP, see `Decoder`). With `kv_cache` the new keys/values are written at slot
+    `index` of this layer's {"k", "v"} [B, Hkv, S, K] and the block returns (x, kv_cache)."""
     num_heads: int
     num_kv_heads: int
     head_dim: int
     mlp_dim: int
     activation: str = "silu"
     norm_eps: float = 1e-6
-    inv_freq: Any = None
+    inv_freq: Any = None              # None: no RoPE (learned positions are in the input)
     qkv_bias: bool = False
     out_bias: bool = False
     sliding_window: int | None = None
     fused_attention: bool = False
+    norm: str = "rmsnorm"
+    mlp: str = "gated"
+    mlp_bias: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, positions, q_segments, k_segments, index, kv_cache=None, prefix=None):
         width = x.shape[-1]
-        h = layers.RMSNorm(self.norm_eps, self.dtype, name="attn_norm")(x)
+        h = layers.make_norm(self.norm, self.dtype, self.norm_eps, name="attn_norm")(x)
         q, k, v = (_dense((heads, self.head_dim), ("embed",), (axes, "head_dim"), self.qkv_bias,
                           self.dtype, name)(h)
                    for name, heads, axes in (("query", self.num_heads, "heads"),
                                              ("key", self.num_kv_heads, "kv_heads"),
                                              ("value", self.num_kv_heads, "kv_heads")))
-        q = constrain(rope.apply_rope(q, positions, self.inv_freq), layers.HEADS_BLHK)
-        k = constrain(rope.apply_rope(k, positions, self.inv_freq), layers.HEADS_BLHK)
-        v = constrain(v, layers.HEADS_BLHK)
+        if self.inv_freq is not None:
+            q = rope.apply_rope(q, positions, self.inv_freq)
+            k = rope.apply_rope(k, positions, self.inv_freq)
+        q, k, v = (constrain(t, layers.HEADS_BLHK) for t in (q, k, v))
         q_slots = index + jnp.arange(x.shape[1])
         kv_layout = "BSHK"
         if kv_cache is not None:
@@ -132,11 +143,19 @@ class DecoderBlock(nn.Module):
         out = constrain(out, layers.HEADS_BLHK)
         x = x + _dense(width, ("heads", "head_dim"), ("embed",), self.out_bias, self.dtype, "out",
                        axis=(-2, -1))(out)
-        h = layers.RMSNorm(self.norm_eps, self.dtype, name="mlp_norm")(x)
-        gate = _dense(self.mlp_dim, ("embed",), ("mlp",), False, self.dtype, "gate")(h)
-        up = _dense(self.mlp_dim, ("embed",), ("mlp",), False, self.dtype, "up")(h)
-        hidden = constrain(layers.get_activation(self.activation)(gate) * up, layers.HIDDEN_BLF)
-        x = x + _dense(width, ("mlp",), ("embed",), False, self.dtype, "down")(hidden)
+        h = layers.make_norm(self.norm, self.dtype, self.norm_eps, name="mlp_norm")(x)
+        act = layers.get_activation(self.activation)
+
+        def up_proj(name):
+            return _dense(self.mlp_dim, ("embed",), ("mlp",), self.mlp_bias, self.dtype, name)(h)
+
+        if self.mlp == "gated":
+            gate = up_proj("gate")
+            hidden = act(gate) * up_proj("up")
+        else:
+            hidden = act(up_proj("up"))
+        hidden = constrain(hidden, layers.HIDDEN_BLF)
+        x = x + _dense(width, ("mlp",), ("embed",), self.mlp_bias, self.dtype, "down")(hidden)
         return constrain(x, layers.RESIDUAL_BLD), kv_cache
 
 
@@ -215,6 +234,12 @@ class Decoder(nn.Module):
     remat: str = "none"
     scan_layers: bool = False
     fused_attention: bool = False
+    norm: str = "rmsnorm"             # "layernorm" (OPT)
+    mlp: str = "gated"                # down(act(gate) * up); "plain": down(act(up)) (OPT)
+    mlp_bias: bool = False
+    position_embedding: str = "rope"  # "learned": add rows of `position_embed` (OPT), no RoPE
+    num_positions: int = 0            # rows of the learned table (OPT: max positions + offset)
+    position_offset: int = 0          # position p reads row p + offset (OPT: 2)
     dtype: Any = jnp.float32
 
     # ------------------------------------------------------------------------------ structure
@@ -233,21 +258,38 @@ class Decoder(nn.Module):
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
                              f"{self.kv_heads}")
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"mlp {self.mlp!r} is not one of {list(MLP_KINDS)}")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embedding {self.position_embedding!r} is not one of "
+                             f"{list(POSITION_EMBEDDINGS)}")
+        learned = self.position_embedding == "learned"
+        if learned and self.num_positions <= 0:
+            raise ValueError("position_embedding='learned' needs num_positions > 0 (the rows "
+                             "of the table, offset included)")
         dtype = self._dtype()
         self.embedder = nn.Embed(
             self.vocab_size, self.width, dtype=dtype, param_dtype=jnp.float32, name="embed",
             embedding_init=layers.partitioned(nn.initializers.normal(self.embed_init_std),
                                               ("vocab", "embed")))
-        inv_freq = rope.inverse_frequencies(self.dims_per_head, self.rope_theta,
-                                            self.rope_scaling)
+        if learned:
+            self.position_embedder = nn.Embed(
+                self.num_positions, self.width, dtype=dtype, param_dtype=jnp.float32,
+                name="position_embed", embedding_init=layers.partitioned(
+                    nn.initializers.normal(self.embed_init_std), (None, "embed")))
+            inv_freq = None
+        else:
+            inv_freq = tuple(float(f) for f in rope.inverse_frequencies(
+                self.dims_per_head, self.rope_theta, self.rope_scaling))
         block_kwargs = dict(num_heads=self.num_heads, num_kv_heads=self.kv_heads,
                             head_dim=self.dims_per_head, mlp_dim=self.mlp_dim,
                             activation=self.activation, norm_eps=self.norm_eps,
-                            inv_freq=tuple(float(f) for f in inv_freq), qkv_bias=self.qkv_bias,
+                            inv_freq=inv_freq, qkv_bias=self.qkv_bias,
                             out_bias=self.out_bias, sliding_window=self.sliding_window,
-                            fused_attention=self.fused_attention, dtype=dtype)
+                            fused_attention=self.fused_attention, norm=self.norm, mlp=self.mlp,
+                            mlp_bias=self.mlp_bias, dtype=dtype)
         self.layers = DecoderLayers(self.depth, block_kwargs, self.remat, self.scan_layers)
-        self.final_norm = layers.RMSNorm(self.norm_eps, dtype)
+        self.final_norm = layers.make_norm(self.norm, dtype, self.norm_eps)
         if not self.tie_embeddings:
             self.lm_head = LMHead(self.vocab_size)
 
@@ -258,6 +300,13 @@ class Decoder(nn.Module):
         table = constrain(self.embedder.embedding, ("act_vocab", None))
         return constrain(jnp.take(table.astype(self._dtype()), tokens, axis=0),
                          layers.RESIDUAL_BLD)
+
+    def add_learned_positions(self, x, positions):
+        """x [B, L, D] + the table rows of `positions` int [B, L] shifted by the offset (OPT's
+        embed_positions; HF computes the positions from the attention mask, as generate does)."""
+        table = constrain(self.position_embedder.embedding, (None, None))
+        rows = jnp.take(table.astype(x.dtype), positions + self.position_offset, axis=0)
+        return constrain(x + rows, layers.RESIDUAL_BLD)
 
     def logits(self, hidden):
         """Final-normed hidden [B, L, D] -> float32 logits [B, L, V]."""
@@ -277,6 +326,9 @@ class Decoder(nn.Module):
                 raise ValueError("a cached call needs explicit positions (they continue the "
                                  "prompt's, see vlmjax.inference.generate)")
             positions = segment_positions(segment_ids)
+        positions = positions.astype(jnp.int32)
+        if self.position_embedding == "learned":
+            x = self.add_learned_positions(x, positions)
         if cache is None:
             index, k_segments, kv = 0, segment_ids, None
         else:
@@ -290,8 +342,7 @@ class Decoder(nn.Module):
             k_prefix = q_prefix if cache is None else jax.lax.dynamic_update_slice(
                 jnp.zeros(k_segments.shape, bool), q_prefix, (0, index))
             prefix = (q_prefix, k_prefix)
-        x, kv = self.layers(x, positions.astype(jnp.int32), segment_ids, k_segments, index, kv,
-                            prefix)
+        x, kv = self.layers(x, positions, segment_ids, k_segments, index, kv, prefix)
         hidden = self.final_norm(x)
         if return_hidden and not self.tie_embeddings and self.is_initializing():
             self.lm_head(hidden)  # create the head's params at init

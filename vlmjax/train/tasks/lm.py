@@ -13,8 +13,8 @@ Implements the task contract of vlmjax/train/tasks/base.py. Config keys it owns
   input   tokenisation and rows (vlmjax/data/text_pipeline.py: global_batch_size, max_len, pack,
           add_bos, add_eos, documents, tokenizer, special_tokens, ...)
 It also reads (trainer keys) model_init: '' or a decoder source for
-vlmjax.convert.load_pretrained (an HF LlamaForCausalLM / Qwen2ForCausalLM directory, a converted
-directory, an `lm` workdir), or {"llm": SRC} (with an optional prefix:
+vlmjax.convert.load_pretrained (an HF LlamaForCausalLM / Qwen2ForCausalLM / OPTForCausalLM
+directory, a converted directory, an `lm` workdir), or {"llm": SRC} (with an optional prefix:
 {"llm": {"source": SRC, "prefix": PATH}}); optim.accum_steps; and evals (type `perplexity`,
 vlmjax/evals/perplexity.py).
 
@@ -87,8 +87,8 @@ def source_model_config(src: str) -> dict:
         workdir, _ = trainer_checkpoint(src)
         return hf_io.read_json(os.path.join(workdir, "config.json"))["model"]
     raise ConfigError(f"model_init {src} is a {kind!r} source, not a decoder LM (an HF "
-                      "LlamaForCausalLM / Qwen2ForCausalLM directory, a converted one or an "
-                      "lm workdir)")
+                      "LlamaForCausalLM / Qwen2ForCausalLM / OPTForCausalLM directory, a converted "
+                      "one or an lm workdir)")
 
 
 def check_architecture(src: str, model_config, where: str = "model_init") -> None:
