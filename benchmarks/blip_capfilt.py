@@ -5,6 +5,7 @@ model trained for the same steps on each, and each filter's precision/recall on 
     python -m vlmjax.train --config configs/blip/tiny.py --workdir W --config.data.data_dir=D
     python benchmarks/blip_capfilt.py --data_dir D --blip_workdir W [--steps 2000]
         [--train_size N] [--threshold 0.5] [--vocab_top_k 2000] [--batch_size 64]
+        [--arms raw,align,capfilt,capfilt_web] [--reuse_filters]
     python benchmarks/blip_capfilt.py --quick --data_dir /tmp/capfilt_quick   # smoke run, minutes
 
 W is a BLIP run trained on the clean 64px train split, our stand-in for BLIP's COCO-finetuned
@@ -15,7 +16,10 @@ images are 64 px, below ALIGN's 200) and `python -m vlmjax.data.capfilt --prompt
 BLIP recipe trains captions without a prompt) on them, then trains configs/siglip/tiny.py for
 --steps on each of the raw, ALIGN-filtered and CapFilt shards (data.source=webdataset, the noisy
 build's tokenizer) and evaluates zero-shot top-1 and image-text retrieval R@1 on the test split.
-Printed: one markdown table of the three runs, then each filter's decisions on the web captions
+Arms: raw, align, capfilt (web and synthetic captions CapFilt kept) and capfilt_web (its web
+captions alone: the filter without the captioner, BLIP's Table 1 ablation); `--arms` picks some,
+`--reuse_filters` reuses the filters' outputs of an earlier run in --data_dir.
+Printed: one markdown table of the runs, then each filter's decisions on the web captions
 by noise kind: precision = dropped captions of the kind / all dropped, recall = dropped of the
 kind / all of the kind (vlmjax.data.capfilt.noise_scores).
 
@@ -41,6 +45,7 @@ from vlmjax.train import trainer  # noqa: E402
 
 CONTRASTIVE_CONFIG = "configs/siglip/tiny.py"  # README: 93.4% zero-shot top-1 on clean test
 QUICK_SIZES = dict(train_size=128, eval_size=32, novel_size=16)
+ARMS = ("raw", "align", "capfilt", "capfilt_web")
 
 
 def command(args: list[str]) -> float:
@@ -76,6 +81,17 @@ def train_contrastive(name: str, shards: str, tokenizer: str, eval_data: dict, s
     print(f"training {CONTRASTIVE_CONFIG}:{preset} on {name} ({shards})", flush=True)
     shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)  # a fresh run, not a resume
     return trainer.train(config, os.path.join(workdir, name)).metrics
+
+
+def web_only(shards: list[str], out: str) -> int:
+    """CapFilt's kept web captions (KEY.json source "web") as shards in `out`; their count."""
+    shutil.rmtree(out, ignore_errors=True)
+    with webdataset.ShardWriter(out, prefix="web", max_samples=10_000) as writer:
+        for path in shards:
+            for sample in webdataset.iter_tar_samples(path):
+                if json.loads(sample.files["json"])["source"] == "web":
+                    writer.write(sample.key, sample.files)
+    return writer.num_samples
 
 
 def web_decisions(shards: str, kept_keys: set[str]) -> tuple[list[str], list[bool]]:
@@ -125,7 +141,13 @@ def main() -> None:
     parser.add_argument("--vocab_top_k", type=int, default=2000)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"some of {ARMS}")
+    parser.add_argument("--reuse_filters", action="store_true",
+                        help="reuse the ALIGN / CapFilt outputs of an earlier run")
     args = parser.parse_args()
+    arms_wanted = args.arms.split(",")
+    if set(arms_wanted) - set(ARMS):
+        parser.error(f"--arms {args.arms!r}: each must be one of {ARMS}")
     if not args.quick and not args.blip_workdir:
         parser.error("--blip_workdir is needed (a BLIP run on clean 64px train) unless --quick")
     steps = args.steps or (6 if args.quick else 2000)
@@ -141,15 +163,20 @@ def main() -> None:
         export.export(builder, raw, split="train", captions="one")
     raw_shards = f"{raw}/train-*.tar"
     align_out, capfilt_out = f"{raw}_align", f"{raw}_capfilt"
-    for out in (align_out, capfilt_out):  # no shards of an earlier run may stay behind
-        shutil.rmtree(out, ignore_errors=True)
-    seconds = {"align": command(
-        ["-m", "vlmjax.data.align_filter", raw_shards, align_out, "--no_image_size",
-         "--no_aspect_ratio", "--vocab_top_k", str(args.vocab_top_k)])}
-    seconds["capfilt"] = command(
-        ["-m", "vlmjax.data.capfilt", raw_shards, capfilt_out, "--model", blip, "--prompt", "",
-         "--threshold", str(args.threshold), "--batch_size", str(args.batch_size)]
-        + (["--max_new_tokens", "8"] if args.quick else []))
+    reports = {align_out: "filter_report.json", capfilt_out: "capfilt_report.json"}
+    reuse = args.reuse_filters and all(os.path.exists(os.path.join(out, report))
+                                       for out, report in reports.items())
+    seconds = {}
+    if not reuse:
+        for out in (align_out, capfilt_out):  # no shards of an earlier run may stay behind
+            shutil.rmtree(out, ignore_errors=True)
+        seconds["align"] = command(
+            ["-m", "vlmjax.data.align_filter", raw_shards, align_out, "--no_image_size",
+             "--no_aspect_ratio", "--vocab_top_k", str(args.vocab_top_k)])
+        seconds["capfilt"] = command(
+            ["-m", "vlmjax.data.capfilt", raw_shards, capfilt_out, "--model", blip, "--prompt",
+             "", "--threshold", str(args.threshold), "--batch_size", str(args.batch_size)]
+            + (["--max_new_tokens", "8"] if args.quick else []))
     align_report = json.load(open(os.path.join(align_out, "filter_report.json")))
     capfilt_report = json.load(open(os.path.join(capfilt_out, "capfilt_report.json")))
 
@@ -159,19 +186,23 @@ def main() -> None:
     eval_data = dict(source="vlm_shapes", config="noisy", data_dir=args.data_dir, **sizes)
     tokenizer = shapes.tokenizer_path(builder)
     workdir = os.path.join(args.data_dir, f"capfilt_bench_{name}_{steps}")
-    arms = [("raw noisy", raw_shards, align_report["total"]),
-            ("ALIGN filter", f"{align_out}/*.tar", align_report["kept"]),
-            ("CapFilt", f"{capfilt_out}/*.tar", capfilt_report["written"])]
-    rows = [(arm, pairs, train_contrastive(arm.split()[0].lower(), shards, tokenizer, eval_data,
-                                           steps, args.quick, workdir))
-            for arm, shards, pairs in arms]
+    web_out = f"{capfilt_out}_web"
+    web_pairs = web_only(capfilt_report["shards"], web_out)
+    arms = {"raw": ("raw noisy", raw_shards, align_report["total"]),
+            "align": ("ALIGN filter", f"{align_out}/*.tar", align_report["kept"]),
+            "capfilt": ("CapFilt", f"{capfilt_out}/*.tar", capfilt_report["written"]),
+            "capfilt_web": ("CapFilt, web captions only", f"{web_out}/*.tar", web_pairs)}
+    rows = [(label, pairs, train_contrastive(arm, shards, tokenizer, eval_data, steps,
+                                             args.quick, workdir))
+            for arm, (label, shards, pairs) in arms.items() if arm in arms_wanted]
 
     synthetic = capfilt_report["synthetic"]["kept"]
     print(f"\nvlm_shapes/{name}: {align_report['total']} image-caption pairs; "
           f"{CONTRASTIVE_CONFIG} for {steps} steps on each; BLIP {blip}")
-    print(f"ALIGN filter {seconds['align']:.0f} s, CapFilt {seconds['capfilt']:.0f} s "
-          f"(threshold {args.threshold}; {capfilt_report['web']['kept']} web + {synthetic} "
-          "synthetic captions kept)\n")
+    timing = (f"ALIGN filter {seconds['align']:.0f} s, CapFilt {seconds['capfilt']:.0f} s"
+              if seconds else "filters' outputs reused")
+    print(f"{timing} (threshold {args.threshold}; {capfilt_report['web']['kept']} web + "
+          f"{synthetic} synthetic captions kept)\n")
     print(results_table(rows))
     print()
     print(filter_table(scores))
