@@ -54,14 +54,10 @@ def _read_sample(item, text_extension):
     """(text, (width, height)) of a good sample, or (None, skip reason)."""
     if isinstance(item, webdataset.TarProblem):
         return None, item.reason
-    image_extension = next((e for e in sources.IMAGE_EXTENSIONS if e in item.files), None)
-    if image_extension is None:
-        return None, "missing_image"
-    if text_extension not in item.files:
-        return None, "missing_text"
-    text, reason = sources.decode_text(item.files[text_extension])
-    if reason != "ok":
+    found, reason = sources.image_and_text(item.files, text_extension)
+    if found is None:
         return None, reason
+    image_extension, text = found
     try:
         with Image.open(io.BytesIO(item.files[image_extension])) as image:
             size = image.size  # header only

@@ -119,14 +119,10 @@ def read_sample(item, text_extension: str, load_image) -> tuple[Sample | None, s
     """(sample, "ok") or (None, the skips reason)."""
     if isinstance(item, webdataset.TarProblem):
         return None, item.reason
-    image_extension = next((e for e in sources.IMAGE_EXTENSIONS if e in item.files), None)
-    if image_extension is None:
-        return None, "missing_image"
-    if text_extension not in item.files:
-        return None, "missing_text"
-    text, reason = sources.decode_text(item.files[text_extension])
-    if reason != "ok":
+    found, reason = sources.image_and_text(item.files, text_extension)
+    if found is None:
         return None, reason
+    image_extension, text = found
     metadata = {}
     if "json" in item.files:
         try:

@@ -248,16 +248,24 @@ class TfdsSource(Source):
                 "_skip_reason": tf.constant(0, tf.int32), **extra}
 
 
+def image_and_text(files: dict, text_extension: str) -> tuple[tuple[str, str] | None, str]:
+    """A webdataset sample's (image file extension, decoded caption) and "ok", or None and the
+    skip reason (missing_image, missing_text or decode_text's)."""
+    image_extension = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+    if image_extension is None:
+        return None, "missing_image"
+    if text_extension not in files:
+        return None, "missing_text"
+    text, reason = decode_text(files[text_extension])
+    return ((image_extension, text) if reason == "ok" else None), reason
+
+
 def _sample_example(sample: webdataset.TarSample, text_extension: str,
                     label_field: str | None) -> dict:
-    image_extension = next((e for e in IMAGE_EXTENSIONS if e in sample.files), None)
-    if image_extension is None:
-        return placeholder("missing_image", sample.key)
-    if text_extension not in sample.files:
-        return placeholder("missing_text", sample.key)
-    text, reason = decode_text(sample.files[text_extension])
-    if reason != "ok":
+    found, reason = image_and_text(sample.files, text_extension)
+    if found is None:
         return placeholder(reason, sample.key)
+    image_extension, text = found
     label = -1
     if "json" in sample.files:
         try:
