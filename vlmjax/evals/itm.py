@@ -96,10 +96,7 @@ class ItmEvaluator(registry.Evaluator):
 
     @classmethod
     def check(cls, entry, where):
-        for key in cls.KEYS:
-            value = entry.get(key, 0)
-            if type(value) is not int or value < 0:
-                raise ConfigError(f"{where}.{key} must be an integer >= 0, got {value!r}")
+        registry.check_counts(entry, cls.KEYS, where)
         if entry.get("max_images", DEFAULT_MAX_IMAGES) == 1:
             raise ConfigError(f"{where}.max_images=1: random negatives are other images' "
                               "captions; give 0 (all) or at least 2")

@@ -53,9 +53,7 @@ class PerplexityEvaluator(registry.Evaluator):
 
     @classmethod
     def check(cls, entry, where):
-        value = entry.get("max_batches", 0)
-        if type(value) is not int or value < 0:
-            raise ConfigError(f"{where}.max_batches must be an integer >= 0, got {value!r}")
+        registry.check_counts(entry, ("max_batches",), where)
         documents = entry.get("documents")
         if documents is not None:
             from vlmjax.data import ops, text_pipeline

@@ -99,6 +99,14 @@ def build_evaluators(evals, context: EvalContext) -> list:
             for name, entry in sorted(entries(evals).items())]
 
 
+def check_counts(entry, keys, where: str) -> None:
+    """Each of `keys` in `entry` (absent: 0) is an integer >= 0 (a count, 0 = all / off)."""
+    for key in keys:
+        value = entry.get(key, 0)
+        if type(value) is not int or value < 0:
+            raise ConfigError(f"{where}.{key} must be an integer >= 0, got {value!r}")
+
+
 class Evaluator:
     """Common entry keys; `self.data` (evals.data.EvalData) reads on first use."""
     KEYS: dict[str, str] = {}

@@ -159,10 +159,7 @@ class RetrievalEvaluator(registry.Evaluator):
 
     @classmethod
     def check(cls, entry, where):
-        for key in cls.KEYS:
-            value = entry.get(key, 0)
-            if type(value) is not int or value < 0:
-                raise ConfigError(f"{where}.{key} must be an integer >= 0, got {value!r}")
+        registry.check_counts(entry, cls.KEYS, where)
 
     def __init__(self, name, entry, context):
         super().__init__(name, entry, context)
