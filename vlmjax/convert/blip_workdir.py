@@ -11,7 +11,6 @@ import json
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections
 
@@ -76,14 +75,9 @@ def load_blip_workdir(path: str) -> BlipRun:
     _check_tokenizer(config, path)
     mesh = sharding.make_mesh({"data": -1})
     task = BlipTask(config, mesh)
-    boxed = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
-    shardings = sharding.param_shardings(boxed, mesh,
-                                         sharding.logical_rules(config.get("sharding_rules")))
-    placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.meta.unbox(boxed), shardings)
     step = latest_step(workdir) if step is None else step
     with jax.set_mesh(mesh):
-        params = checkpoint.restore_params(workdir, placed, step)
+        params = checkpoint.restore_task_params(task, config, mesh, workdir, step)
     return BlipRun(task, params, config, mesh, workdir, step)
 
 

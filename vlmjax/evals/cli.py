@@ -58,7 +58,6 @@ def evaluate(workdir: str, step: int | None = None, model: str | None = None,
     """(step, metrics) of the evaluators of the config on the params (see the module docstring);
     the metrics are appended to workdir/metrics.jsonl."""
     config = load_config(workdir, config_spec, list(overrides))  # before the slow imports
-    import flax.linen as nn
     import jax
 
     from vlmjax import gfile, sharding
@@ -68,19 +67,13 @@ def evaluate(workdir: str, step: int | None = None, model: str | None = None,
 
     mesh = sharding.make_mesh(config.get("mesh", {"data": -1}))
     task = get_task(config.task)(config, mesh)
-    boxed = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
-    shardings = sharding.param_shardings(boxed, mesh,
-                                         sharding.logical_rules(config.get("sharding_rules")))
-    abstract = nn.meta.unbox(boxed)
     with jax.set_mesh(mesh):
         if model:
+            abstract, shardings = checkpoint.task_param_shardings(task, config, mesh)
             params, step = task.pretrained_params(model, abstract, shardings), step or 0
         else:
             step = latest_step(workdir) if step is None else int(step)
-            placed = jax.tree.map(
-                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                shardings)
-            params = checkpoint.restore_params(workdir, placed, step)
+            params = checkpoint.restore_task_params(task, config, mesh, workdir, step)
         schedule = Schedule(task.evaluators(config.get("evals", {})))
         if not schedule.evaluators:
             raise ValueError("the config has no evaluators (config.evals); add one with "

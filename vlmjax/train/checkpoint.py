@@ -95,3 +95,24 @@ def restore_params(workdir: str, abstract_params, step: int | None = None):
                 restore_args=ocp.checkpoint_utils.construct_restore_args(
                     {"params": abstract_params}), partial_restore=True)))
     return restored["state"]["params"]
+
+
+def task_param_shardings(task, config, mesh):
+    """(abstract params, their shardings) of `task`'s model on `mesh`, as the trainer lays them
+    out (config.sharding_rules)."""
+    import flax.linen as nn
+
+    from vlmjax import sharding
+    boxed = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+    shardings = sharding.param_shardings(boxed, mesh,
+                                         sharding.logical_rules(config.get("sharding_rules")))
+    return nn.meta.unbox(boxed), shardings
+
+
+def restore_task_params(task, config, mesh, workdir: str, step: int | None = None):
+    """`task`'s params of a trainer checkpoint (default: the latest), placed on `mesh` as
+    training places them; call under `jax.set_mesh(mesh)`."""
+    abstract, shardings = task_param_shardings(task, config, mesh)
+    placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    return restore_params(workdir, placed, step)
