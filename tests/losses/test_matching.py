@@ -352,3 +352,48 @@ def test_bad_inputs_raise_clear_errors():
         matching.hard_negative_indices(jax.random.key(0), img, txt, ids[:5], 0.1)
     with pytest.raises(ValueError, match="all of image_queue"):
         matching.itc_distill_loss(img, txt, img, txt, ids, 0.1, image_queue=img)
+
+
+# ------------------------------------------------------------- BLIP-2: query features [B, Q, D]
+def numpy_query_itc(img, txt, ids, t):
+    """BLIP-2's ITC from its formula: sim(i, j) = max_q img[i, q] . txt[j]; id-equality targets."""
+    sim = np.einsum("iqd,jd->ijq", img.astype(np.float64), txt.astype(np.float64)).max(-1) / t
+    target = (ids[:, None] == ids[None, :]).astype(np.float64)
+    target /= target.sum(1, keepdims=True)
+    i2t = -np.mean([np.sum(target[i] * log_softmax(sim[i])) for i in range(len(ids))])
+    t2i = -np.mean([np.sum(target[j] * log_softmax(sim[:, j])) for j in range(len(ids))])
+    return (i2t + t2i) / 2
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_query_itc_matches_numpy_and_mesh_and_one_query_is_plain_itc(devices):
+    mesh = None if devices == 1 else make_mesh(MESHES[devices])
+    rng = np.random.default_rng(40)
+    img, txt = unit(rng.normal(size=(B, 4, D))), unit(rng.normal(size=(B, D)))
+    loss = jax.jit(functools.partial(matching.itc_loss, mesh=mesh))
+    np.testing.assert_allclose(loss(img, txt, IDS, 0.1), numpy_query_itc(img, txt, IDS, 0.1),
+                               rtol=1e-5)
+    # One query is BLIP's ITC on [B, D] features.
+    np.testing.assert_allclose(loss(img[:, :1], txt, IDS, 0.1), loss(img[:, 0], txt, IDS, 0.1),
+                               rtol=1e-6)
+    grads = jax.jit(jax.grad(functools.partial(matching.itc_loss, mesh=mesh)))(img, txt, IDS,
+                                                                               0.1)
+    # Only each pair's best query gets a gradient (the max routes it).
+    per_query = np.abs(np.asarray(grads)).sum(-1)
+    assert (per_query > 0).sum() < per_query.size and (per_query > 0).any(axis=1).all()
+
+
+def test_query_features_mine_negatives_by_max_over_queries():
+    rng = np.random.default_rng(41)
+    txt = unit(rng.normal(size=(B, D)))
+    img = unit(rng.normal(size=(B, 3, D)))
+    # Query 2 of image 0 is text 9's direction: at a tiny temperature text 9 is its negative.
+    img[0, 2] = txt[9]
+    ids = np.arange(B, dtype=np.int32)
+    neg_text, neg_image, valid_text, _ = mine(jax.random.PRNGKey(0), img, txt, ids, 1e-3,
+                                              mesh=None)
+    assert int(neg_text[0]) == 9 and bool(valid_text[0])
+    assert int(neg_image[9]) == 0
+    sharded = mine(jax.random.PRNGKey(0), img, txt, ids, 1e-3, mesh=make_mesh(MESHES[8]))
+    for a, e in zip(sharded, (neg_text, neg_image, valid_text)):
+        np.testing.assert_array_equal(a, e)

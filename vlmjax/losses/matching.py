@@ -45,10 +45,26 @@ def _f32(x):
     return jnp.asarray(x, F32)
 
 
+def similarity(a, b):
+    """float32 [N, M] similarities of rows `a` and columns `b`, each [*, D] or, for BLIP-2's
+    query features, [*, Q, D]: the dot product, maximised over the queries of either side."""
+    if a.ndim == 2 and b.ndim == 2:
+        return jnp.dot(a, b.T, preferred_element_type=F32)
+    if a.ndim == 3 and b.ndim == 2:
+        return jnp.max(jnp.einsum("nqd,md->nmq", a, b, preferred_element_type=F32), axis=-1)
+    if a.ndim == 2 and b.ndim == 3:
+        return jnp.max(jnp.einsum("nd,mqd->nmq", a, b, preferred_element_type=F32), axis=-1)
+    raise ValueError(f"similarity: features must be [N, D] or [N, Q, D] with one side [N, D], "
+                     f"got {a.shape} and {b.shape}")
+
+
 def _check_features(image_feat, text_feat, image_ids):
-    if image_feat.ndim != 2 or image_feat.shape != text_feat.shape:
-        raise ValueError(f"image_feat and text_feat must both be [B, D], got {image_feat.shape} "
-                         f"and {text_feat.shape}")
+    """image_feat [B, D] or [B, Q, D] (BLIP-2's queries), text_feat [B, D]."""
+    if (image_feat.ndim not in (2, 3) or text_feat.ndim != 2
+            or image_feat.shape[0] != text_feat.shape[0]
+            or image_feat.shape[-1] != text_feat.shape[-1]):
+        raise ValueError(f"image_feat must be [B, D] or [B, Q, D] and text_feat [B, D], got "
+                         f"{image_feat.shape} and {text_feat.shape}")
     if image_ids.shape != image_feat.shape[:1]:
         raise ValueError(f"image_ids must be [B] = {image_feat.shape[:1]}, got {image_ids.shape}")
 
@@ -58,7 +74,7 @@ def _sample(stream, rows, queries, keys, row_ids, col_ids, temperature):
     """One column per query row, drawn from softmax(queries @ keys.T / temperature) with every
     column of the row's own image masked; (index, valid). `rows` are the queries' global rows:
     each draws from fold_in(stream, row), whatever device holds it."""
-    logits = jnp.dot(queries, keys.T, preferred_element_type=F32) / temperature
+    logits = similarity(queries, keys) / temperature
     candidate = row_ids[:, None] != col_ids[None, :]
     logits = jnp.where(candidate, logits, -jnp.inf)
     draw = jax.vmap(lambda row, logits: jax.random.categorical(
@@ -168,9 +184,9 @@ def _distill_sum(img, txt, img_m, txt_m, ids, cols_img_m, cols_txt_m, col_ids, t
         return jnp.where(col_valid[None, :], jax.nn.log_softmax(logits, axis=1), 0.0)
 
     def direction(queries, queries_m, keys_m):
-        logp = log_softmax(jnp.dot(queries, keys_m.T, preferred_element_type=F32) / t)
+        logp = log_softmax(similarity(queries, keys_m) / t)
         # The momentum model's own distribution is a target: no gradient (nor through t).
-        soft = jnp.exp(log_softmax(jnp.dot(queries_m, keys_m.T, preferred_element_type=F32) / t))
+        soft = jnp.exp(log_softmax(similarity(queries_m, keys_m) / t))
         targets = lax.stop_gradient(alpha * soft + (1.0 - alpha) * hard)
         return -jnp.sum(logp * targets)
 
@@ -258,3 +274,11 @@ def momentum_update(params_m, params, momentum=0.995):
     """EMA of the online model: params_m <- momentum * params_m + (1 - momentum) * params."""
     return jax.tree.map(
         lambda m, p: (momentum * m + (1.0 - momentum) * p).astype(m.dtype), params_m, params)
+
+
+def itc_loss(image_feat, text_feat, image_ids, temperature, *, mesh: Mesh | None = None,
+             batch_axes: Sequence[str] = BATCH_AXES):
+    """ITC without momentum distillation (BLIP-2's): `itc_distill_loss` with alpha 0, so the
+    targets are the id-equality ones (rows of one image are each other's positives)."""
+    return itc_distill_loss(image_feat, text_feat, image_feat, text_feat, image_ids, temperature,
+                            alpha=0.0, mesh=mesh, batch_axes=batch_axes)

@@ -25,8 +25,15 @@ CNN's do not (convolutions are translation-equivariant), and the LLM would other
 RoPE offsets to tell "the star on the left" from the one on the right. `projector_norm`
 'instance' first standardises each feature channel over the image's tokens (instance
 normalisation): what is the same all over the image (the background's texture) goes, and what
-sets one token apart (the object on it: its colour, its shape) becomes as large as the rest.
-HF LLaVA has neither.
+sets one token apart (the object on it: its colour, its shape) becomes as large as the rest;
+'layernorm' is a LayerNorm of the tokens (`projector/ln_vision`, BLIP-2's ln_vision over the
+frozen tower's last states). HF LLaVA has none of them.
+
+`projector="qformer"` is BLIP-2's stage 2 (models/blip2.py): `qformer` holds the Q-Former's
+kwargs (models/qformer.py; its text input is dropped), the projector is a
+blip2.QFormerProjector (`projector/ln_vision` under projector_norm 'layernorm',
+`projector/qformer`, `projector/language_projection`) and an image gives num_query_tokens
+visual tokens.
 
 LLM (`llm/`): vlmjax.models.decoder.Decoder with the keyword arguments `llm`.
 
@@ -66,7 +73,7 @@ from vlmjax.models.two_towers import IMAGE_TOWERS, build_tower
 from vlmjax.models.vit import ViT
 
 SELECT_STRATEGIES = ("default", "full")
-PROJECTOR_NORMS = ("none", "instance")
+PROJECTOR_NORMS = ("none", "instance", "layernorm")
 PREFIX_ATTENTION = ("causal", "full")
 _MLP_PROJECTOR = re.compile(r"mlp(\d+)x_gelu")
 
@@ -106,6 +113,8 @@ class Projector(nn.Module):
     def __call__(self, x):
         if self.norm == "instance":
             x = instance_standardize(x)
+        elif self.norm == "layernorm":
+            x = layers.make_norm("layernorm", self.dtype, 1e-6, name="ln_vision")(x)
         for i in range(self.depth):
             if i:
                 x = layers.get_activation("gelu")(x)
@@ -119,6 +128,53 @@ class Projector(nn.Module):
                 nn.initializers.normal(0.02), (None, "embed")), x.shape[-2:], jnp.float32)
             x = x + posemb.astype(x.dtype)
         return x
+
+
+def vision_kwargs(vision: Mapping[str, Any], arch: str, feature_layers: tuple[int, ...],
+                  dtype) -> dict:
+    """The image tower's keyword arguments for reading the hidden states `feature_layers`
+    (HF's hidden_states indices) of a `vision` config (a CNN: its feature maps)."""
+    kwargs = dict(vision)
+    if arch == "cnn":
+        if kwargs.get("pool", "none") != "none" or kwargs.get("return_layers") is not None:
+            raise ValueError("model.vision: a model reading a CNN tower's feature maps takes "
+                             "no pool or return_layers; leave them out")
+        kwargs.pop("pool", None)
+        return {"dtype": dtype, **kwargs, "pool": "none", "return_layers": feature_layers}
+    if kwargs.get("output_layer") is not None:
+        raise ValueError("model.vision.output_layer is set: the layers read are "
+                         "vision_feature_layer")
+    kwargs.pop("output_layer", None)
+    return {"dtype": dtype, **kwargs, "return_layers": feature_layers}
+
+
+def check_select_strategy(vision: Mapping[str, Any], arch: str, strategy: str) -> None:
+    """ValueError unless `strategy` is known and, for 'default', the tower has a class token."""
+    if strategy not in SELECT_STRATEGIES:
+        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not one of "
+                         f"{SELECT_STRATEGIES}")
+    has_cls = vision.get("class_token")
+    if has_cls is None:
+        has_cls = arch == "vit" and vision.get("pool", "map") == "cls"
+    if strategy == "default" and not has_cls:
+        raise ValueError("vision_feature_select_strategy 'default' drops the class token, "
+                         "and this vision tower has none (class_token / pool='cls'): use "
+                         "'full'")
+
+
+def visual_tokens(states, arch: str, strategy: str, feature_layers) -> jnp.ndarray:
+    """A tower's `return_layers` outputs -> its visual tokens [b, T, C]: a CNN's feature maps
+    row-major, the class token dropped under 'default', the layers concatenated on C."""
+    if arch == "cnn":  # feature maps [b, h, w, C] -> tokens [b, h * w, C]
+        grids = {s.shape[1:3] for s in states}
+        if len(grids) > 1:
+            raise ValueError(f"vision_feature_layer {list(feature_layers)} picks CNN "
+                             f"feature maps of different sizes {sorted(grids)}; the "
+                             "layers concatenated must share one grid")
+        states = [s.reshape(s.shape[0], -1, s.shape[-1]) for s in states]
+    if strategy == "default":
+        states = [s[:, 1:] for s in states]
+    return jnp.concatenate(states, axis=-1)
 
 
 def _module_fields(module) -> dict:
@@ -143,6 +199,7 @@ class PrefixLM(nn.Module):
     projector_posemb: bool = False
     projector_norm: str = "none"
     prefix_attention: str = "causal"
+    qformer: Mapping[str, Any] | None = None
     dtype: Any = jnp.float32
 
     def __post_init__(self):
@@ -160,19 +217,7 @@ class PrefixLM(nn.Module):
         return (int(layer),) if isinstance(layer, (int, np.integer)) else tuple(map(int, layer))
 
     def _vision_kwargs(self) -> dict:
-        kwargs = dict(self.vision)
-        if self.vision_arch == "cnn":
-            if kwargs.get("pool", "none") != "none" or kwargs.get("return_layers") is not None:
-                raise ValueError("model.vision: a PrefixLM reads a CNN tower's feature maps; "
-                                 "leave out pool and return_layers")
-            kwargs.pop("pool", None)
-            return {"dtype": self.dtype, **kwargs, "pool": "none",
-                    "return_layers": self.feature_layers}
-        if kwargs.get("output_layer") is not None:
-            raise ValueError("model.vision.output_layer is set: PrefixLM picks the tower's "
-                             "layers with vision_feature_layer")
-        kwargs.pop("output_layer", None)
-        return {"dtype": self.dtype, **kwargs, "return_layers": self.feature_layers}
+        return vision_kwargs(self.vision, self.vision_arch, self.feature_layers, self.dtype)
 
     def _llm_kwargs(self) -> dict:
         return {"dtype": self.dtype, **dict(self.llm)}
@@ -181,10 +226,6 @@ class PrefixLM(nn.Module):
         if self.vision_arch not in IMAGE_TOWERS:
             raise ValueError(f"vision_arch {self.vision_arch!r} is not one of "
                              f"{sorted(IMAGE_TOWERS)}")
-        if self.vision_feature_select_strategy not in SELECT_STRATEGIES:
-            raise ValueError(f"vision_feature_select_strategy "
-                             f"{self.vision_feature_select_strategy!r} is not one of "
-                             f"{SELECT_STRATEGIES}")
         if self.projector_norm not in PROJECTOR_NORMS:
             raise ValueError(f"projector_norm {self.projector_norm!r} is not one of "
                              f"{PROJECTOR_NORMS}")
@@ -193,6 +234,15 @@ class PrefixLM(nn.Module):
                              f"{PREFIX_ATTENTION}")
         if not self.feature_layers:
             raise ValueError("vision_feature_layer is an empty list")
+        if (self.projector == "qformer") != (self.qformer is not None):
+            raise ValueError("projector 'qformer' and the qformer kwargs (model.qformer) go "
+                             f"together; got projector {self.projector!r} and qformer "
+                             f"{'set' if self.qformer is not None else 'unset'}")
+        if self.projector == "qformer" and (self.projector_posemb
+                                            or self.projector_norm == "instance"):
+            raise ValueError("projector 'qformer' takes no projector_posemb and no "
+                             "projector_norm 'instance' (its norm is BLIP-2's ln_vision, "
+                             "'layernorm')")
 
     def setup(self):
         self._check()
@@ -200,16 +250,18 @@ class PrefixLM(nn.Module):
         tower = IMAGE_TOWERS[self.vision_arch]
         build_tower(tower, vision, "model.vision")  # unknown keys: an error naming the valid ones
         self.vision_tower = tower(**vision, name="vision")
-        has_cls = vision.get("class_token")
-        if has_cls is None:
-            has_cls = self.vision_arch == "vit" and vision.get("pool", "map") == "cls"
-        if self.vision_feature_select_strategy == "default" and not has_cls:
-            raise ValueError("vision_feature_select_strategy 'default' drops the class token, "
-                             "and this vision tower has none (class_token / pool='cls'): use "
-                             "'full'")
-        self.mm_projector = Projector(self._llm_kwargs()["width"], projector_depth(self.projector),
-                                      self.projector_bias, self.projector_posemb,
-                                      self.projector_norm, self._dtype(), name="projector")
+        check_select_strategy(vision, self.vision_arch, self.vision_feature_select_strategy)
+        width = self._llm_kwargs()["width"]
+        if self.projector == "qformer":
+            from vlmjax.models.blip2 import QFormerProjector  # blip2 builds on this module
+            self.mm_projector = QFormerProjector(
+                {**dict(self.qformer), "text_input": False}, width,
+                self.projector_norm, float(vision.get("norm_eps", 1e-6)),
+                use_bias=self.projector_bias, dtype=self._dtype(), name="projector")
+        else:
+            self.mm_projector = Projector(width, projector_depth(self.projector),
+                                          self.projector_bias, self.projector_posemb,
+                                          self.projector_norm, self._dtype(), name="projector")
         self.language_model = Decoder(**self._llm_kwargs(), name="llm")
 
     # ------------------------------------------------------------------------------- compute
@@ -223,16 +275,9 @@ class PrefixLM(nn.Module):
                              f"{images.shape}")
         batch, count = images.shape[:2]
         states = self.vision_tower(images.reshape(batch * count, *images.shape[2:]))
-        if self.vision_arch == "cnn":  # feature maps [b, h, w, C] -> tokens [b, h * w, C]
-            grids = {s.shape[1:3] for s in states}
-            if len(grids) > 1:
-                raise ValueError(f"vision_feature_layer {list(self.feature_layers)} picks CNN "
-                                 f"feature maps of different sizes {sorted(grids)}; the "
-                                 "layers concatenated must share one grid")
-            states = [s.reshape(s.shape[0], -1, s.shape[-1]) for s in states]
-        if self.vision_feature_select_strategy == "default":
-            states = [s[:, 1:] for s in states]
-        features = self.mm_projector(jnp.concatenate(states, axis=-1).astype(self._dtype()))
+        tokens = visual_tokens(states, self.vision_arch, self.vision_feature_select_strategy,
+                               self.feature_layers)
+        features = self.mm_projector(tokens.astype(self._dtype()))
         return features.reshape(batch, count * features.shape[1], features.shape[-1])
 
     def embed_inputs(self, tokens, images=None):

@@ -148,6 +148,12 @@ class QFormer(nn.Module):
             has_cross_attention=i % self.cross_attention_freq == 0, text_input=self.text_input)
             for i in range(self.depth)]  # named layer_0 .. layer_{depth-1}
 
+    def word_embeddings(self):
+        """The text embedding table [vocab, width] (BLIP-2's ITG head ties its output to it)."""
+        if not self.text_input:
+            raise ValueError("this Q-Former has no text input (text_input=False)")
+        return self.token_embed.embedding
+
     def _embed(self, batch, tokens, with_queries):
         parts = []
         if with_queries:
