@@ -219,7 +219,7 @@ def test_workdir_errors_name_it(blip_run, tmp_path, capsys):
     contrastive = tmp_path / "siglip"
     os.makedirs(contrastive / "checkpoints")
     (contrastive / "config.json").write_text(json.dumps({"task": "contrastive"}))
-    with pytest.raises(ValueError, match=r"siglip is a 'contrastive' run, not a BLIP one"):
+    with pytest.raises(ValueError, match=r"siglip is a 'contrastive' run, not a 'blip' one"):
         capfilt.load_model(str(contrastive))
     moved = tmp_path / "moved"  # a BLIP run whose vlm_shapes data (and tokenizer) is gone
     shutil.copytree(blip_run.workdir, moved)

@@ -231,7 +231,7 @@ def test_captioning_scores_texts_against_each_images_captions(shapes_data, test_
     (dict(type="vqa", max_new_tokens=0), r"evals.e.max_new_tokens must be an integer >= 1"),
     (dict(type="vqa", prompt="Describe."), r"evals.e.prompt is not used by anything"),
     (dict(type="vqa", answer_instruction=3), r"evals.e.answer_instruction must be a string"),
-    (dict(type="captioning", prompt=""), r"evals.e.prompt must be a non-empty string"),
+    (dict(type="captioning", prompt=3), r"evals.e.prompt must be a string"),
     (dict(type="captioning", answer_instruction="x"),
      r"evals.e.answer_instruction is not used by anything"),
     (dict(type="vqa", data=dict(source="tfds", name="coco_captions", split="test")),

@@ -1,7 +1,9 @@
-"""`blip` trainer workdirs as a pretrained source: the run's task (model, tokenizer, token ids,
-image size) and the params of a checkpoint; what CapFilt and the HF export read.
+"""`blip` (and `blip2`) trainer workdirs as a pretrained source: the run's task (model, tokenizer,
+token ids, image size) and the params of a checkpoint; what CapFilt, the HF export and BLIP-2's
+stage 2 (its stage-1 run) read.
 
     run = load_blip_workdir(WORKDIR)        # or WORKDIR/checkpoints/<step> (default: latest)
+    run = load_blip_workdir(WORKDIR, task="blip2")
     run.task.model, run.params, run.task.tokenizer, run.task.token_ids, run.config, run.step
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ TASK = "blip"
 
 @dataclasses.dataclass
 class BlipRun:
-    task: Any            # vlmjax.train.tasks.blip.BlipTask of the run's config
+    task: Any            # the run's task (vlmjax.train.tasks.blip.BlipTask, ...)
     params: Any          # float32, placed on `mesh`
     config: ml_collections.ConfigDict
     mesh: Any
@@ -55,11 +57,11 @@ def _check_tokenizer(config, where: str) -> None:
                                 "with its vlm_shapes data: data.data_dir in config.json)")
 
 
-def load_blip_workdir(path: str) -> BlipRun:
-    """The BLIP run at `path` (a workdir or WORKDIR/checkpoints/<step>); errors name `path`."""
+def load_blip_workdir(path: str, task: str = TASK) -> BlipRun:
+    """The `task` run at `path` (a workdir or WORKDIR/checkpoints/<step>); errors name `path`."""
     from vlmjax.evals.cli import latest_step
     from vlmjax.train import checkpoint
-    from vlmjax.train.tasks.blip import BlipTask
+    from vlmjax.train.tasks import get_task
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist")
     found = trainer_checkpoint(path)
@@ -69,12 +71,12 @@ def load_blip_workdir(path: str) -> BlipRun:
     workdir, step = found
     with open(os.path.join(workdir, "config.json")) as file:
         config = ml_collections.ConfigDict(json.load(file))
-    if config.task != TASK:
-        raise ValueError(f"{path} is a {config.task!r} run, not a BLIP one (task 'blip', e.g. "
-                         "configs/blip/tiny.py)")
+    if config.task != task:
+        raise ValueError(f"{path} is a {config.task!r} run, not a {task!r} one (e.g. "
+                         f"configs/{task}/tiny.py)")
     _check_tokenizer(config, path)
     mesh = sharding.make_mesh({"data": -1})
-    task = BlipTask(config, mesh)
+    task = get_task(config.task)(config, mesh)
     step = latest_step(workdir) if step is None else step
     with jax.set_mesh(mesh):
         params = checkpoint.restore_task_params(task, config, mesh, workdir, step)

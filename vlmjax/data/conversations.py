@@ -14,6 +14,9 @@ Templates (`TEMPLATES`), written offline from their sources:
   plain      LLaVA stage 1 (`conv_llava_plain`, `preprocess_plain`): the images, then each answer
              and "\n"; the user's text is dropped. A tokenizer that encodes "\n" as no ids (the
              vlm_shapes SentencePiece model) ends answers with its EOS id instead.
+  blip2      plain with the user's text kept, after the images: BLIP-2's zero-shot prompts
+             ("<image>Question: ... Answer:") of a model trained with plain; an empty user
+             text gives plain's prompt.
   vicuna_v1  LLaVA v1 / v1.5 (`conv_vicuna_v1`): "SYSTEM USER: <image>\nQ ASSISTANT: A</s>USER: ..."
              where </s> is the tokenizer's EOS id.
   llama3     Meta Llama 3 Instruct's chat template: <|begin_of_text|> (BOS), then per message
@@ -85,6 +88,9 @@ class Template:
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template("plain", user_format="", end_of_turn="\n", bos=True, image_separator=""),
+    # plain with the user's text kept: BLIP-2's zero-shot prompts after plain (caption) training,
+    # "<image tokens>Question: ... Answer:"; an empty user text is exactly plain's prompt.
+    Template("blip2", end_of_turn="\n", bos=True, image_separator=""),
     Template(
         "vicuna_v1",
         system="A chat between a curious user and an artificial intelligence assistant. The "

@@ -31,7 +31,8 @@ Metrics for the entry `name` of config.evals (fractions in [0, 1]):
                                        (both over the images that have a caption)
 Entry keys beside the common ones and vqa's data / max_examples (evals/vqa.py):
   prompt           the instruction (default "Describe the image in detail.", one of the
-                   detailed-description instructions of vlmjax/data/shapes_instruct.py)
+                   detailed-description instructions of vlmjax/data/shapes_instruct.py); ""
+                   for a model that captions after the image alone (BLIP-2's stage 2)
   max_new_tokens   the longest description in tokens (default 128)
 After a run `last_samples` holds its first few {prompt, prediction, objects}.
 """
@@ -148,8 +149,8 @@ class CaptioningEvaluator(vqa.GenerativeEvaluator):
     def check(cls, entry, where):
         super().check(entry, where)
         prompt = entry.get("prompt", DEFAULT_PROMPT)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ConfigError(f"{where}.prompt must be a non-empty string, got {prompt!r}")
+        if not isinstance(prompt, str):
+            raise ConfigError(f"{where}.prompt must be a string (\"\": none), got {prompt!r}")
 
     def __init__(self, name, entry, context):
         super().__init__(name, entry, context)

@@ -61,9 +61,14 @@ def _recalls(i2t_rank, t2i_rank, ks, suffix: str = "") -> dict[str, float]:
     return out
 
 
-def similarities(zimg: np.ndarray, ztxt: np.ndarray) -> np.ndarray:
-    """ITC scores [N, M] of L2-normalised zimg [N, D] and ztxt [M, D]."""
-    return np.asarray(zimg, np.float32) @ np.asarray(ztxt, np.float32).T
+def similarities(zimg: np.ndarray, ztxt: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """ITC scores [N, M] of L2-normalised zimg [N, D] and ztxt [M, D]; zimg [N, Q, D] (BLIP-2's
+    query features) scores the max over its queries, `chunk` images at a time."""
+    zimg, ztxt = np.asarray(zimg, np.float32), np.asarray(ztxt, np.float32)
+    if zimg.ndim == 2:
+        return zimg @ ztxt.T
+    return np.concatenate([np.max(np.einsum("nqd,md->nmq", zimg[i:i + chunk], ztxt), axis=-1)
+                           for i in range(0, len(zimg), chunk)] or [np.zeros((0, len(ztxt)))])
 
 
 def recall_at_k(zimg: np.ndarray, ztxt: np.ndarray, text_to_image: np.ndarray,

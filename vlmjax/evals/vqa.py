@@ -27,6 +27,8 @@ common ones (evals/registry.py; `batch_size`: questions per generate call, defau
   max_new_tokens     the longest answer in tokens (default 16)
   answer_instruction text after each question on a new line (default none; LLaVA-1.5 asks
                      "Answer the question using a single word or phrase.")
+  question_format    how a question is put, "{question}" (the default) marking where it goes:
+                     BLIP-2 asks "Question: {question} Answer:"
 After a run `last_samples` holds its first few {question, prediction, answer, type}.
 """
 from __future__ import annotations
@@ -177,7 +179,9 @@ class GenerativeEvaluator(registry.Evaluator):
 
 class VqaEvaluator(GenerativeEvaluator):
     KEYS = {**GenerativeEvaluator.KEYS,
-            "answer_instruction": "text after each question on a new line (default none)"}
+            "answer_instruction": "text after each question on a new line (default none)",
+            "question_format": "the question's text, '{question}' where it goes (default "
+                               "'{question}'; BLIP-2: 'Question: {question} Answer:')"}
 
     @classmethod
     def check(cls, entry, where):
@@ -185,13 +189,19 @@ class VqaEvaluator(GenerativeEvaluator):
         if not isinstance(entry.get("answer_instruction", ""), str):
             raise ConfigError(f"{where}.answer_instruction must be a string, got "
                               f"{entry.get('answer_instruction')!r}")
+        form = entry.get("question_format", "{question}")
+        if not isinstance(form, str) or form.count("{question}") != 1:
+            raise ConfigError(f"{where}.question_format must be a string holding '{{question}}' "
+                              f"once, got {form!r}")
 
     def __init__(self, name, entry, context):
         super().__init__(name, entry, context)
         self.answer_instruction = entry.get("answer_instruction", "")
+        self.question_format = entry.get("question_format", "{question}")
         self.last_samples: list[dict] = []
 
     def question(self, text: str) -> str:
+        text = self.question_format.replace("{question}", text)
         return f"{text}\n{self.answer_instruction}" if self.answer_instruction else text
 
     def __call__(self, params) -> dict:

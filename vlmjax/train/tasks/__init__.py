@@ -18,6 +18,7 @@ TASKS = {
     "lm": "vlmjax.train.tasks.lm:LMTask",
     "llava": "vlmjax.train.tasks.llava:LlavaTask",
     "blip": "vlmjax.train.tasks.blip:BlipTask",
+    "blip2": "vlmjax.train.tasks.blip2:Blip2Task",
 }
 
 

@@ -6,7 +6,8 @@ Implements the task contract of vlmjax/train/tasks/base.py. Config keys it owns
                'cnn'), vision (its tower's kwargs, e.g. a SigLIP / CLIP config's model.image), llm (Decoder kwargs, e.g. an lm
                config's model, without dtype), image_token_id, vision_feature_layer,
                vision_feature_select_strategy, projector, projector_bias,
-               projector_posemb, projector_norm, prefix_attention; and
+               projector_posemb, projector_norm, prefix_attention, qformer (projector
+               'qformer': BLIP-2's Q-Former kwargs, the blip2 task's stage 2); and
                `dtype` ('float32' | 'bfloat16': the compute dtype of every part; params stay
                float32)
   loss         chunk_size, z_loss, label_smoothing (as the lm task; vlmjax/losses/lm.py)
@@ -44,7 +45,7 @@ from vlmjax.train.tasks.base import TaskDefaults, with_compute_dtype
 
 PREFIX_FIELDS = ("image_token_id", "vision_arch", "vision_feature_layer", "vision_feature_select_strategy",
                  "projector", "projector_bias", "projector_posemb", "projector_norm",
-                 "prefix_attention")
+                 "prefix_attention", "qformer")
 MODEL_KEYS = ("vision", "llm", *PREFIX_FIELDS, "dtype")
 TRAINABLE = {1: r"^projector/", 2: r"^(projector|llm)/"}
 EVAL_TYPES = ("vqa", "captioning", "cot")
@@ -59,6 +60,8 @@ def model_kwargs(model_config) -> dict:
             raise ConfigError(f"config.model is missing {key!r} (PrefixLM arguments, "
                               "vlmjax/models/prefix_lm.py)")
     vision, llm = dict(plain(kwargs["vision"])), dict(plain(kwargs["llm"]))
+    if kwargs.get("qformer") is not None:
+        kwargs["qformer"] = dict(plain(kwargs["qformer"]))
     for part, sub in (("vision", vision), ("llm", llm)):
         if "dtype" in sub:
             raise ConfigError(f"model.{part}.dtype: the compute dtype of every part is "
@@ -221,6 +224,10 @@ class LlavaTask(TaskDefaults):
         return ml_collections.ConfigDict({**record, **plain(self.config.input),
                                           "special_tokens": record["special_tokens"]})
 
+    def eval_template(self) -> str:
+        """The chat template of the evaluators' prompts: training's."""
+        return self.config.input.template
+
     def evaluators(self, eval_config) -> list:
         """The evaluators of `eval_config` (config.evals; types vqa, captioning and cot), built
         lazily around an evals.generation.ImageQuestionAnswerer of this model."""
@@ -231,7 +238,7 @@ class LlavaTask(TaskDefaults):
         from vlmjax.evals.generation import ImageQuestionAnswerer
         eval_input = self.eval_input()
         tokenizer = pipeline_config.resolve_tokenizer(eval_input, [])
-        answerer = ImageQuestionAnswerer(self.model, tokenizer, self.config.input.template,
+        answerer = ImageQuestionAnswerer(self.model, tokenizer, self.eval_template(),
                                          self.num_image_tokens, mesh=self.mesh,
                                          image_token=eval_input.get("image_token", "<image>"))
         context = registry.EvalContext(mesh=self.mesh, train_data=self.config.data,
