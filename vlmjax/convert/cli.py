@@ -13,6 +13,8 @@ to bfloat16) and writes an HF LLaVA directory. HF LLaVA directories need no `imp
 reads them as they are (load_pretrained, config.model_init, `python -m vlmjax.generate`).
 BLIP: HF BlipForImageTextRetrieval / BlipForConditionalGeneration directories need no `import`
 either; `export` of one writes the same HF class again (e.g. to bfloat16, convert.hf_blip_export).
+BLIP-2: HF Blip2ForConditionalGeneration directories need no `import`; `export` of one writes it
+again (convert.hf_blip2_export).
 `export` of a `blip` trainer WORKDIR writes each part the run has as its HF class: OUT itself for
 one part, OUT/BlipForImageTextRetrieval and OUT/BlipForConditionalGeneration for both (HF splits
 BLIP in two); the ViT must be HF's (a patch stem).
@@ -23,8 +25,9 @@ import argparse
 import os
 import sys
 
-from vlmjax.convert import (blip_workdir, decoder_pretrained as decoder_lib, hf_blip, hf_io,
-                            hf_llava, llava_workdir, tokenizer as tok)
+from vlmjax.convert import (blip_workdir, decoder_pretrained as decoder_lib, hf_blip, hf_blip2,
+                            hf_io, hf_llava, llava_workdir, tokenizer as tok)
+from vlmjax.convert.hf_blip2_export import export_hf_blip2
 from vlmjax.convert.hf_blip_export import export_hf_blip
 from vlmjax.convert.hf_decoder_export import EXPORT_DTYPES
 from vlmjax.convert.hf_export import export_hf
@@ -93,6 +96,10 @@ def export_pretrained(src: str, out_dir: str, dtype: str = "float32") -> str:
         return export_llava(src, kind, out_dir, dtype)
     if is_blip(src, kind):
         return export_blip(src, kind, out_dir, dtype)
+    if kind == "hf" and hf_blip2.is_blip2_source(src):  # e.g. to bfloat16
+        _, params, model_config = load_pretrained(src)
+        export_hf_blip2(model_config, params, out_dir, dtype, tokenizer_dir=src)
+        return "blip-2"
     if decoder_lib.is_decoder_source(src, kind):
         return decoder_lib.export_decoder(src, kind, out_dir, dtype)
     if dtype != "float32":
@@ -142,7 +149,7 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("src")
     exp.add_argument("out")
     exp.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32",
-                     help="weight dtype of an exported decoder LM, LLaVA or BLIP")
+                     help="weight dtype of an exported decoder LM, LLaVA, BLIP or BLIP-2")
     return p
 
 
@@ -156,6 +163,10 @@ def main(argv: list[str] | None = None) -> None:
                                  "python -m vlmjax.generate --model DIR)")
             if args.kind == "hf" and os.path.isdir(args.src) and is_blip(args.src, "hf"):
                 raise ValueError(f"{args.src} is an HF BLIP model: it needs no import, vlmjax "
+                                 "reads it as it is (load_pretrained)")
+            if args.kind == "hf" and os.path.isdir(args.src) and hf_blip2.is_blip2_source(
+                    args.src):
+                raise ValueError(f"{args.src} is an HF BLIP-2 model: it needs no import, vlmjax "
                                  "reads it as it is (load_pretrained)")
             config = import_pretrained(args.src, args.out, args.kind, args.image_size,
                                        args.tokenizer, args.overwrite)

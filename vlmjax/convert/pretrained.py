@@ -4,7 +4,8 @@ convert.workdir); and writing converted directories. Decoder LMs (HF LlamaForCau
 Qwen2ForCausalLM / OPTForCausalLM, their converted directories, workdirs of task `lm`) go through
 convert.decoder_pretrained and give a `Decoder`; HF LlavaForConditionalGeneration directories go
 through convert.hf_llava and give a `PrefixLM`; HF BlipForImageTextRetrieval /
-BlipForConditionalGeneration directories through convert.hf_blip and give a `Blip`.
+BlipForConditionalGeneration directories through convert.hf_blip and give a `Blip`; HF
+Blip2ForConditionalGeneration directories through convert.hf_blip2 and give a `PrefixLM`.
 
 A converted directory holds
   config.json   {"format": FORMAT, "model": <model config>, "image": {"size": [H, W], "mean",
@@ -22,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.convert import decoder_pretrained as decoder_lib
-from vlmjax.convert import hf_blip, hf_io, hf_llava, llava_workdir, params as params_lib, posemb
+from vlmjax.convert import (hf_blip, hf_blip2, hf_io, hf_llava, llava_workdir,
+                            params as params_lib, posemb)
 from vlmjax.convert import tokenizer as tok
 from vlmjax.convert.big_vision import load_big_vision
 from vlmjax.convert.hf import load_hf, model_config_from_hf
@@ -176,6 +178,10 @@ def load_pretrained(src: str, *, image_size: Sequence[int] | None = None,
     with the encoder or the decoder part, `model_config` its arguments plus the HF class, image
     size / mean / std and the text special ids (convert.hf_blip).
 
+    HF BLIP-2 (Blip2ForConditionalGeneration): `model` is a `PrefixLM` with the Q-Former
+    projector, `model_config` its arguments plus image size / mean / std and the LLM's special
+    ids (convert.hf_blip2).
+
     `model` is a `TwoTowers` (compute `dtype`); `params` are float32 jax arrays placed by
     `shardings` (a pytree of shardings matching the params, or one sharding for all) when given;
     `model_config` is the JSON-serialisable dict of TwoTowers arguments. `image_size` (H, W)
@@ -190,6 +196,10 @@ def load_pretrained(src: str, *, image_size: Sequence[int] | None = None,
         if image_size is not None:
             raise ValueError(f"{src} is a BLIP model: image_size does not apply")
         return hf_blip.load_hf_blip(src, shardings, dtype)
+    if kind == "hf" and hf_blip2.is_blip2_source(src):
+        if image_size is not None or scan_layers:
+            raise ValueError(f"{src} is a BLIP-2 model: image_size and scan_layers do not apply")
+        return hf_blip2.load_hf_blip2(src, shardings, dtype)
     if decoder_lib.is_decoder_source(src, kind):
         if image_size is not None:
             raise ValueError(f"{src} is a decoder LM: image_size does not apply")
