@@ -17,6 +17,15 @@ transformer (`text_shared`, or `text_encoder` and `text_decoder` with share="not
 - the prediction head (transform, LayerNorm, bias) when the checkpoint has `cls.predictions`.
 BERT's pooler and next-sentence head are not used. A BERT whose width, depth, heads, MLP size,
 activation or LayerNorm eps differ from config.model.text is an error naming each field.
+
+    params = bert_into_qformer(directory, qformer_config, params)   # a Blip2Stage1 init
+
+fills BLIP-2's Q-Former (`qformer_config`: config.model.qformer) as LAVIS's init_Qformer does
+(BertLMHeadModel.from_pretrained("bert-base-uncased"), then every `*_query` tensor copied from
+its BERT namesake): the word embeddings, positions (token type folded in) and embedding
+LayerNorm as above; each layer's self-attention, and BERT's FFN into both the text FFN and the
+query FFN; the cross-attention and the query tokens keep their init; the ITG head (Blip2Stage1's
+top-level head_transform, head_norm, lm_bias) from `cls.predictions` when both have one.
 """
 from __future__ import annotations
 
@@ -27,9 +36,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from vlmjax.config import ConfigError
-from vlmjax.convert import hf, hf_blip, hf_io
+from vlmjax.convert import hf, hf_blip, hf_io, hf_names, hf_qformer
+from vlmjax.convert.hf_names import SAME, Entry
 from vlmjax.convert.params import SEP, flatten, unflatten
 from vlmjax.models.blip import PARTS
+from vlmjax.models.qformer import QFormer
 
 BERT_FIELDS = {"width": "hidden_size", "depth": "num_hidden_layers",
                "num_heads": "num_attention_heads", "mlp_dim": "intermediate_size",
@@ -45,17 +56,32 @@ def is_bert_source(directory: str) -> bool:
         hf_io.read_json(path).get("model_type") == "bert")
 
 
-def _check_architecture(bert: Mapping[str, Any], text: Mapping[str, Any], where: str) -> None:
-    ours = {**BLIP_TEXT_DEFAULTS, **dict(text)}
-    ours["mlp_dim"] = ours.get("mlp_dim") or 4 * int(ours["width"])
-    diffs = [f"text.{k}={ours[k]!r} vs {f}={bert.get(f)!r}" for k, f in BERT_FIELDS.items()
+def _check_architecture(bert: Mapping[str, Any], text: Mapping[str, Any], where: str,
+                        section: str = "text") -> None:
+    """Raises naming each BERT_FIELDS value of `bert` that differs from config.model.<section>
+    (`text`: BLIP's text kwargs, defaults filled here; any other section: given in full)."""
+    ours = dict(text)
+    if section == "text":
+        ours = {**BLIP_TEXT_DEFAULTS, **ours}
+        ours["mlp_dim"] = ours.get("mlp_dim") or 4 * int(ours["width"])
+    diffs = [f"{section}.{k}={ours[k]!r} vs {f}={bert.get(f)!r}" for k, f in BERT_FIELDS.items()
              if bert.get(f) != ours[k]]
     if bert.get("position_embedding_type", "absolute") != "absolute":
-        diffs.append(f"position_embedding_type={bert['position_embedding_type']!r} (BLIP: "
+        diffs.append(f"position_embedding_type={bert['position_embedding_type']!r} (supported: "
                      "'absolute')")
     if diffs:
-        raise ConfigError(f"{where}: this BERT does not fit config.model.text: "
+        raise ConfigError(f"{where}: this BERT does not fit config.model.{section}: "
                           + "; ".join(diffs))
+
+
+def _read_bert(directory: str, ours: Mapping[str, Any], section: str):
+    """(config.json path, BERT tensors) of the BERT in `directory`, checked against `ours`."""
+    if not is_bert_source(directory):
+        raise ConfigError(f"{directory} is not a Hugging Face BERT directory (a config.json with "
+                          "model_type 'bert' and its weights)")
+    config_path = os.path.join(directory, "config.json")
+    _check_architecture(hf_io.read_json(config_path), ours, config_path, section)
+    return config_path, _bert_state(directory)
 
 
 def _bert_state(directory: str) -> dict[str, np.ndarray]:
@@ -95,14 +121,8 @@ def bert_into_blip(directory: str, model_config: Mapping[str, Any],
                    params: Mapping[str, Any]) -> dict:
     """`params` (a Blip's, nested numpy or jax arrays) with every text transformer read from
     the BERT in `directory` (see the module docstring)."""
-    if not is_bert_source(directory):
-        raise ConfigError(f"{directory} is not a Hugging Face BERT directory (a config.json with "
-                          "model_type 'bert' and its weights)")
-    config_path = os.path.join(directory, "config.json")
-    bert = hf_io.read_json(config_path)
     text = dict(model_config.get("text") or {})
-    _check_architecture(bert, text, config_path)
-    state = _bert_state(directory)
+    _, state = _read_bert(directory, text, "text")
     parts = tuple(model_config.get("parts", PARTS))
     shared = model_config.get("share", "all_but_self_attention") == "all_but_self_attention"
     towers = ([("text_shared", parts)] if shared
@@ -123,7 +143,8 @@ def bert_into_blip(directory: str, model_config: Mapping[str, Any],
     return unflatten(flat)
 
 
-def _fit(name: str, bert: np.ndarray, ours: np.ndarray, where: str) -> np.ndarray:
+def _fit(name: str, bert: np.ndarray, ours: np.ndarray, where: str,
+         section: str = "text") -> np.ndarray:
     """BERT's tensor in our shape: vocabulary rows (and position rows) past BERT's keep ours;
     BERT's position rows past ours (BERT has 512) are dropped."""
     if bert.shape == ours.shape:
@@ -134,10 +155,67 @@ def _fit(name: str, bert: np.ndarray, ours: np.ndarray, where: str) -> np.ndarra
                           f"config.model needs {ours.shape}")
     if name.endswith("pos_embedding"):
         if bert.shape[0] < ours.shape[0]:
-            raise ConfigError(f"{where}: BERT has {bert.shape[0]} positions, config.model.text."
-                              f"max_len is {ours.shape[0]}")
+            raise ConfigError(f"{where}: BERT has {bert.shape[0]} positions, config.model."
+                              f"{section}.max_len is {ours.shape[0]}")
         return bert[:ours.shape[0]]
     if bert.shape[0] > ours.shape[0]:
         raise ConfigError(f"{where}: BERT's vocabulary ({bert.shape[0]}) is larger than "
-                          f"config.model.text.vocab_size ({ours.shape[0]})")
+                          f"config.model.{section}.vocab_size ({ours.shape[0]})")
     return np.concatenate([bert, ours[bert.shape[0]:]])
+
+
+# hf_qformer's names (HF Blip2QFormerModel) -> BERT's. The `_query` FFN reads BERT's FFN: LAVIS
+# copies every `*_query` tensor from the tensor named without `_query`.
+QFORMER_TO_BERT = ((".attention.attention.", ".attention.self."),
+                   (".intermediate_query.", ".intermediate."), (".output_query.", ".output."))
+QFORMER_ARCH = ("width", "depth", "num_heads", "mlp_dim", "activation", "norm_eps",
+                "cross_attention_freq", "text_input")
+# Blip2Stage1's ITG head: BERT's prediction head, its output tied to the word embeddings.
+QFORMER_HEAD = (hf_names._linear(f"{HEAD_PREFIX}transform.dense", "head_transform")
+                + hf_names._norm(f"{HEAD_PREFIX}transform.LayerNorm", "head_norm")
+                + [Entry(f"{HEAD_PREFIX}bias", "lm_bias", SAME)])
+
+
+def _qformer_entries(arch: Mapping[str, Any], prefix: str) -> list[Entry]:
+    """hf_qformer's table renamed to BERT's tensors: no cross-attention or query tokens (not in
+    BERT), the embedding LayerNorm is BERT's embeddings.LayerNorm, params under `prefix`."""
+    entries = []
+    for e in hf_qformer.weight_entries(arch, embeddings="embeddings"):
+        if ".crossattention." in e.hf:
+            continue
+        name = e.hf
+        if name.startswith("layernorm."):  # Blip2QFormerModel's embedding LayerNorm
+            name = "embeddings.LayerNorm." + name.removeprefix("layernorm.")
+        for theirs, bert in QFORMER_TO_BERT:
+            name = name.replace(theirs, bert)
+        entries.append(dataclasses.replace(e, hf=name, vlmjax=prefix + e.vlmjax))
+    return entries
+
+
+def bert_into_qformer(directory: str, qformer_config: Mapping[str, Any],
+                      params: Mapping[str, Any], prefix: str = "projector/qformer") -> dict:
+    """`params` (nested numpy or jax arrays: a Blip2Stage1's, or any tree holding a QFormer at
+    `prefix`, "" for a QFormer's own) with the Q-Former read from the BERT in `directory` as
+    BLIP-2 starts it (module docstring); `qformer_config` is the QFormer kwargs
+    (config.model.qformer). The ITG head is read when the checkpoint has `cls.predictions`
+    and `params` have a top-level `head_transform` (Blip2Stage1's), else kept."""
+    arch = {k: dict(qformer_config).get(k, getattr(QFormer, k)) for k in QFORMER_ARCH}
+    config_path, state = _read_bert(directory, arch, "qformer")
+    prefix = f"{prefix.strip(SEP)}{SEP}" if prefix.strip(SEP) else ""
+    entries = _qformer_entries(arch, prefix)
+    flat = flatten(params)
+    if any(k.startswith(HEAD_PREFIX) for k in state) and f"head_transform{SEP}kernel" in flat:
+        entries += QFORMER_HEAD
+    absent = [e.vlmjax for e in entries if e.vlmjax not in flat]
+    if absent:
+        raise ConfigError(f"params have no {absent[:3]}: is the Q-Former at prefix "
+                          f"{prefix.rstrip(SEP)!r}, and is config.model.qformer its config?")
+    wanted = {e.hf for e in entries}
+    read = hf.params_from_entries({k: v for k, v in state.items() if k in wanted}, entries,
+                                  "BERT", directory)
+    position = f"{prefix}pos_embedding"
+    if TYPE_EMBEDDINGS in state and position in read:  # no text input: no positions
+        read[position] = read[position] + state[TYPE_EMBEDDINGS][0]
+    for name, value in read.items():
+        flat[name] = _fit(name, value, np.asarray(flat[name]), config_path, "qformer")
+    return unflatten(flat)
