@@ -11,7 +11,7 @@ DEMO_CONFIG ?= configs/siglip/tiny.py
 LLAVA_WORKDIR ?= $(CURDIR)/workdir/llava_tiny
 BLIP_WORKDIR ?= $(CURDIR)/workdir/blip_tiny
 
-.PHONY: demo demo-llava demo-cot demo-blip test test-fast install bench-loss-memory clean-demo
+.PHONY: demo demo-llava demo-cot demo-blip demo-blip2 test test-fast install bench-loss-memory clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ demo-llava: $(VENV)/.installed
 # writing WORKDIR/cot_search.json.
 demo-cot: $(VENV)/.installed
 	$(PY) -m vlmjax.demos.cot --data_dir $(DATA_DIR) \
+		--workdir $(if $(filter command line,$(origin WORKDIR)),$(WORKDIR),$(LLAVA_WORKDIR))
+
+# Tiny BLIP-2: the LLaVA chain's SigLIP and LM runs (reused when complete), then BLIP-2's stage 1
+# (Q-Former on the frozen CNN) and stage 2 (soft prompt of the frozen LM); WORKDIR= as demo-llava.
+demo-blip2: $(VENV)/.installed
+	$(PY) -m vlmjax.demos.blip2 --data_dir $(DATA_DIR) \
 		--workdir $(if $(filter command line,$(origin WORKDIR)),$(WORKDIR),$(LLAVA_WORKDIR))
 
 # Tiny BLIP (ITC + ITM on hard negatives + LM) on vlm_shapes; WORKDIR= names its run directory.

@@ -29,7 +29,7 @@ LLaVA export (template plain: the 8 query tokens, then the caption). Evaluations
 stage 1 retrieval (ITC and ITM re-ranking) and ITM on validation (where recipes are chosen) and
 test; stage 2 captioning (the prompt is the image alone) and zero-shot VQA ("Q: {question} A:",
 the question form of the LM's training text; BLIP-2's is "Question: {question} Answer:").
-Presets: stage=1|2, shapes_dir, llava_dir, tokenizer (default: shapes_dir's 64px one),
+Presets: stage=1|2, shapes_dir, llava_dir, tokenizer (default: the 64px one of shapes_dir),
 vision_init (stage 1: a SigLIP workdir), stage1 (stage 2: a stage-1 workdir), llm_init (stage 2:
 an lm workdir), steps, batch, lr, queries, width, itm_t, runlocal (a few steps of a tiny model
 on a tiny build, for tests).
@@ -109,7 +109,8 @@ def get_config(arg=None):
         c.data = shapes_data(args.shapes_dir, "train", sizes)
         c.input = dict(global_batch_size=args.batch or 64, image_size=64,
                        preprocess="caption_random|resize_crop|flip_caption_aware|value_range",
-                       crop_area_min=0.3, shuffle_buffer=10_000, seed=0, tokenizer=tokenizer,
+                       crop_area_min=0.3, shuffle_buffer=10_000, seed=0,
+                       tokenizer=args.tokenizer or "vlm_shapes",
                        special_tokens=list(VLM_SHAPES_LM_TOKENS), max_text_len=32,
                        add_bos=True, eos="sticky", prefetch_batches=4)
         c.optim = dict(name="adamw", lr=args.lr or 1e-3, schedule="cosine", warmup_steps=100,

@@ -131,3 +131,27 @@ def test_stage2_needs_the_qformer_projector(llava_dirs):
     config.model.projector = "mlp2x_gelu"
     with pytest.raises(ConfigError, match=r"stage 2 needs model.projector='qformer'"):
         get_task("blip2")(config, sharding.make_mesh({"data": -1}))
+
+
+def test_stage1_vitg_is_the_papers_recipe():
+    config = config_lib.load_config("configs/blip2/stage1_vitg.py")
+    assert (config.total_steps, config.input.global_batch_size) == (250_000, 1680)
+    assert (config.optim.lr, config.optim.schedule, config.optim.warmup_steps) == (
+        1e-4, "cosine", 2000)
+    assert (config.optim.weight_decay, config.optim.b2) == (0.05, 0.98)
+    q = config.model.qformer
+    assert (q.num_query_tokens, q.width, q.depth, q.cross_attention_freq) == (32, 768, 12, 2)
+    v = config.model.vision
+    assert (v.width, v.depth, v.patch_size, config.input.image_size) == (1408, 39, 14, 224)
+
+
+@pytest.mark.slow
+def test_stage1_vitg_runlocal_trains(tmp_path_factory):
+    config = config_lib.load_config("configs/blip2/stage1_vitg.py:runlocal")
+    data_dir = str(tmp_path_factory.getbasetemp() / "runlocal_tfds")
+    config_lib.apply_overrides(config, [f"data.data_dir={data_dir}"])
+    config.evals = ml_collections.ConfigDict()
+    result = trainer.train(config, str(tmp_path_factory.mktemp("vitg_runlocal")))
+    assert int(result.state.step) == config.total_steps
+    for key in ("loss_itc", "loss_itm", "loss_lm"):
+        assert np.isfinite(result.train_metrics[key]) and result.train_metrics[key] > 0
