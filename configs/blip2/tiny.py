@@ -28,7 +28,8 @@ a caption, then its questions answered), only the projector trained, on the capt
 LLaVA export (template plain: the 8 query tokens, then the caption). Evaluations on vlm_shapes:
 stage 1 retrieval (ITC and ITM re-ranking) and ITM on validation (where recipes are chosen) and
 test; stage 2 captioning (the prompt is the image alone) and zero-shot VQA ("Q: {question} A:",
-the question form of the LM's training text; BLIP-2's is "Question: {question} Answer:").
+the question form of the LM's training text, BLIP-2's being "Question: {question} Answer:";
+answers cut at the next "Q:", as BLIP-2 stops OPT at a newline).
 Presets: stage=1|2, shapes_dir, llava_dir, tokenizer (default: the 64px one of shapes_dir),
 vision_init (stage 1: a SigLIP workdir), stage1 (stage 2: a stage-1 workdir), llm_init (stage 2:
 an lm workdir), steps, batch, lr, queries, width, itm_t, runlocal (a few steps of a tiny model
@@ -45,6 +46,7 @@ VISION = dict(channels=(32, 64, 96), patch_size=2)
 LLM = dict(vocab_size=512, width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=384,
            rope_theta=10_000.0, tie_embeddings=True)
 QUESTION_FORMAT = "Q: {question} A:"
+ANSWER_STOP = "Q:"  # the LM goes on to a next question, as OPT goes on past BLIP-2's newline
 
 
 def shapes_data(shapes_dir: str, split: str, sizes: dict) -> dict:
@@ -71,7 +73,7 @@ def stage2_evals(shapes_dir, sizes, max_examples, batch_size, max_new_tokens=Non
         data = shapes_data(shapes_dir, split, sizes)
         out[f"{split}_captions"] = dict(type="captioning", data=data, prompt="", **limits)
         out[f"{split}_vqa"] = dict(type="vqa", data=data, question_format=QUESTION_FORMAT,
-                                   **limits)
+                                   answer_stop=ANSWER_STOP, **limits)
     return out
 
 

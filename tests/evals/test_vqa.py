@@ -137,6 +137,21 @@ def test_vqa_scores_each_type_exactly(shapes_data, test_examples):
     assert len(run.last_samples) == vqa.NUM_SAMPLES
 
 
+def test_blip2_question_format_and_answer_stop(shapes_data, test_examples):
+    """BLIP-2's zero-shot form: each question put in question_format; an answer cut at
+    answer_stop (a plain LM goes on to its next question)."""
+    train, _ = shapes_data
+    answers = [a.decode() for ex in test_examples for a in ex["qa"]["answer"]]
+    stub = StubAnswerer(lambda k, question: f" {answers[k]} Q: what next? A: x")
+    run = evaluator(train, dict(type="vqa", data=dict(split="test"), batch_size=4,
+                                question_format="Q: {question} A:", answer_stop="Q:"), stub)
+    metrics = run("params")
+    first = test_examples[0]["qa"]["question"][0].decode()
+    assert stub.questions[0] == f"Q: {first} A:"
+    assert metrics["vqa/e/exact_match"] == 1.0
+    assert run.last_samples[0]["prediction"] == answers[0]
+
+
 def test_vqa_reads_the_first_max_examples_images(shapes_data, test_examples):
     stub = StubAnswerer(lambda k, q: "yes")
     run = evaluator(shapes_data[0], dict(type="vqa", data=dict(source="vlm_shapes", split="test",
@@ -232,6 +247,8 @@ def test_captioning_scores_texts_against_each_images_captions(shapes_data, test_
     (dict(type="vqa", prompt="Describe."), r"evals.e.prompt is not used by anything"),
     (dict(type="vqa", answer_instruction=3), r"evals.e.answer_instruction must be a string"),
     (dict(type="captioning", prompt=3), r"evals.e.prompt must be a string"),
+    (dict(type="vqa", question_format="Q: A:"), r"question_format must be a string holding"),
+    (dict(type="vqa", answer_stop=1), r"evals.e.answer_stop must be a string"),
     (dict(type="captioning", answer_instruction="x"),
      r"evals.e.answer_instruction is not used by anything"),
     (dict(type="vqa", data=dict(source="tfds", name="coco_captions", split="test")),

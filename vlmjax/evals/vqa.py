@@ -29,6 +29,9 @@ common ones (evals/registry.py; `batch_size`: questions per generate call, defau
                      "Answer the question using a single word or phrase.")
   question_format    how a question is put, "{question}" (the default) marking where it goes:
                      BLIP-2 asks "Question: {question} Answer:"
+  answer_stop        cut each answer at the first occurrence of this text (default none): a
+                     plain LM prompted BLIP-2's way goes on to a next question (BLIP-2 stops OPT
+                     at its newline token; vlm_shapes' tiny LM writes " Q: ...")
 After a run `last_samples` holds its first few {question, prediction, answer, type}.
 """
 from __future__ import annotations
@@ -181,7 +184,8 @@ class VqaEvaluator(GenerativeEvaluator):
     KEYS = {**GenerativeEvaluator.KEYS,
             "answer_instruction": "text after each question on a new line (default none)",
             "question_format": "the question's text, '{question}' where it goes (default "
-                               "'{question}'; BLIP-2: 'Question: {question} Answer:')"}
+                               "'{question}'; BLIP-2: 'Question: {question} Answer:')",
+            "answer_stop": "cut each answer at this text (default none)"}
 
     @classmethod
     def check(cls, entry, where):
@@ -193,11 +197,15 @@ class VqaEvaluator(GenerativeEvaluator):
         if not isinstance(form, str) or form.count("{question}") != 1:
             raise ConfigError(f"{where}.question_format must be a string holding '{{question}}' "
                               f"once, got {form!r}")
+        if not isinstance(entry.get("answer_stop", ""), str):
+            raise ConfigError(f"{where}.answer_stop must be a string, got "
+                              f"{entry.get('answer_stop')!r}")
 
     def __init__(self, name, entry, context):
         super().__init__(name, entry, context)
         self.answer_instruction = entry.get("answer_instruction", "")
         self.question_format = entry.get("question_format", "{question}")
+        self.answer_stop = entry.get("answer_stop", "")
         self.last_samples: list[dict] = []
 
     def question(self, text: str) -> str:
@@ -223,6 +231,8 @@ class VqaEvaluator(GenerativeEvaluator):
                     flush()
         if pending:
             flush()
+        if self.answer_stop:
+            predictions = [p.split(self.answer_stop)[0].strip() for p in predictions]
         self.last_samples = [dict(question=q, prediction=p, answer=a, type=t) for q, p, a, t
                              in zip(questions, predictions, answers, types)][:NUM_SAMPLES]
         return self.metric_names(score_answers(predictions, answers, types))
