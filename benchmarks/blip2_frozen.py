@@ -62,6 +62,7 @@ def build(batch: int, llm_width: int, llm_depth: int):
 
 def measure(config, task, params, data, mesh, trainable, steps: int) -> dict:
     from vlmjax.train import optim, step as step_lib
+    params = jax.tree.map(lambda x: x.copy(), params)  # the step donates its state
     mask = step_lib.trainable_mask(params, trainable)
     trained, _ = step_lib.split_params(params, mask)
     tx, schedule = optim.make_optimizer(config.optim, 1000, trained)
