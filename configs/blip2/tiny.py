@@ -32,7 +32,8 @@ the question form of the LM's training text, BLIP-2's being "Question: {question
 answers cut at the next "Q:", as BLIP-2 stops OPT at a newline).
 Presets: stage=1|2, shapes_dir, llava_dir, tokenizer (default: the 64px one of shapes_dir),
 vision_init (stage 1: a SigLIP workdir), stage1 (stage 2: a stage-1 workdir), llm_init (stage 2:
-an lm workdir), steps, batch, lr, queries, width, itm_t, runlocal (a few steps of a tiny model
+an lm workdir), steps, batch, lr, queries, width, itm_t, train_llm (stage 2: also train the LLM,
+a diagnostic, not BLIP-2), runlocal (a few steps of a tiny model
 on a tiny build, for tests).
 """
 import ml_collections
@@ -40,7 +41,10 @@ import ml_collections
 from vlmjax.config import ConfigError, parse_preset_args
 from vlmjax.data.tokenizers import VLM_SHAPES_LM_TOKENS
 
-from configs.llava.tiny import RUNLOCAL_SIZES, llava_json, tokenizer_path  # noqa: E402
+from vlmjax.data.shapes_instruct import SHORT_ANSWER_INSTRUCTION
+
+from configs.llava.tiny import (RUNLOCAL_SIZES, STAGE_DATA, llava_json,  # noqa: E402
+                                tokenizer_path)
 
 VISION = dict(channels=(32, 64, 96), patch_size=2)
 LLM = dict(vocab_size=512, width=128, depth=4, num_heads=4, num_kv_heads=2, mlp_dim=384,
@@ -64,16 +68,21 @@ def stage1_evals(shapes_dir, sizes, max_images, batch_size) -> dict:
     return out
 
 
-def stage2_evals(shapes_dir, sizes, max_examples, batch_size, max_new_tokens=None) -> dict:
+def stage2_evals(shapes_dir, sizes, max_examples, batch_size, max_new_tokens=None,
+                 instruct=False) -> dict:
+    """Captions and VQA on validation and test: zero-shot (BLIP-2's prompts) after caption
+    training, the LLaVA chain's instructions after instruction tuning."""
     limits = dict(batch_size=batch_size, max_examples=max_examples)
     if max_new_tokens:
         limits["max_new_tokens"] = max_new_tokens
+    asked = (dict(answer_instruction=SHORT_ANSWER_INSTRUCTION) if instruct else
+             dict(question_format=QUESTION_FORMAT, answer_stop=ANSWER_STOP))
     out = {}
     for split in ("validation", "test"):
         data = shapes_data(shapes_dir, split, sizes)
-        out[f"{split}_captions"] = dict(type="captioning", data=data, prompt="", **limits)
-        out[f"{split}_vqa"] = dict(type="vqa", data=data, question_format=QUESTION_FORMAT,
-                                   answer_stop=ANSWER_STOP, **limits)
+        out[f"{split}_captions"] = dict(type="captioning", data=data,
+                                        **({} if instruct else {"prompt": ""}), **limits)
+        out[f"{split}_vqa"] = dict(type="vqa", data=data, **asked, **limits)
     return out
 
 
@@ -89,9 +98,12 @@ def get_config(arg=None):
     args = parse_preset_args(arg, runlocal=False, stage=1, shapes_dir="/tmp/vlm_shapes",
                              llava_dir="/tmp/llava_shapes", tokenizer="", vision_init="",
                              stage1="", llm_init="", steps=0, batch=0, lr=0.0, queries=8,
-                             width=96, itm_t=0.2)
+                             width=96, itm_t=0.2, train_llm=False, data="caption")
     if args.stage not in (1, 2):
         raise ConfigError(f"preset stage={args.stage!r} must be 1 or 2")
+    if args.data not in ("caption", "instruct"):
+        raise ConfigError(f"preset data={args.data!r} must be 'caption' or 'instruct'")
+    instruct = args.data == "instruct"
     sizes = RUNLOCAL_SIZES if args.runlocal else {}
     width = 32 if args.runlocal else args.width
     vision = dict(VISION, channels=(8, 16)) if args.runlocal else dict(VISION)
@@ -125,18 +137,26 @@ def get_config(arg=None):
                        projector="qformer", projector_norm="layernorm",
                        qformer=qformer(args, width, text=False), prefix_attention="causal",
                        dtype="float32")
+        if args.train_llm:
+            c.train_llm = True
         parts = {"stage1": args.stage1, "llm": args.llm_init}
         c.model_init = {k: v for k, v in parts.items() if v} or ""
         c.loss = dict(chunk_size=128, z_loss=0.0, label_smoothing=0.0)
-        c.data = llava_json(args.llava_dir, "caption")
-        c.input = dict(global_batch_size=args.batch or 32, image_size=64,
-                       preprocess="resize|value_range", max_len=96, pack=True,
-                       images_per_row=3, template="plain", tokenizer=tokenizer,
-                       special_tokens=list(VLM_SHAPES_LM_TOKENS), shuffle_buffer=10_000,
-                       seed=0, prefetch_batches=4)
+        if instruct:  # the LLaVA chain's stage-2 mixture, ChatML
+            c.data = dict(source="mixture", sources={
+                kind: llava_json(args.llava_dir, kind, weight=weight)
+                for kind, weight in STAGE_DATA[2].items()})
+        else:
+            c.data = llava_json(args.llava_dir, "caption")
+        c.input = dict(global_batch_size=args.batch or (16 if instruct else 32), image_size=64,
+                       preprocess="resize|value_range", max_len=256 if instruct else 96,
+                       pack=True, images_per_row=3, template="chatml" if instruct else "plain",
+                       tokenizer=tokenizer, special_tokens=list(VLM_SHAPES_LM_TOKENS),
+                       shuffle_buffer=10_000, seed=0, prefetch_batches=4)
         c.optim = dict(name="adamw", lr=args.lr or 1e-3, schedule="cosine", warmup_steps=50,
                        end_lr=1e-5, weight_decay=0.0, b1=0.9, b2=0.95, clip_norm=1.0)
-        c.evals = stage2_evals(args.shapes_dir, sizes, max_examples=500, batch_size=64)
+        c.evals = stage2_evals(args.shapes_dir, sizes, max_examples=500, batch_size=64,
+                               instruct=instruct)
     c.data_shards = 0  # input streams; 0 = the process count of the first run (see README)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every = 50
@@ -153,7 +173,7 @@ def get_config(arg=None):
             c.model.llm.update(width=32, depth=1, mlp_dim=64)
             c.input.max_len = 64
             c.evals = stage2_evals(args.shapes_dir, sizes, max_examples=8, batch_size=8,
-                                   max_new_tokens=8)
+                                   max_new_tokens=8, instruct=instruct)
         c.model.qformer.update(num_query_tokens=4, mlp_dim=64)
         c.optim.warmup_steps = 1
         c.log_every = 2

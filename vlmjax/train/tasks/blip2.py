@@ -25,7 +25,8 @@ which only `projector/` (ln_vision, the Q-Former, the language projection) is tr
 vision tower and the LLM stay frozen. BLIP-2 trains it on captions (template plain: the image's
 query tokens, then the caption); model_init {"stage1": WORKDIR, "llm": SRC} starts the tower,
 ln_vision and the Q-Former from a stage-1 run and the LLM from a decoder source (the language
-projection is new), or one blip2 stage-2 source for the whole model.
+projection is new), or one blip2 stage-2 source for the whole model. `train_llm=True` also
+trains the LLM: not BLIP-2, a diagnostic (does the frozen LLM limit what the soft prompt says?).
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ STAGE1_MODEL_KEYS = ("vision", "qformer", "vision_arch", "vision_feature_layer",
 STAGE1_EVAL_TYPES = ("retrieval", "itm")
 FROZEN = r"^vision/"
 STAGE2_TRAINABLE = r"^projector/"
+STAGE2_TRAINABLE_WITH_LLM = r"^(projector|llm)/"
 STAGE1_PARTS = ("vision", "projector/ln_vision", "projector/qformer")
 
 
@@ -74,6 +76,8 @@ class Blip2Task:
                  "task's",
         "stage": "1 (ITC / ITM / ITG on a frozen image encoder) or 2 (soft visual prompt of a "
                  "frozen LLM)",
+        "train_llm": "stage 2: also train the LLM (default False; not BLIP-2: a diagnostic of "
+                     "what the frozen LLM cannot read)",
     }
 
     def __new__(cls, config, mesh):
@@ -243,11 +247,14 @@ class Blip2Stage2Task(LlavaTask):
         if stage1 is not None:  # the llava task's own model_init check knows no "stage1"
             rest = {k: v for k, v in plain_dict(model_init).items() if k != "stage1"}
             settings["model_init"] = rest or ""
+        train_llm = settings.pop("train_llm", False)
+        if not isinstance(train_llm, bool):
+            raise ConfigError(f"config.train_llm={train_llm!r} must be True or False")
         settings["stage"] = 1  # the llava task's stage 1 trains the projector alone
         stage2 = ml_collections.ConfigDict(settings)
         super().__init__(stage2, mesh)
         self.stage = 2
-        self.trainable = STAGE2_TRAINABLE
+        self.trainable = STAGE2_TRAINABLE_WITH_LLM if train_llm else STAGE2_TRAINABLE
 
     def eval_template(self) -> str:
         """Training's template, but after plain (captions) "blip2": plain with the question
