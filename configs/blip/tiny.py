@@ -19,13 +19,18 @@ Presets: runlocal (a few steps on tiny data, for tests), steps=N, batch=N, lr=X,
 MLM weight; 0 = off), momentum=M (momentum distillation with a queue of `queue` features;
 0 = off), queue=N, width=N (text and image width), itm_t=T (the ITM negatives' temperature; 0 =
 the ITC temperature, BLIP's), swaps=K (K shape-word-swapped captions per image as extra ITM
-negatives; 0 = off, BLIP).
+negatives; 0 = off, BLIP), image=vit|cnn (the image tower: the conv-stem ViT, or the CNN of
+configs/siglip/tiny.py, which sees shape), vision_init=WORKDIR (a contrastive run whose image
+tower is this one, e.g. SigLIP tiny's for image=cnn; default: random).
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from vlmjax.config import parse_preset_args
+from vlmjax.config import ConfigError, parse_preset_args
 from vlmjax.data.tokenizers import VLM_SHAPES_LM_TOKENS
+
+
+CNN = dict(channels=(32, 64, 96), patch_size=2)  # configs/siglip/tiny.py's image tower
 
 
 def evals(max_images: int, captions: int, batch_size: int) -> dict:
@@ -45,20 +50,25 @@ def evals(max_images: int, captions: int, batch_size: int) -> dict:
 def get_config(arg=None):
     args = parse_preset_args(arg, runlocal=False, steps=1500, batch=64, lr=1e-3, mlm=0.0,
                              momentum=0.0, queue=0, width=96, itm_t=0.2,
-                             swaps=0)
+                             swaps=0, image="vit", vision_init="")
+    if args.image not in ("vit", "cnn"):
+        raise ConfigError(f"preset image={args.image!r} must be 'vit' or 'cnn'")
     c = ml_collections.ConfigDict()
     c.task = "blip"
     c.seed = 0
     c.total_steps = args.steps
     width = args.width
+    vit = dict(patch_size=8, stem="conv", width=width, depth=3, num_heads=4, mlp_dim=4 * width,
+               posemb="learn", norm_eps=1e-5)
     c.model = dict(
-        image=dict(patch_size=8, stem="conv", width=width, depth=3, num_heads=4,
-                   mlp_dim=4 * width, posemb="learn", norm_eps=1e-5),
+        image=vit if args.image == "vit" else dict(CNN), image_arch=args.image,
         text=dict(vocab_size=512, max_len=32, width=width, depth=2, num_heads=4,
                   mlp_dim=4 * width, init_scheme="fan_in"),
         embed_dim=64, share="all_but_self_attention", parts=("encoder", "decoder"),
         temperature_init=0.07, dtype="float32")
-    c.model_init = ""
+    # vision_init: a contrastive workdir whose image tower is this one (image=cnn: SigLIP tiny).
+    c.model_init = ({"image": {"source": args.vision_init, "prefix": "image_tower"}}
+                    if args.vision_init else "")
     c.loss = dict(itc=1.0, itm=1.0, lm=1.0, mlm=args.mlm, label_smoothing=0.1,
                   momentum=args.momentum, alpha=0.4, queue_size=args.queue,
                   itm_temperature=args.itm_t)
@@ -86,7 +96,8 @@ def get_config(arg=None):
         c.input.global_batch_size = 16
         c.input.shuffle_buffer = 64
         c.input.image_size = 32
-        c.model.image.update(width=32, depth=1, mlp_dim=64)
+        c.model.image.update(dict(channels=(8, 16)) if args.image == "cnn" else
+                             dict(width=32, depth=1, mlp_dim=64))
         c.model.text.update(width=32, depth=1, mlp_dim=64)
         c.model.embed_dim = 16
         c.optim.warmup_steps = 1

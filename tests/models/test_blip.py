@@ -182,3 +182,27 @@ def test_fan_in_init_scales_kernels_and_lets_itm_learn_a_colour_match():
         params, state, accuracy = step(params, state, jnp.asarray(images), jnp.asarray(tokens),
                                        jnp.asarray(negatives))
     assert float(accuracy) >= 0.95  # the prior (half the pairs) is 0.5
+
+
+def test_cnn_image_tower_tokens_are_its_max_then_its_positions():
+    """image_arch 'cnn': the feature map's positions, after their max in the class token's
+    place; the ITC feature is vision_proj of that max; an unknown arch is named."""
+    from vlmjax.models.convnet import ConvNet
+    cnn = dict(channels=(8, 16), patch_size=2)
+    model = make(image=cnn, image_arch="cnn")
+    images = images_of(2)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), images, tokens_of(2, 4),
+                                      method=model.init_all)["params"])
+    tokens = model.apply({"params": params}, images, method=model.image_features)
+    grid = ConvNet(**cnn, pool="none").apply({"params": params["vision"]}, images)
+    assert tokens.shape == (2, 1 + 2 * 2, 16) and grid.shape == (2, 2, 2, 16)
+    np.testing.assert_allclose(tokens[:, 1:], grid.reshape(2, 4, 16), rtol=1e-6)
+    np.testing.assert_allclose(tokens[:, 0], grid.max(axis=(1, 2)), rtol=1e-6)
+    feat = model.apply({"params": params}, images, method=model.encode_image)
+    proj = params["vision_proj"]
+    expected = grid.max(axis=(1, 2)) @ proj["kernel"] + proj["bias"]
+    np.testing.assert_allclose(feat, expected / np.linalg.norm(expected, axis=-1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"image_arch 'resnet' is not one of \('vit', 'cnn'\)"):
+        make(image_arch="resnet").init(jax.random.PRNGKey(0), images, tokens_of(2, 4),
+                                       method=Blip.init_all)

@@ -13,6 +13,8 @@ from vlmjax.config import ConfigError
 from vlmjax.train import trainer
 from vlmjax.train.tasks import get_task
 
+from tests.train.test_llava_task import llava_dirs, part_workdirs  # noqa: F401  (fixtures)
+
 TOKEN_IDS = dict(bos=1, eos=2, pad=0, enc=480, dec=481, mask=482)
 
 
@@ -165,3 +167,22 @@ def test_word_swapped_captions_are_extra_itm_negatives():
     nll_no_match = np.asarray(jax.nn.logsumexp(logits, -1) - logits[:, 0])
     expected = (plain * 48 + nll_no_match[valid[:, 0]].sum()) / (48 + valid.sum())
     assert with_swaps == pytest.approx(expected, rel=1e-5)
+
+
+def test_cnn_image_tower_starts_from_a_siglip_workdir(part_workdirs):  # noqa: F811
+    """image=cnn,vision_init=WORKDIR: the contrastive run's CNN image tower is BLIP's `vision`
+    (the rest keeps the random init of config.seed)."""
+    config = runlocal_config(f"runlocal,image=cnn,vision_init={part_workdirs['vision']}")
+    mesh = sharding.make_mesh({"data": -1})
+    task = make_task(config, mesh)
+    from vlmjax.train import checkpoint
+    abstract, shardings = checkpoint.task_param_shardings(task, config, mesh)
+    with jax.set_mesh(mesh):
+        params = task.pretrained_params(config.model_init, abstract, shardings)
+    tower = part_workdirs["vision_params"]["image_tower"]
+    for got, want in zip(jax.tree.leaves(params["vision"]), jax.tree.leaves(tower), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    random = jax.jit(lambda r: nn.meta.unbox(task.init_params(r)))(
+        jax.random.split(jax.random.PRNGKey(0))[0])
+    np.testing.assert_array_equal(np.asarray(params["itm_head"]["kernel"]),
+                                  np.asarray(random["itm_head"]["kernel"]))

@@ -87,9 +87,10 @@ def choose_architecture(model_config: Mapping[str, Any], architecture: str | Non
 
 def check_expressible(model_config: Mapping[str, Any]) -> None:
     """Raises naming every option HF's BLIP cannot compute."""
-    if model_config.get("vision_arch", "vit") != "vit":
-        raise ValueError(f"vision_arch {model_config['vision_arch']!r} cannot be exported: HF "
-                         "BLIP's vision tower is a ViT")
+    arch = model_config.get("image_arch", model_config.get("vision_arch", "vit"))
+    if arch != "vit":
+        raise ValueError(f"image_arch {arch!r} cannot be exported: HF BLIP's vision tower is a "
+                         "ViT")
     if model_config.get("image") is None or model_config.get("text") is None:
         raise ValueError("HF BLIP export needs the image (ViT) and text arguments of the model")
     image = with_defaults(ViT, model_config["image"])

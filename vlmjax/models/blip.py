@@ -31,12 +31,14 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.models import layers
+from vlmjax.models.convnet import ConvNet
 from vlmjax.models.decoder import attention_mask as segment_attention_mask, segment_positions
 from vlmjax.models.two_towers import l2_normalize
 from vlmjax.models.vit import ViT
 from vlmjax.sharding import constrain
 
 SHARE = ("all_but_self_attention", "nothing")
+IMAGE_ARCHS = ("vit", "cnn")
 PARTS = ("encoder", "decoder")
 # BLIP keeps its ITC temperature in [0.001, 0.5] (it clamps the parameter every step).
 TEMPERATURE_RANGE = (0.001, 0.5)
@@ -257,10 +259,14 @@ def text_kwargs(text: Mapping[str, Any] | None, parts, dtype) -> dict:
 
 
 class Blip(nn.Module):
-    """BLIP: `image` are ViT kwargs (its tokens: pool none, a class token), `text` BlipText
-    kwargs; `embed_dim` the ITC space; `share` and `parts` as in the module docstring."""
+    """BLIP: `image` are the image tower's kwargs, `text` BlipText kwargs; `embed_dim` the ITC
+    space; `share` and `parts` as in the module docstring. `image_arch` 'vit' (BLIP's: the
+    ViT's tokens with a class token) or 'cnn' (convnet.ConvNet, the tiny SigLIP recipe's tower,
+    which sees shape: its last feature map's positions as tokens, after one token that is their
+    max over positions, the CNN's own pooling, in the class token's place)."""
     image: Mapping[str, Any] | None = None
     text: Mapping[str, Any] | None = None
+    image_arch: str = "vit"
     embed_dim: int = 256
     share: str = "all_but_self_attention"
     parts: tuple[str, ...] = PARTS
@@ -274,9 +280,14 @@ class Blip(nn.Module):
         if unknown or not self.parts:
             raise ValueError(f"BLIP parts {tuple(self.parts)} must be a non-empty subset of "
                              f"{PARTS}")
-        image = {**dict(self.image or {}), "pool": "none", "class_token": True,
-                 "dtype": self.dtype}
-        self.vision = ViT(**image)
+        if self.image_arch not in IMAGE_ARCHS:
+            raise ValueError(f"BLIP image_arch {self.image_arch!r} is not one of {IMAGE_ARCHS}")
+        if self.image_arch == "cnn":
+            self.vision = ConvNet(**{**dict(self.image or {}), "pool": "none",
+                                     "dtype": self.dtype})
+        else:
+            self.vision = ViT(**{**dict(self.image or {}), "pool": "none", "class_token": True,
+                                 "dtype": self.dtype})
         if self.share == "all_but_self_attention":
             self.text_shared = BlipText(**text_kwargs(self.text, self.parts, self.dtype))
         else:
@@ -303,8 +314,13 @@ class Blip(nn.Module):
             self, f"text_{part}")
 
     def image_features(self, images, *, train=False):
-        """The image tokens [B, 1 + patches, vision width] (class token first, final norm)."""
-        return self.vision(images, train=train)
+        """The image tokens [B, 1 + patches, vision width] (class token first, final norm; a
+        CNN: its feature map's max over positions first, then the positions row-major)."""
+        if self.image_arch == "vit":
+            return self.vision(images, train=train)
+        grid = self.vision(images)
+        tokens = grid.reshape(grid.shape[0], -1, grid.shape[-1])
+        return jnp.concatenate([jnp.max(tokens, axis=1, keepdims=True), tokens], axis=1)
 
     def temperature(self):
         """BLIP's ITC temperature, clamped to TEMPERATURE_RANGE; the gradient passes the clamp
