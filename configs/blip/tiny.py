@@ -82,7 +82,7 @@ def get_config(arg=None):
     if args.swaps:
         c.input.hard_negatives = dict(count=args.swaps, vocabulary="vlm_shapes")
     c.optim = dict(name="adamw", lr=args.lr, schedule="cosine", warmup_steps=100, end_lr=1e-5,
-                   weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0)
+                   weight_decay=0.05, b1=0.9, b2=0.999, clip_norm=1.0, freeze="")
     c.evals = evals(max_images=500, captions=500, batch_size=128)
     c.data_shards = 0  # input streams; 0 = the process count of the first run (see README)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)

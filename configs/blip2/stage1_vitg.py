@@ -18,8 +18,8 @@ a vlmjax source of its tower: HF's Blip2VisionModel layout, post-LayerNorm as ln
 Q-Former is BERT-base (width 768, 12 layers, 12 heads, MLP 3072, dropout 0.1) with 32 queries
 and cross-attention every other layer, initialised from bert-base-uncased (`bert=DIR`, the query
 FFNs copied from BERT's, convert.hf_bert.bert_into_qformer); ITC / ITM / ITG heads into a
-256-d space; the frozen ViT's weights in 16-bit (BLIP-2 converts them to fp16; vlmjax computes
-the whole model in bfloat16, params in float32).
+256-d space; the frozen ViT computed in 16-bit (BLIP-2 converts its weights to fp16; here
+model.vision_dtype bfloat16, like the rest of the model's compute; params stay float32).
 Optimisation (paper): 250k steps, batch 1680 for ViT-g (2320 for ViT-L), AdamW b1 0.9, b2 0.98,
 weight decay 0.05, cosine decay from a peak lr of 1e-4 after a linear warm-up of 2k steps; 224 px
 random resized crops and horizontal flips. Not in the paper, from LAVIS's
@@ -58,7 +58,7 @@ def get_config(arg=None):
         qformer=dict(num_query_tokens=32, width=768, depth=12, num_heads=12, mlp_dim=3072,
                      cross_attention_freq=2, vocab_size=30_523, max_len=512, dropout=0.1,
                      attention_dropout=0.1, text_input=True),
-        embed_dim=256, temperature_init=0.07, dtype="bfloat16")
+        embed_dim=256, temperature_init=0.07, dtype="bfloat16", vision_dtype="bfloat16")
     init = {"text": args.bert} if args.bert else {}
     c.model_init = dict(init, **({"vision": args.vit} if args.vit else {}))
     c.loss = dict(itc=1.0, itm=1.0, lm=1.0, label_smoothing=0.1, itm_temperature=0.0)

@@ -21,13 +21,15 @@ TOKEN_IDS = dict(bos=1, eos=2, pad=0, enc=1, dec=481)
 
 
 def blip2_config(stage, llava_dirs=("/nonexistent", "/nonexistent"), evals=False, **presets):
+    """The tiny config's :runlocal; `evals`: its `test` entries only (validation's are the same
+    code on other images)."""
     data_dir, llava_dir = llava_dirs
     extra = "".join(f",{k}={v}" for k, v in presets.items())
     config = config_lib.load_config(f"configs/blip2/tiny.py:runlocal,stage={stage},"
                                     f"shapes_dir={data_dir},llava_dir={llava_dir}{extra}")
-    if not evals:
-        with config.unlocked():
-            config.evals = ml_collections.ConfigDict()
+    with config.unlocked():
+        config.evals = ml_collections.ConfigDict(
+            {k: v for k, v in config.evals.items() if evals and "test" in k})
     return config
 
 
@@ -89,7 +91,7 @@ def test_stage1_then_stage2_through_the_trainer(llava_dirs, part_workdirs, tmp_p
     mu = adam_mu(first.state.opt_state)
     assert jax.tree.leaves(mu["vision"]) == []
     assert "retrieval/retrieval_test/i2t_r1_rerank" in first.metrics
-    assert 0.0 <= first.metrics["itm/itm_validation/accuracy"] <= 1.0
+    assert 0.0 <= first.metrics["itm/itm_test/accuracy"] <= 1.0
 
     second_config = blip2_config(2, llava_dirs, evals=True, stage1=str(tmp_path / "stage1"),
                                  llm_init=part_workdirs["llm"], steps=2)
@@ -108,7 +110,7 @@ def test_stage1_then_stage2_through_the_trainer(llava_dirs, part_workdirs, tmp_p
     assert moved(start, params["projector"]["qformer"])
     mu = adam_mu(second.state.opt_state)
     assert jax.tree.leaves(mu["vision"]) == jax.tree.leaves(mu["llm"]) == []
-    for key in ("vqa/validation_vqa/exact_match", "captioning/test_captions/colour_acc"):
+    for key in ("vqa/test_vqa/exact_match", "captioning/test_captions/colour_acc"):
         assert key in second.metrics, sorted(second.metrics)
 
 
@@ -155,3 +157,20 @@ def test_stage1_vitg_runlocal_trains(tmp_path_factory):
     assert int(result.state.step) == config.total_steps
     for key in ("loss_itc", "loss_itm", "loss_lm"):
         assert np.isfinite(result.train_metrics[key]) and result.train_metrics[key] > 0
+
+
+def test_frozen_tower_in_bfloat16_is_close_to_float32():
+    """model.vision_dtype: the frozen tower computes in bfloat16, the Q-Former in float32."""
+    config = blip2_config(1)
+    config.model.vision_dtype = "bfloat16"
+    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    task = get_task("blip2")(config, mesh)
+    params = nn.meta.unbox(task.init_params(jax.random.PRNGKey(0)))
+    images = jnp.asarray(fake_batch(4)["image"])
+    model = task.model
+    half = model.apply({"params": params}, images, method=model.image_features)
+    full = model.clone(vision_dtype=None).apply({"params": params}, images,
+                                                method=model.image_features)
+    assert half.dtype == full.dtype == jnp.float32
+    assert not np.array_equal(np.asarray(half), np.asarray(full))  # bf16 really ran
+    np.testing.assert_allclose(half, full, rtol=0.05, atol=0.05 * float(jnp.abs(full).max()))

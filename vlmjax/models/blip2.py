@@ -95,7 +95,7 @@ def _vision_tower(module, vision, arch, feature_layers, strategy):
     """(tower, its kwargs): the image tower reading `feature_layers`, named `vision`."""
     if arch not in IMAGE_TOWERS:
         raise ValueError(f"vision_arch {arch!r} is not one of {sorted(IMAGE_TOWERS)}")
-    kwargs = vision_kwargs(vision, arch, feature_layers, module.dtype)
+    kwargs = vision_kwargs(vision, arch, feature_layers, module.vision_dtype or module.dtype)
     tower = IMAGE_TOWERS[arch]
     build_tower(tower, kwargs, "model.vision")
     check_select_strategy(kwargs, arch, strategy)
@@ -105,7 +105,8 @@ def _vision_tower(module, vision, arch, feature_layers, strategy):
 class Blip2Stage1(nn.Module):
     """BLIP-2's stage-1 model (module docstring). `vision` are the frozen tower's kwargs
     (`vision_arch` 'vit' | 'cnn'; PrefixLM's vision_feature_layer / select_strategy), `qformer`
-    QFormer kwargs (text_input True), `embed_dim` the ITC space (BLIP-2: 256)."""
+    QFormer kwargs (text_input True), `embed_dim` the ITC space (BLIP-2: 256). `vision_dtype`
+    runs the frozen tower in its own compute dtype (BLIP-2 keeps its frozen ViT in fp16)."""
     vision: Mapping[str, Any]
     qformer: Mapping[str, Any]
     vision_arch: str = "vit"
@@ -115,6 +116,7 @@ class Blip2Stage1(nn.Module):
     embed_dim: int = 256
     temperature_init: float = 0.07
     dtype: Any = jnp.float32
+    vision_dtype: Any = None       # the frozen tower's compute dtype (None: dtype), e.g. bf16
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -151,11 +153,12 @@ class Blip2Stage1(nn.Module):
 
     # ------------------------------------------------------------------------------- features
     def image_features(self, images, *, train=False):
-        """The frozen tower's visual tokens [B, T, Dv] (before ln_vision)."""
+        """The frozen tower's visual tokens [B, T, Dv] (before ln_vision), in the compute
+        dtype of the rest of the model."""
         del train  # the tower is frozen and runs deterministically
         states = self.vision_tower(images)
         return visual_tokens(states, self.vision_arch, self.vision_feature_select_strategy,
-                             self.feature_layers)
+                             self.feature_layers).astype(self.dtype)
 
     def temperature(self):
         """The ITC temperature, clamped to BLIP's range; the gradient passes the clamp."""

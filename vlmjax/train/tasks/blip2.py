@@ -11,7 +11,8 @@ image tower, with three objectives on one Q-Former and three attention masks:
   ITG  the multimodal-causal pass: text after [DEC] predicts its next token from the queries
        (label smoothing, BLIP-2: 0.1)
 Config keys: model (Blip2Stage1 kwargs: vision_arch, vision, vision_feature_layer,
-vision_feature_select_strategy, projector_norm, qformer, embed_dim, temperature_init; dtype),
+vision_feature_select_strategy, projector_norm, qformer, embed_dim, temperature_init; dtype;
+vision_dtype, the frozen tower's compute dtype, e.g. 'bfloat16' as BLIP-2 runs it in fp16),
 loss (weights itc, itm, lm (ITG); label_smoothing; itm_temperature as the blip task's), data and
 input (the image-text pipeline; the tokenizer needs BOS ([CLS]), EOS ([SEP]) and the special
 token [DEC]), model_init ({"vision": SRC, "text": BERT_DIR}: SRC a contrastive workdir or an
@@ -48,7 +49,7 @@ STAGES = (1, 2)
 LOSS_DEFAULTS = dict(itc=1.0, itm=1.0, lm=1.0, label_smoothing=0.1, itm_temperature=0.0)
 STAGE1_MODEL_KEYS = ("vision", "qformer", "vision_arch", "vision_feature_layer",
                      "vision_feature_select_strategy", "projector_norm", "embed_dim",
-                     "temperature_init", "dtype")
+                     "temperature_init", "dtype", "vision_dtype")
 STAGE1_EVAL_TYPES = ("retrieval", "itm")
 FROZEN = r"^vision/"
 STAGE2_TRAINABLE = r"^projector/"
@@ -111,6 +112,9 @@ class Blip2Stage1Task(BlipTask):
         self.stage = _stage(config)
         self.kwargs = with_compute_dtype(config.model)
         check_keys(self.kwargs, STAGE1_MODEL_KEYS, "model")
+        vision_dtype = self.kwargs.get("vision_dtype")
+        if vision_dtype is not None:
+            self.kwargs["vision_dtype"] = with_compute_dtype({"dtype": vision_dtype})["dtype"]
         for key in ("vision", "qformer"):
             if key not in self.kwargs:
                 raise ConfigError(f"config.model is missing {key!r} (Blip2Stage1 arguments, "
