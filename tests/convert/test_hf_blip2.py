@@ -6,9 +6,11 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
+from vlmjax.config import ConfigError
 from vlmjax.convert import hf_io, load_pretrained
 from vlmjax.convert.hf_blip2 import blip2_config_from_hf, load_hf_blip2
 from vlmjax.convert.hf_blip2_export import export_hf_blip2
@@ -271,3 +273,21 @@ def test_export_refuses_what_hf_blip2_cannot_express(blip2, tmp_path, override, 
     with pytest.raises(ValueError, match=message):
         export_hf_blip2({**model_config, **override}, params, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+def test_a_whole_hf_blip2_is_a_model_init_source(blip2):
+    """The llava task's (and blip2 stage 2's) model_init reads an HF BLIP-2 directory as the
+    whole PrefixLM, after checking its architecture against config.model."""
+    from vlmjax.convert import hf_blip2
+    from vlmjax.train.tasks import llava_init
+    directory, _, _, params, model_config = blip2("opt")
+    info = llava_init.source_info(directory, "model_init")
+    assert info.holds == "llava" and info.image_size == [SIZE, SIZE]
+    model = ml_collections.ConfigDict(hf_blip2.prefix_lm_kwargs(model_config))
+    abstract = jax.eval_shape(lambda: params)
+    got = llava_init.assemble(directory, model, SIZE, abstract, None, lambda: None)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    model.qformer.num_query_tokens += 1
+    with pytest.raises(ConfigError, match="num_query_tokens"):
+        llava_init.assemble(directory, model, SIZE, abstract, None, lambda: None)

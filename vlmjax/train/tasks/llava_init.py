@@ -6,8 +6,9 @@ PrefixLM (vision/, projector/, llm/).
     model_init = {"vision": SRC, "projector": SRC, "llm": SRC}
 
 What a source holds is read from its config files alone:
-  llava       an HF LlavaForConditionalGeneration directory, or a `llava` trainer workdir
-              (WORKDIR or WORKDIR/checkpoints/<step>, e.g. stage 1's): every part
+  llava       an HF LlavaForConditionalGeneration or Blip2ForConditionalGeneration directory, or
+              a `llava` (or `blip2` stage-2) trainer workdir (WORKDIR or
+              WORKDIR/checkpoints/<step>, e.g. stage 1's): every part
   decoder     an HF Llama / Qwen2 directory, a converted decoder directory, an `lm` workdir:
               the llm
   two_towers  an HF CLIP / SigLIP directory, a converted or big_vision one, a `contrastive`
@@ -37,6 +38,7 @@ from vlmjax.config import ConfigError, plain
 from vlmjax.convert import model_init as model_init_lib
 from vlmjax.models import scan_layout
 from vlmjax.models.prefix_lm import PrefixLM
+from vlmjax.models.qformer import QFormer
 from vlmjax.models.two_towers import IMAGE_TOWERS, with_defaults
 from vlmjax.train.tasks import lm as lm_task
 from vlmjax.train.tasks.base import raise_architecture_diffs
@@ -52,7 +54,7 @@ VISION_NOT_ARCHITECTURE = ("dtype", "remat", "scan_layers", "fused_attention", "
                            "attention_dropout", "pool", "class_token", "output_layer",
                            "return_layers")
 PROJECTOR_FIELDS = ("projector", "projector_bias", "projector_posemb", "projector_norm",
-                    "vision_feature_layer",
+                    "qformer", "vision_feature_layer",
                     "vision_feature_select_strategy")
 UNBUILT_VISION = ("final_norm", "map_head")  # tower parts after the features a PrefixLM reads
 
@@ -78,7 +80,7 @@ def parse(model_init) -> list[model_init_lib.InitEntry]:
 
 def source_info(src: str, where: str) -> SourceInfo:
     """What `src` holds, from its config files."""
-    from vlmjax.convert import decoder_pretrained, hf_io, hf_llava
+    from vlmjax.convert import decoder_pretrained, hf_blip2, hf_io, hf_llava
     from vlmjax.convert.pretrained import source_kind
     from vlmjax.convert.workdir import model_and_image, trainer_checkpoint
     try:
@@ -89,7 +91,7 @@ def source_info(src: str, where: str) -> SourceInfo:
         workdir, _ = trainer_checkpoint(src)
         config = hf_io.read_json(os.path.join(workdir, "config.json"))
         task = config.get("task")
-        if task == "llava":
+        if task == "llava" or (task == "blip2" and config.get("stage") == 2):
             size = int(config["input"]["image_size"])
             return SourceInfo("llava", kind, config["model"], [size, size])
         if task == "contrastive":  # its config.json alone (any two-tower layout)
@@ -101,6 +103,10 @@ def source_info(src: str, where: str) -> SourceInfo:
         path = os.path.join(src, "config.json")
         config = hf_llava.llava_config_from_hf(hf_io.read_json(path), path)
         return SourceInfo("llava", kind, hf_llava.prefix_lm_kwargs(config), config["image_size"])
+    if kind == "hf" and hf_blip2.is_blip2_source(src):  # a PrefixLM with the Q-Former projector
+        path = os.path.join(src, "config.json")
+        config = hf_blip2.blip2_config_from_hf(hf_io.read_json(path), path)
+        return SourceInfo("llava", kind, hf_blip2.prefix_lm_kwargs(config), config["image_size"])
     if decoder_pretrained.is_decoder_source(src, kind):
         return SourceInfo("decoder", kind, lm_task.source_model_config(src))
     if kind == "big_vision":  # no config: shapes alone are checked
@@ -120,6 +126,14 @@ def _vision_fields(vision, arch: str) -> dict:
         class_token = full["class_token"]
         fields["class_token"] = full["pool"] == "cls" if class_token is None else bool(class_token)
     return fields
+
+
+def _qformer_fields(qformer) -> dict:
+    """A Q-Former projector's fields, defaults filled (a stage-2 one has no text input)."""
+    if qformer is None:
+        return {}
+    full = with_defaults(QFormer, {**plain(qformer), "text_input": False})
+    return {k: v for k, v in full.items() if k not in ("dtype", "dropout", "attention_dropout")}
 
 
 def _llm_fields(llm) -> dict:
@@ -177,8 +191,12 @@ def check_source(entry, info: SourceInfo, model_config, image_size: int) -> None
         diffs += _diffs("model.llm", _llm_fields(ours["llm"]), _llm_fields(llm))
     if "projector" in parts:
         defaults = with_defaults(PrefixLM, None)
-        diffs += _diffs("model", {k: ours.get(k, defaults.get(k)) for k in PROJECTOR_FIELDS},
-                        {k: theirs.get(k, defaults.get(k)) for k in PROJECTOR_FIELDS})
+        fields = [k for k in PROJECTOR_FIELDS if k != "qformer"]
+        diffs += _diffs("model", {k: ours.get(k, defaults.get(k)) for k in fields},
+                        {k: theirs.get(k, defaults.get(k)) for k in fields})
+        if ours.get("qformer") is not None or theirs.get("qformer") is not None:
+            diffs += _diffs("model.qformer", _qformer_fields(ours.get("qformer")),
+                            _qformer_fields(theirs.get("qformer")))
     raise_architecture_diffs(diffs, entry.name, src)
 
 
