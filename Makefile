@@ -46,12 +46,11 @@ demo-blip2: $(VENV)/.installed
 	$(PY) -m vlmjax.demos.blip2 --data_dir $(DATA_DIR) \
 		--workdir $(if $(filter command line,$(origin WORKDIR)),$(WORKDIR),$(LLAVA_WORKDIR))
 
-# Tiny BLIP (ITC + ITM on hard negatives + LM) on vlm_shapes; WORKDIR= names its run directory.
+# Tiny BLIP (ITC + ITM on hard negatives + LM) on vlm_shapes, its CNN image tower started from a
+# SigLIP tiny run; WORKDIR= names the chain's directory (WORKDIR/siglip, WORKDIR/blip).
 demo-blip: $(VENV)/.installed
-	$(PY) -m vlmjax.data.build vlm_shapes --data_dir $(DATA_DIR)
-	$(PY) -m vlmjax.train --config configs/blip/tiny.py \
-		--workdir $(if $(filter command line,$(origin WORKDIR)),$(WORKDIR),$(BLIP_WORKDIR)) \
-		--config.data.data_dir=$(DATA_DIR)
+	$(PY) -m vlmjax.demos.blip --data_dir $(DATA_DIR) \
+		--workdir $(if $(filter command line,$(origin WORKDIR)),$(WORKDIR),$(BLIP_WORKDIR))
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 tests

@@ -2,7 +2,8 @@
 model trained for the same steps on each, and each filter's precision/recall on the noisy captions.
 
     python -m vlmjax.data.build vlm_shapes --data_dir D            # the clean 64px build
-    python -m vlmjax.train --config configs/blip/tiny.py --workdir W --config.data.data_dir=D
+    python -m vlmjax.train --config configs/blip/tiny.py:image=vit,swaps=0 --workdir W \
+        --config.data.data_dir=D                                  # the measured run's BLIP
     python benchmarks/blip_capfilt.py --data_dir D --blip_workdir W [--steps 2000]
         [--train_size N] [--threshold 0.5] [--vocab_top_k 2000] [--batch_size 64]
         [--arms raw,align,capfilt,capfilt_web] [--reuse_filters]
@@ -61,7 +62,7 @@ def quick_blip(data_dir: str) -> str:
     workdir = os.path.join(data_dir, "blip_runlocal")
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         return workdir  # an earlier --quick run's
-    config = config_lib.load_config("configs/blip/tiny.py:runlocal")
+    config = config_lib.load_config("configs/blip/tiny.py:runlocal,image=vit,swaps=0")
     config.evals = {}
     config_lib.apply_overrides(config, [f"data.data_dir={data_dir}", "total_steps=2"])
     trainer.train(config, workdir)

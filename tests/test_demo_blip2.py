@@ -32,3 +32,18 @@ def test_tables_read_the_last_evaluation_of_each_metric(tmp_path):
     assert stage1[3].startswith("| test | 87.5% | 25.0% | - |")
     stage2 = demo.stage2_table(metrics).splitlines()
     assert stage2[3].startswith("| test | 90.0% | - | - | - | 80.0% | - | 70.0% |")
+
+
+def test_blip_demo_starts_blip_from_the_siglip_run_and_tables_its_evaluations(tmp_path):
+    from vlmjax.demos import blip
+    runs = blip.chain(",steps=10")
+    assert [run.name for run in runs] == ["siglip", "blip"]
+    assert all(run.sets_data_dir for run in runs)
+    config = runs[1].config.format(data_dir="/d", workdir="/w")
+    assert config == "configs/blip/tiny.py:vision_init=/w/siglip,steps=10"
+    metrics = {"itm/itm_test/accuracy": 0.95, "retrieval/retrieval_test/i2t_r1_rerank": 0.5,
+               "captioning/captioning_test/cider_d": 2.25}
+    rows = blip.table(metrics).splitlines()
+    assert "| itm test accuracy | 95.0% |" in rows
+    assert "| retrieval test i2t_r1_rerank | 50.0% |" in rows
+    assert "| captions test cider_d | 2.250 |" in rows and "| itm validation accuracy | - |" in rows

@@ -1,17 +1,22 @@
 """Tiny BLIP on vlm_shapes: ITC + ITM (hard negatives) + LM on a laptop CPU (`make demo-blip`).
 
-    python -m vlmjax.train --config configs/blip/tiny.py --workdir /tmp/blip_tiny \
-        --config.data.data_dir=/tmp/vlm_shapes
+    python -m vlmjax.train --config configs/siglip/tiny.py:steps=800 --workdir /tmp/siglip \
+        --config.data.data_dir=/tmp/vlm_shapes                # the image tower's start
+    python -m vlmjax.train --config configs/blip/tiny.py:vision_init=/tmp/siglip \
+        --workdir /tmp/blip_tiny --config.data.data_dir=/tmp/vlm_shapes
     python -m vlmjax.train --config configs/blip/tiny.py:runlocal --workdir /tmp/t   # seconds
 
-The recipe: a ViT with a convolutional stem (patch 8 on 64 px: 64 image tokens + the class
-token) and a 2-layer BERT-style text transformer whose encoder and decoder share all but their
-self-attention (BLIP); captions tokenised `[CLS] caption [SEP]` with the vlm_shapes tokenizer
-plus [ENC] / [DEC] / [MASK]; losses ITC + ITM + LM (label smoothing 0.1) with equal weights, as
-in BLIP. Two departures from BLIP (docs/experiments.md, BLIP tiny): the text kernels start with
-variance 1/fan_in (with BERT's 0.02 at width 96 ITM stays at its prior), and the ITM negatives
-are drawn at temperature 0.2, not the ITC temperature (at the ITC temperature ITM had not left
-its prior after 450 steps; at 0.2 it learns from step ~300). Evaluations at the end: ITM
+The recipe: the CNN image tower of configs/siglip/tiny.py (`image_arch="cnn"`: its 4x4 feature
+map at 64 px is the image tokens, their max over positions the first token), started from an
+800-step SigLIP tiny run (`vision_init`) and trained on, and a 2-layer BERT-style text
+transformer whose encoder and decoder share all but their self-attention (BLIP); captions
+tokenised `[CLS] caption [SEP]` with the vlm_shapes tokenizer plus [ENC] / [DEC] / [MASK];
+losses ITC + ITM + LM (label smoothing 0.1) with equal weights, as in BLIP. Departures from
+BLIP (docs/experiments.md, BLIP tiny): the text kernels start with variance 1/fan_in (with
+BERT's 0.02 at width 96 ITM stays at its prior); the ITM negatives are drawn at temperature
+0.2, not the ITC temperature; each image's caption with its shape word swapped is one more ITM
+and ITC negative (`swaps=1`, NegCLIP-style); and the image tower is the SigLIP CNN, not BLIP's
+ViT (the conv-stem ViT of `image=vit` did not learn shape: ITM 75%). Evaluations at the end: ITM
 accuracy on validation (recipes are chosen on it) and test, retrieval on test with ITM
 re-ranking of the ITC top 8, captioning on test (attribute accuracy against the scene, CIDEr-D,
 BLEU-4).
@@ -19,9 +24,10 @@ Presets: runlocal (a few steps on tiny data, for tests), steps=N, batch=N, lr=X,
 MLM weight; 0 = off), momentum=M (momentum distillation with a queue of `queue` features;
 0 = off), queue=N, width=N (text and image width), itm_t=T (the ITM negatives' temperature; 0 =
 the ITC temperature, BLIP's), swaps=K (K shape-word-swapped captions per image as extra ITM
-negatives; 0 = off, BLIP), image=vit|cnn (the image tower: the conv-stem ViT, or the CNN of
-configs/siglip/tiny.py, which sees shape), vision_init=WORKDIR (a contrastive run whose image
-tower is this one, e.g. SigLIP tiny's for image=cnn; default: random).
+negatives; default 1; 0 = off, BLIP's), image=cnn|vit (the image tower: the CNN of
+configs/siglip/tiny.py, the default, or the conv-stem ViT, which HF BLIP can express),
+vision_init=WORKDIR (a contrastive run whose image tower is this one: SigLIP tiny's for the CNN;
+default: a random tower, which for the CNN does not learn shape in this budget).
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -50,7 +56,7 @@ def evals(max_images: int, captions: int, batch_size: int) -> dict:
 def get_config(arg=None):
     args = parse_preset_args(arg, runlocal=False, steps=1500, batch=64, lr=1e-3, mlm=0.0,
                              momentum=0.0, queue=0, width=96, itm_t=0.2,
-                             swaps=0, image="vit", vision_init="")
+                             swaps=1, image="cnn", vision_init="")
     if args.image not in ("vit", "cnn"):
         raise ConfigError(f"preset image={args.image!r} must be 'vit' or 'cnn'")
     c = ml_collections.ConfigDict()

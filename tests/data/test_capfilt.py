@@ -30,7 +30,7 @@ SETTINGS = dict(prompt="", max_new_tokens=MAX_NEW_TOKENS, samples_per_shard=100)
 @pytest.fixture(scope="module")
 def blip_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("capfilt")
-    config = config_lib.load_config("configs/blip/tiny.py:runlocal")
+    config = config_lib.load_config("configs/blip/tiny.py:runlocal,image=vit,swaps=0")
     config.evals = {}
     # A patch-stem ViT (HF BLIP's) so that the run also exports to HF (test at the end).
     config_lib.apply_overrides(config, [f"data.data_dir={base}/tfds", "total_steps=2",

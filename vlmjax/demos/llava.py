@@ -37,13 +37,14 @@ NUM_SAMPLE_IMAGES = 8  # one question each
 class Run:
     name: str
     config: str  # the --config argument, formatted with data_dir / workdir
+    sets_data_dir: bool = False  # pass --config.data.data_dir (configs with a data_dir slot)
 
 
 def chain(stage1_args: str = "", stage2_args: str = "") -> list[Run]:
     shapes = "shapes_dir={data_dir},llava_dir={workdir}/llava_shapes"
     return [
-        Run("siglip", "configs/siglip/tiny.py:steps=800"),
-        Run("lm", "configs/lm/tiny.py:steps=200,scenes=True"),
+        Run("siglip", "configs/siglip/tiny.py:steps=800", sets_data_dir=True),
+        Run("lm", "configs/lm/tiny.py:steps=200,scenes=True", sets_data_dir=True),
         Run("stage1", f"configs/llava/tiny.py:stage=1,{shapes},vision_init={{workdir}}/siglip,"
                       f"llm_init={{workdir}}/lm{stage1_args}"),
         Run("stage2", f"configs/llava/tiny.py:stage=2,{shapes},stage1={{workdir}}/stage1,"
@@ -87,7 +88,7 @@ def train(run: Run, data_dir: str, workdir: str) -> None:
         return
     command = [sys.executable, "-m", "vlmjax.train", "--workdir", out,
                "--config", run.config.format(data_dir=data_dir, workdir=workdir)]
-    if run.name in ("siglip", "lm"):
+    if run.sets_data_dir:
         command.append(f"--config.data.data_dir={data_dir}")
     _run(command)
 
