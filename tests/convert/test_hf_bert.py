@@ -106,7 +106,7 @@ def test_blip_task_model_init_text_reads_bert_and_keeps_the_rest_random(tmp_path
     vision tower and the cross-attention are the random init of config.seed."""
     from tests.train.test_blip_task import make_task, runlocal_config
     from vlmjax import sharding
-    config = runlocal_config()
+    config = runlocal_config("runlocal,image=vit")
     text = config.model.text
     bert = transformers.BertModel(transformers.BertConfig(
         vocab_size=400, hidden_size=text.width, num_hidden_layers=text.depth,

@@ -14,7 +14,7 @@ SPECIALS = ["<s>", "</s>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_head
             "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>",
             "<image>"]
 # The tokenizer each template's model family has: (bos, eos) names for the tokenizer.json.
-FRAMING = {"plain": ("<s>", "</s>"), "vicuna_v1": ("<s>", "</s>"),
+FRAMING = {"plain": ("<s>", "</s>"), "blip2": ("<s>", "</s>"), "vicuna_v1": ("<s>", "</s>"),
            "llama3": ("<|begin_of_text|>", "<|end_of_text|>"), "chatml": (None, "<|endoftext|>")}
 CORPUS = ["What is in the image? Describe it briefly.", "A red star on the left of a blue square.",
           "How many shapes are there?", "There are two shapes: a star and a square.",
@@ -34,6 +34,7 @@ ANSWERS = ["A red star on the left.", "There are two shapes. "]
 # user's text, so its answers (LLaVA's stage 1 has one) form one run.
 EXPECTED_TARGETS = {
     "plain": ["".join(a + "\n" for a in ANSWERS)],
+    "blip2": [a + "\n" for a in ANSWERS],  # plain with the questions kept between the answers
     "vicuna_v1": [" " + a + "</s>" for a in ANSWERS],
     "llama3": [a.strip() + "<|eot_id|>" for a in ANSWERS],
     "chatml": [a + "<|im_end|>" for a in ANSWERS],
@@ -164,7 +165,7 @@ def test_targets_decode_to_exactly_the_assistant_texts(hf_json, template):
     assert not enc.loss_mask[n - 1:].any() and enc.mask[:n].all() and not enc.mask[n:].any()
     assert (enc.tokens[n:] == tokenizer.pad_id).all()
     bos = FRAMING[template][0]
-    if template in ("plain", "vicuna_v1", "llama3"):
+    if template in ("plain", "blip2", "vicuna_v1", "llama3"):
         assert enc.tokens[0] == tokenizer._tokenizer.token_to_id(bos)
     else:
         assert enc.tokens[0] == tokenizer.token_id("<|im_start|>")  # Qwen2: no BOS
@@ -178,6 +179,10 @@ def test_targets_on_sentencepiece(sp_tokenizer, template):
         assert sp_tokenizer.decode_raw(runs[0]) == "".join(a + "\n" for a in ANSWERS).lstrip()
         return
     assert len(runs) == len(ANSWERS)
+    if template == "blip2":  # plain's "\n" ends each answer, the question between them
+        assert [sp_tokenizer.decode_raw(run).strip() for run in runs] == [
+            a.strip() for a in ANSWERS]
+        return
     eot = {"vicuna_v1": [sp_tokenizer.eos_id],
            "llama3": [sp_tokenizer.token_id("<|eot_id|>")],
            "chatml": [sp_tokenizer.token_id("<|im_end|>")]}[template]
@@ -216,7 +221,8 @@ def test_image_moves_to_the_first_user_turn_and_expands(hf_json, template):
     start = positions[0]
     head = tokenizer.decode_raw(ids[1 if template != "chatml" else 0:start])
     expected_head = {
-        "plain": "", "vicuna_v1": conversations.TEMPLATES["vicuna_v1"].system + " USER: ",
+        "plain": "", "blip2": "",
+        "vicuna_v1": conversations.TEMPLATES["vicuna_v1"].system + " USER: ",
         "llama3": "<|start_header_id|>user<|end_header_id|>\n\n",
         "chatml": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                   "<|im_start|>user\n"}[template]
@@ -224,6 +230,10 @@ def test_image_moves_to_the_first_user_turn_and_expands(hf_json, template):
     if template == "plain":  # the user's text is dropped: images, then the answer
         assert positions == list(range(start, start + 8))
         assert not enc.loss_mask[start - 1:start + 7].any() and enc.loss_mask[start + 7]
+    elif template == "blip2":  # the images, then the question right after them
+        assert positions == list(range(start, start + 8))
+        after = tokenizer.decode_raw(ids[start + 8:start + 8 + 6])
+        assert after.startswith("What is in the image?"), after
     else:  # "<image>\n<image>\nQuestion"
         assert positions == [*range(start, start + 4), *range(start + 5, start + 9)]
         after = tokenizer.decode_raw(ids[start + 9:start + 9 + 8])
