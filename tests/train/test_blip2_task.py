@@ -80,11 +80,15 @@ def test_stage1_loss_on_8_devices_equals_one_device_and_the_tower_gets_no_gradie
 
 @pytest.mark.slow
 def test_stage1_then_stage2_through_the_trainer(llava_dirs, part_workdirs, tmp_path):
-    """Stage 1 from a SigLIP workdir's CNN: the tower stays bit-identical and has no optimiser
-    state; stage 2 from the stage-1 run and an lm workdir: tower, ln_vision and Q-Former are
+    """Stage 1 (stage1_vitg's recipe at runlocal size) from a SigLIP workdir's CNN: the tower
+    stays bit-identical and has no optimiser state; stage 2 from the stage-1 run and an lm workdir: tower, ln_vision and Q-Former are
     stage 1's, the LLM the lm run's, and only the projector moves; retrieval and VQA report."""
-    first_config = blip2_config(1, llava_dirs, evals=True, vision_init=part_workdirs["vision"],
-                                steps=2)
+    # Stage 1 is configs/blip2/stage1_vitg.py:runlocal (the paper's recipe on the tiny model):
+    # the published config's optimiser, loss and schedule keys run through the trainer.
+    first_config = config_lib.load_config("configs/blip2/stage1_vitg.py:runlocal")
+    tiny = blip2_config(1, llava_dirs, evals=True, vision_init=part_workdirs["vision"], steps=2)
+    for key in ("data", "input", "evals", "model_init", "total_steps"):
+        first_config[key] = tiny[key]
     first = trainer.train(first_config, str(tmp_path / "stage1"))
     tower = part_workdirs["vision_params"]["image_tower"]
     assert_same(first.state.params["vision"], tower)
@@ -145,18 +149,6 @@ def test_stage1_vitg_is_the_papers_recipe():
     assert (q.num_query_tokens, q.width, q.depth, q.cross_attention_freq) == (32, 768, 12, 2)
     v = config.model.vision
     assert (v.width, v.depth, v.patch_size, config.input.image_size) == (1408, 39, 14, 224)
-
-
-@pytest.mark.slow
-def test_stage1_vitg_runlocal_trains(tmp_path_factory):
-    config = config_lib.load_config("configs/blip2/stage1_vitg.py:runlocal")
-    data_dir = str(tmp_path_factory.getbasetemp() / "runlocal_tfds")
-    config_lib.apply_overrides(config, [f"data.data_dir={data_dir}"])
-    config.evals = ml_collections.ConfigDict()
-    result = trainer.train(config, str(tmp_path_factory.mktemp("vitg_runlocal")))
-    assert int(result.state.step) == config.total_steps
-    for key in ("loss_itc", "loss_itm", "loss_lm"):
-        assert np.isfinite(result.train_metrics[key]) and result.train_metrics[key] > 0
 
 
 def test_frozen_tower_in_bfloat16_is_close_to_float32():
