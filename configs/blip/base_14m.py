@@ -79,7 +79,8 @@ def get_config(arg=None):
     c.peak_flops = 0.0
     if args.runlocal:
         here = os.path.dirname(os.path.abspath(__file__))
-        tiny = load_config(os.path.join(here, "tiny.py") + ":runlocal")
+        # The tiny ViT and no swapped-caption negatives: BLIP's architecture and losses.
+        tiny = load_config(os.path.join(here, "tiny.py") + ":runlocal,image=vit,swaps=0")
         for key in ("total_steps", "model", "data", "input", "evals", "log_every", "checkpoint",
                     "peak_flops"):
             c[key] = tiny[key]
