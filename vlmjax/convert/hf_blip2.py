@@ -45,11 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.convert import hf, hf_blip, hf_io, hf_names, hf_qformer
-from vlmjax.convert.hf_decoder import open_tensors, stream_params
+from vlmjax.convert.hf_decoder import open_tensors
 from vlmjax.convert.hf_decoder_config import (ARCHITECTURES as DECODERS,
                                               decoder_config_from_hf, decoder_kwargs)
-from vlmjax.convert.hf_llava import LLMTensors, built_blocks, decoder_config
-from vlmjax.convert.params import flatten, unflatten
+from vlmjax.convert.hf_llava import built_blocks, decoder_config, stream_prefix_lm_params
+from vlmjax.convert.params import flatten
 from vlmjax.models.prefix_lm import PrefixLM
 
 ARCHITECTURE = "Blip2ForConditionalGeneration"
@@ -222,36 +222,13 @@ def _split_names(tensors, model_config: Mapping[str, Any], skipped: set[str],
     return llm
 
 
-def _flat_shardings(shardings, abstract: Mapping) -> dict:
-    if shardings is None:
-        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    if isinstance(shardings, Mapping):
-        flat = flatten(shardings)
-        if set(flat) != set(abstract):
-            raise ValueError(f"shardings do not match the BLIP-2 params: "
-                             f"{sorted(set(flat) ^ set(abstract))[:10]}")
-        return flat
-    return dict.fromkeys(abstract, shardings)
-
-
-def _stream_towers(tensors, model_config, abstract, shardings, where) -> dict:
-    """Vision + projector params, converted and placed one tensor at a time."""
-    entries = tower_entries(model_config)
-    if {e.vlmjax for e in entries} != set(abstract):  # the table must cover the model
+def _check_coverage(model_config: Mapping[str, Any], abstract: Mapping, where: str) -> None:
+    """The weight table must name every vision / projector param of the model."""
+    tables = {e.vlmjax for e in tower_entries(model_config)}
+    towers = {k for k in abstract if not k.startswith("llm/")}
+    if tables != towers:
         raise ValueError(f"{where}: the BLIP-2 weight map does not cover the model's vision / "
-                         f"projector params: "
-                         f"{sorted({e.vlmjax for e in entries} ^ set(abstract))[:10]}")
-    out = {}
-    for e in entries:
-        value = e.layout.to_vlmjax(tensors.read(e.hf, np.float32), e.heads)
-        want = tuple(abstract[e.vlmjax].shape)
-        if tuple(value.shape) != want:
-            raise ValueError(f"{where}: tensor {e.hf} converts to {tuple(value.shape)}, the "
-                             f"model's {e.vlmjax} is {want}")
-        out[e.vlmjax] = jax.device_put(np.ascontiguousarray(value),
-                                       shardings[e.vlmjax]).block_until_ready()
-        del value
-    return unflatten(out)
+                         f"projector params: {sorted(tables ^ towers)[:10]}")
 
 
 def load_hf_blip2(directory: str, shardings: Any = None,
@@ -273,14 +250,10 @@ def load_hf_blip2(directory: str, shardings: Any = None,
     skipped = qformer_text_ffn_names(model_config) if text_input else set()
     llm_names = _split_names(tensors, model_config, skipped, directory)
     abstract = flatten(abstract_blip2_params(model_config))
-    towers_abstract = {k: v for k, v in abstract.items() if not k.startswith("llm/")}
-    llm_shardings = shardings["llm"] if isinstance(shardings, Mapping) else shardings
-    tower_shardings = _flat_shardings(
-        {k: v for k, v in shardings.items() if k != "llm"} if isinstance(shardings, Mapping)
-        else shardings, towers_abstract)
-    params = _stream_towers(tensors, model_config, towers_abstract, tower_shardings, directory)
-    params["llm"] = stream_params(LLMTensors(tensors, llm_names), decoder_config(model_config),
-                                  llm_shardings, directory)
+    _check_coverage(model_config, abstract, directory)
+    params = stream_prefix_lm_params(tensors, tower_entries(model_config), llm_names,
+                                     decoder_config(model_config), abstract, shardings,
+                                     directory, "BLIP-2")
     return build_blip2(model_config, dtype), params, model_config
 
 

@@ -253,31 +253,45 @@ def _split_names(tensors, model_config, where: str) -> tuple[dict, dict]:
     return {c: towers[c] for c in entries}, llm
 
 
-def _flat_shardings(shardings, abstract: Mapping) -> dict:
+def _flat_shardings(shardings, abstract: Mapping, what: str) -> dict:
     if shardings is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if isinstance(shardings, Mapping):
         flat = flatten(shardings)
         if set(flat) != set(abstract):
-            raise ValueError(f"shardings do not match the LLaVA params: "
+            raise ValueError(f"shardings do not match the {what} params: "
                              f"{sorted(set(flat) ^ set(abstract))[:10]}")
         return flat
     return dict.fromkeys(abstract, shardings)
 
 
-def _stream_towers(tensors, names, model_config, abstract, shardings, where) -> dict:
-    """Vision + projector params, converted and placed one tensor at a time."""
+def stream_prefix_lm_params(tensors, entries, llm_names: Mapping[str, str], llm_config,
+                            abstract: Mapping, shardings, where: str, what: str,
+                            names: Mapping[str, str] | None = None) -> dict:
+    """A PrefixLM's params from an HF checkpoint (LLaVA's, BLIP-2's), placed one tensor at a
+    time: the vision + projector tensors of `entries` (hf_names.Entry; `names` maps an entry's
+    HF name to the checkpoint's, default the same), then the LLM (`llm_names`, stream_params).
+    `abstract`: the flat params; `shardings`: one sharding or a pytree of the params."""
+    towers_abstract = {k: v for k, v in abstract.items() if not k.startswith("llm/")}
+    llm_shardings = shardings["llm"] if isinstance(shardings, Mapping) else shardings
+    tower_shardings = _flat_shardings(
+        {k: v for k, v in shardings.items() if k != "llm"} if isinstance(shardings, Mapping)
+        else shardings, towers_abstract, what)
     out = {}
-    for e in tower_entries(model_config):
-        value = e.layout.to_vlmjax(tensors.read(names[e.hf], np.float32), e.heads)
-        want = tuple(abstract[e.vlmjax].shape)
+    for e in entries:
+        name = e.hf if names is None else names[e.hf]
+        value = e.layout.to_vlmjax(tensors.read(name, np.float32), e.heads)
+        want = tuple(towers_abstract[e.vlmjax].shape)
         if tuple(value.shape) != want:
-            raise ValueError(f"{where}: tensor {names[e.hf]} converts to {tuple(value.shape)}, "
+            raise ValueError(f"{where}: tensor {name} converts to {tuple(value.shape)}, "
                              f"the model's {e.vlmjax} is {want}")
         out[e.vlmjax] = jax.device_put(np.ascontiguousarray(value),
-                                       shardings[e.vlmjax]).block_until_ready()
+                                       tower_shardings[e.vlmjax]).block_until_ready()
         del value
-    return unflatten(out)
+    params = unflatten(out)
+    params["llm"] = stream_params(LLMTensors(tensors, llm_names), llm_config, llm_shardings,
+                                  where)
+    return params
 
 
 def load_hf_llava(directory: str, shardings: Any = None, dtype=jnp.float32,
@@ -299,15 +313,10 @@ def load_hf_llava(directory: str, shardings: Any = None, dtype=jnp.float32,
         model_config["llm"] = {**model_config["llm"], "scan_layers": True}
     tensors = open_tensors(directory)
     tower_names, llm_names = _split_names(tensors, model_config, directory)
-    abstract = flatten(abstract_llava_params(model_config))
-    towers_abstract = {k: v for k, v in abstract.items() if not k.startswith("llm/")}
-    tower_shardings = _flat_shardings(
-        {k: v for k, v in shardings.items() if k != "llm"} if isinstance(shardings, Mapping)
-        else shardings, towers_abstract)
-    params = _stream_towers(tensors, tower_names, model_config, towers_abstract, tower_shardings,
-                            directory)
-    params["llm"] = stream_params(LLMTensors(tensors, llm_names), decoder_config(model_config),
-                                  llm_shardings, directory)
+    params = stream_prefix_lm_params(
+        tensors, tower_entries(model_config), llm_names, decoder_config(model_config),
+        flatten(abstract_llava_params(model_config)), shardings, directory, "LLaVA",
+        names=tower_names)
     return build_prefix_lm(model_config, dtype), params, model_config
 
 
