@@ -23,15 +23,12 @@ lacks) is refused naming what differs.
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
 from typing import Any, Mapping
 
 import flax.linen as nn
 import numpy as np
 
-from vlmjax.convert import hf_io
 from vlmjax.convert.hf_blip2 import ARCHITECTURE, LLM_PREFIX, MODEL_TYPE, tower_entries
 from vlmjax.convert.hf_blip_export import VISION_REQUIREMENTS, _image_side
 from vlmjax.convert.hf_decoder_config import hf_config_from_decoder
@@ -39,7 +36,8 @@ from vlmjax.convert.hf_decoder_export import EXPORT_DTYPES
 from vlmjax.convert.hf_export import HF_ACTIVATIONS
 from vlmjax.convert.hf_llava import built_blocks, decoder_config
 # LLaVA's LLM half is written exactly as BLIP-2's: the Decoder's tensors under HF's names.
-from vlmjax.convert.hf_llava_export import _llm_tensors, copy_model_files
+from vlmjax.convert.hf_llava_export import (_llm_tensors, prefix_lm_config_of,
+                                            write_hf_directory)
 from vlmjax.convert.params import flatten
 from vlmjax.models import scan_layout
 from vlmjax.models.prefix_lm import PrefixLM
@@ -53,16 +51,6 @@ PREFIX_LM_REQUIREMENTS = {"vision_arch": "vit", "projector": "qformer",
                           "vision_feature_select_strategy": "full", "prefix_attention": "causal"}
 _SPLIT_QKV = re.compile(r"^(vision_model\.encoder\.layers\.\d+\.self_attn\.)q_proj\.(weight|bias)$")
 _QKV = ("q_proj", "k_proj", "v_proj")
-
-
-def model_config_of(model) -> dict:
-    """A PrefixLM instance or a model config -> a model config (plain dicts)."""
-    if isinstance(model, PrefixLM):
-        fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-                  if f.init and f.name not in ("parent", "name", "dtype")}
-        return {**fields, "vision": dict(model.vision), "llm": dict(model.llm),
-                "qformer": None if model.qformer is None else dict(model.qformer)}
-    return dict(model)
 
 
 def check_expressible(model_config: Mapping[str, Any]) -> None:
@@ -167,7 +155,7 @@ def export_hf_blip2(model, params: Mapping[str, Any], out_dir: str, dtype: str =
     params (see the module docstring); returns the config.json dict."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype {dtype!r} is not one of {EXPORT_DTYPES}")
-    model_config = model_config_of(model)
+    model_config = prefix_lm_config_of(model)
     params = nn.meta.unbox(dict(params))
     if set(params) != {"vision", "projector", "llm"}:
         raise ValueError(f"params have {sorted(params)}, a PrefixLM's are ['llm', 'projector', "
@@ -176,13 +164,5 @@ def export_hf_blip2(model, params: Mapping[str, Any], out_dir: str, dtype: str =
     tensors = _tower_tensors(params, model_config) + [
         (LLM_PREFIX + name, shape, make)
         for name, shape, make in _llm_tensors(params["llm"], decoder_config(model_config))]
-    produce = {name: make for name, _, make in tensors}
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(out_dir):  # an earlier export's shards would confuse from_pretrained
-        if name.endswith(".safetensors") or name == hf_io.SHARD_INDEX:
-            os.remove(os.path.join(out_dir, name))
-    hf_io.write_json(os.path.join(out_dir, "config.json"), config)
-    hf_io.write_safetensors_streaming(out_dir, [(n, s) for n, s, _ in tensors],
-                                      lambda name: produce[name](), dtype, max_shard_bytes)
-    copy_model_files(tokenizer_dir, out_dir)
+    write_hf_directory(out_dir, config, tensors, dtype, max_shard_bytes, tokenizer_dir)
     return config

@@ -45,13 +45,30 @@ HUB_PREFIXES = {"vision_model.": "vision_tower.vision_model.",
                 "lm_head.": "language_model.lm_head."}  # canonical name -> hub checkpoint name
 
 
-def _as_model_config(model) -> dict:
-    """A PrefixLM instance or a model config (with or without INFO_KEYS) -> a model config."""
+def prefix_lm_config_of(model) -> dict:
+    """A PrefixLM instance or a model config (with or without INFO_KEYS) -> a model config
+    (plain dicts)."""
     if isinstance(model, PrefixLM):
         fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
                   if f.init and f.name not in ("parent", "name", "dtype")}
-        return {**fields, "vision": dict(model.vision), "llm": dict(model.llm)}
+        return {**fields, "vision": dict(model.vision), "llm": dict(model.llm),
+                "qformer": None if model.qformer is None else dict(model.qformer)}
     return dict(model)
+
+
+def write_hf_directory(out_dir: str, config: Mapping[str, Any], tensors, dtype: str,
+                       max_shard_bytes: int, tokenizer_dir: str | None) -> None:
+    """config.json, the safetensors shards of `tensors` ((checkpoint name, shape, make) each,
+    made one at a time) and the model files of `tokenizer_dir` into `out_dir`."""
+    produce = {name: make for name, _, make in tensors}
+    os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):  # an earlier export's shards would confuse from_pretrained
+        if name.endswith(".safetensors") or name == hf_io.SHARD_INDEX:
+            os.remove(os.path.join(out_dir, name))
+    hf_io.write_json(os.path.join(out_dir, "config.json"), config)
+    hf_io.write_safetensors_streaming(out_dir, [(n, s) for n, s, _ in tensors],
+                                      lambda name: produce[name](), dtype, max_shard_bytes)
+    copy_model_files(tokenizer_dir, out_dir)
 
 
 def vision_family(vision: Mapping[str, Any]) -> str:
@@ -214,7 +231,7 @@ def export_hf_llava(model, params: Mapping[str, Any], out_dir: str, dtype: str =
     params (see the module docstring); returns the config.json dict."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype {dtype!r} is not one of {EXPORT_DTYPES}")
-    model_config = _as_model_config(model)
+    model_config = prefix_lm_config_of(model)
     params = nn.meta.unbox(dict(params))
     if set(params) != {"vision", "projector", "llm"}:
         raise ValueError(f"params have {sorted(params)}, a PrefixLM's are ['llm', 'projector', "
@@ -223,13 +240,6 @@ def export_hf_llava(model, params: Mapping[str, Any], out_dir: str, dtype: str =
     model_config["vision_family"] = vision_family(model_config["vision"])
     tensors = (_tower_tensors(params, model_config)
                + _llm_tensors(params["llm"], decoder_config(model_config)))
-    produce = {hub_name(name): make for name, _, make in tensors}
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(out_dir):  # an earlier export's shards would confuse from_pretrained
-        if name.endswith(".safetensors") or name == hf_io.SHARD_INDEX:
-            os.remove(os.path.join(out_dir, name))
-    hf_io.write_json(os.path.join(out_dir, "config.json"), config)
-    hf_io.write_safetensors_streaming(out_dir, [(hub_name(n), s) for n, s, _ in tensors],
-                                      lambda name: produce[name](), dtype, max_shard_bytes)
-    copy_model_files(tokenizer_dir, out_dir)
+    write_hf_directory(out_dir, config, [(hub_name(n), s, m) for n, s, m in tensors], dtype,
+                       max_shard_bytes, tokenizer_dir)
     return config
