@@ -39,8 +39,6 @@ import os
 import re
 from typing import Any, Mapping
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,7 +46,8 @@ from vlmjax.convert import hf, hf_blip, hf_io, hf_names, hf_qformer
 from vlmjax.convert.hf_decoder import open_tensors
 from vlmjax.convert.hf_decoder_config import (ARCHITECTURES as DECODERS,
                                               decoder_config_from_hf, decoder_kwargs)
-from vlmjax.convert.hf_llava import built_blocks, decoder_config, stream_prefix_lm_params
+from vlmjax.convert.hf_llava import (abstract_prefix_lm_params, built_blocks, decoder_config,
+                                     stream_prefix_lm_params)
 from vlmjax.convert.params import flatten
 from vlmjax.models.prefix_lm import PrefixLM
 
@@ -136,12 +135,7 @@ def build_blip2(model_config: Mapping[str, Any], dtype=jnp.float32) -> PrefixLM:
 
 def abstract_blip2_params(model_config: Mapping[str, Any]) -> dict:
     """Nested ShapeDtypeStructs of the (unboxed) params for images of model_config's size."""
-    model = build_blip2(model_config)
-    height, width = model_config["image_size"]
-    shapes = jax.eval_shape(lambda: model.init(
-        jax.random.key(0), jnp.zeros((1, 1), jnp.int32),
-        images=jnp.zeros((1, height, width, 3), jnp.float32)))
-    return nn.meta.unbox(shapes)["params"]
+    return abstract_prefix_lm_params(build_blip2(model_config), model_config["image_size"])
 
 
 # ---------------------------------------------------------------------------------- weights

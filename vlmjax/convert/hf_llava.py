@@ -171,8 +171,12 @@ def built_blocks(model_config: Mapping[str, Any]) -> int:
 
 def abstract_llava_params(model_config: Mapping[str, Any]) -> dict:
     """Nested ShapeDtypeStructs of the (unboxed) params for images of model_config's size."""
-    model = build_prefix_lm(model_config)
-    height, width = model_config["image_size"]
+    return abstract_prefix_lm_params(build_prefix_lm(model_config), model_config["image_size"])
+
+
+def abstract_prefix_lm_params(model: PrefixLM, image_size) -> dict:
+    """Nested ShapeDtypeStructs of a PrefixLM's (unboxed) params for images of `image_size`."""
+    height, width = image_size
     shapes = jax.eval_shape(lambda: model.init(
         jax.random.key(0), jnp.zeros((1, 1), jnp.int32),
         images=jnp.zeros((1, height, width, 3), jnp.float32)))
