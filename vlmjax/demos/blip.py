@@ -16,7 +16,7 @@ import sys
 import time
 
 from vlmjax.demos.blip2 import evaluations
-from vlmjax.demos.llava import Run, chain as llava_chain, train
+from vlmjax.demos.llava import Run, build_shapes, chain as llava_chain, train
 
 CAPTION_KEYS = ("colour_acc", "shape_acc", "all_objects_named", "cider_d", "bleu4")
 
@@ -59,10 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     data_dir, workdir = os.path.abspath(args.data_dir), os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
     start = time.time()
-    import subprocess
-    command = [sys.executable, "-m", "vlmjax.data.build", "vlm_shapes", "--data_dir", data_dir]
-    print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    build_shapes(data_dir)
     for run in chain(args.blip_args):
         train(run, data_dir, workdir)
     blip = os.path.join(workdir, "blip")

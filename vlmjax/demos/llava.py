@@ -70,8 +70,13 @@ def _run(command: list[str]) -> None:
     subprocess.run(command, check=True)
 
 
-def build_data(data_dir: str, workdir: str) -> None:
+def build_shapes(data_dir: str) -> None:
+    """vlm_shapes (64px) built into data_dir (kept if built)."""
     _run([sys.executable, "-m", "vlmjax.data.build", "vlm_shapes", "--data_dir", data_dir])
+
+
+def build_data(data_dir: str, workdir: str) -> None:
+    build_shapes(data_dir)
     out = os.path.join(workdir, "llava_shapes")
     marker = os.path.join(out, ".complete")
     if os.path.exists(marker):
