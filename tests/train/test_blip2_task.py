@@ -14,10 +14,12 @@ from vlmjax.train import trainer
 from vlmjax.train.tasks import get_task
 from vlmjax.train.tasks.blip2 import Blip2Stage1Task, Blip2Stage2Task
 
+from tests.train.test_blip_task import TOKEN_IDS as BLIP_TOKEN_IDS, fake_batch
 from tests.train.test_llava_task import (  # noqa: F401  (fixtures)
     adam_mu, assert_same, llava_dirs, moved, part_workdirs)
 
-TOKEN_IDS = dict(bos=1, eos=2, pad=0, enc=1, dec=481)
+# BLIP's ids (fake_batch starts each caption with its bos), with BLIP-2's ITM reading [CLS].
+TOKEN_IDS = {**BLIP_TOKEN_IDS, "enc": BLIP_TOKEN_IDS["bos"]}
 
 
 def blip2_config(stage, llava_dirs=("/nonexistent", "/nonexistent"), evals=False, **presets):
@@ -31,15 +33,6 @@ def blip2_config(stage, llava_dirs=("/nonexistent", "/nonexistent"), evals=False
         config.evals = ml_collections.ConfigDict(
             {k: v for k, v in config.evals.items() if evals and "test" in k})
     return config
-
-
-def fake_batch(batch=16, length=32, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(5, 400, (batch, length)).astype(np.int32)
-    tokens[:, 0] = TOKEN_IDS["bos"]
-    mask = np.arange(length)[None] < rng.integers(4, length, (batch, 1))
-    return dict(image=rng.normal(size=(batch, 32, 32, 3)).astype(np.float32), text=tokens,
-                text_mask=mask, image_id=(np.arange(batch) // 2).astype(np.int32))
 
 
 def test_stage1_loss_on_8_devices_equals_one_device_and_the_tower_gets_no_gradient():
