@@ -17,6 +17,8 @@ from vlmjax.convert.hf_blip2_export import export_hf_blip2
 from vlmjax.convert.params import flatten
 from vlmjax.inference import generate
 
+from tests.convert.test_hf_llava import hf_logits, ours_logits  # a PrefixLM either way
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -77,21 +79,6 @@ def redraw_weights(model, seed=0):
 def load_reference(directory):
     return transformers.Blip2ForConditionalGeneration.from_pretrained(
         directory, dtype=torch.float32, attn_implementation="eager").eval()
-
-
-def hf_logits(model, tokens, images):
-    with torch.no_grad():
-        return model(input_ids=torch.as_tensor(tokens, dtype=torch.long),
-                     pixel_values=torch.as_tensor(images.transpose(0, 3, 1, 2))).logits.numpy()
-
-
-_FORWARD = {}  # id(model) -> its jitted forward
-
-
-def ours_logits(model, params, tokens, images):
-    if id(model) not in _FORWARD:
-        _FORWARD[id(model)] = jax.jit(lambda p, t, x: model.apply({"params": p}, t, images=x))
-    return np.asarray(_FORWARD[id(model)](params, jnp.asarray(tokens), jnp.asarray(images)))
 
 
 def prompts(batch=2, length=10, starts=(0, 2), seed=0):
