@@ -228,11 +228,6 @@ class Blip2Stage1Task(BlipTask):
     def update_extra(self, extra, params, batch_out):
         return extra
 
-    def example_transform(self, training: bool) -> list[str]:
-        """Caption choice, `image_id` and tokenisation (the blip task's, without its hard
-        negatives)."""
-        return super().example_transform(training)
-
 
 class Blip2Stage2Task(LlavaTask):
     """Stage 2 (module docstring): the llava task with the Q-Former projector trained alone."""
@@ -243,14 +238,9 @@ class Blip2Stage2Task(LlavaTask):
         if plain_dict(config.model).get("projector") != "qformer":
             raise ConfigError("blip2 stage 2 needs model.projector='qformer' (and model.qformer: "
                               "the Q-Former's kwargs)")
-        model_init = config.get("model_init")
-        stage1 = (plain_dict(model_init).get("stage1")
-                  if isinstance(model_init, (dict, ml_collections.ConfigDict)) else None)
-        self.stage1_source = stage1
         settings = config.to_dict()
-        if stage1 is not None:  # the llava task's own model_init check knows no "stage1"
-            rest = {k: v for k, v in plain_dict(model_init).items() if k != "stage1"}
-            settings["model_init"] = rest or ""
+        # The llava task's own model_init check knows no "stage1".
+        settings["model_init"] = split_stage1(config.get("model_init"))[1]
         train_llm = settings.pop("train_llm", False)
         if not isinstance(train_llm, bool):
             raise ConfigError(f"config.train_llm={train_llm!r} must be True or False")
@@ -269,17 +259,19 @@ class Blip2Stage2Task(LlavaTask):
     def pretrained_params(self, model_init, abstract_params, shardings):
         """The llava task's model_init, plus `stage1`: the tower, ln_vision and the Q-Former of
         a blip2 stage-1 workdir (its text embeddings and text FFNs are left behind)."""
-        rest = model_init
-        if isinstance(model_init, (dict, ml_collections.ConfigDict)):
-            rest = {k: v for k, v in plain_dict(model_init).items() if k != "stage1"} or ""
-        params = (super().pretrained_params(rest, abstract_params, shardings) if rest
-                  else jax.jit(lambda r: nn.meta.unbox(self.init_params(r)),
-                               out_shardings=shardings)(
-                      jax.random.split(jax.random.PRNGKey(int(self.config.get("seed", 0))))[0]))
-        if self.stage1_source:
-            params = stage1_into_stage2(self.stage1_source, jax.device_get(params),
-                                        abstract_params)
+        stage1, rest = split_stage1(model_init)
+        params = super().pretrained_params(rest, abstract_params, shardings)  # rest '': random
+        if stage1:
+            params = stage1_into_stage2(stage1, jax.device_get(params), abstract_params)
         return jax.device_put(params, shardings)
+
+
+def split_stage1(model_init):
+    """(the `stage1` workdir or None, the rest of model_init for the llava task, '' if none)."""
+    if not isinstance(model_init, (dict, ml_collections.ConfigDict)):
+        return None, model_init
+    entries = plain_dict(model_init)
+    return entries.pop("stage1", None), entries or ""
 
 
 def stage1_into_stage2(workdir: str, params: dict, abstract_params) -> dict:
