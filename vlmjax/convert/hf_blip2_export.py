@@ -26,18 +26,15 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-import flax.linen as nn
 import numpy as np
 
 from vlmjax.convert.hf_blip2 import ARCHITECTURE, LLM_PREFIX, MODEL_TYPE, tower_entries
 from vlmjax.convert.hf_blip_export import VISION_REQUIREMENTS, _image_side
 from vlmjax.convert.hf_decoder_config import hf_config_from_decoder
-from vlmjax.convert.hf_decoder_export import EXPORT_DTYPES
 from vlmjax.convert.hf_export import HF_ACTIVATIONS
 from vlmjax.convert.hf_llava import built_blocks, decoder_config
 # LLaVA's LLM half is written exactly as BLIP-2's: the Decoder's tensors under HF's names.
-from vlmjax.convert.hf_llava_export import (_llm_tensors, prefix_lm_config_of,
-                                            write_hf_directory)
+from vlmjax.convert.hf_llava_export import _llm_tensors, export_inputs, write_hf_directory
 from vlmjax.convert.params import flatten
 from vlmjax.models import scan_layout
 from vlmjax.models.prefix_lm import PrefixLM
@@ -153,13 +150,7 @@ def export_hf_blip2(model, params: Mapping[str, Any], out_dir: str, dtype: str =
                     tokenizer_dir: str | None = None, max_shard_bytes: int = 5 * 2**30) -> dict:
     """Writes the HF BLIP-2 directory of a PrefixLM (an instance or its model config) and its
     params (see the module docstring); returns the config.json dict."""
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"export dtype {dtype!r} is not one of {EXPORT_DTYPES}")
-    model_config = prefix_lm_config_of(model)
-    params = nn.meta.unbox(dict(params))
-    if set(params) != {"vision", "projector", "llm"}:
-        raise ValueError(f"params have {sorted(params)}, a PrefixLM's are ['llm', 'projector', "
-                         "'vision']")
+    model_config, params = export_inputs(model, params, dtype)
     config = hf_config_from_blip2(model_config, params["vision"], dtype)
     tensors = _tower_tensors(params, model_config) + [
         (LLM_PREFIX + name, shape, make)

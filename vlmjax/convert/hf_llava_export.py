@@ -56,6 +56,18 @@ def prefix_lm_config_of(model) -> dict:
     return dict(model)
 
 
+def export_inputs(model, params: Mapping[str, Any], dtype: str) -> tuple[dict, dict]:
+    """(model config, unboxed params) of a PrefixLM export, after checking `dtype` and that the
+    params are a PrefixLM's."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype {dtype!r} is not one of {EXPORT_DTYPES}")
+    params = nn.meta.unbox(dict(params))
+    if set(params) != {"vision", "projector", "llm"}:
+        raise ValueError(f"params have {sorted(params)}, a PrefixLM's are ['llm', 'projector', "
+                         "'vision']")
+    return prefix_lm_config_of(model), params
+
+
 def write_hf_directory(out_dir: str, config: Mapping[str, Any], tensors, dtype: str,
                        max_shard_bytes: int, tokenizer_dir: str | None) -> None:
     """config.json, the safetensors shards of `tensors` ((checkpoint name, shape, make) each,
@@ -229,13 +241,7 @@ def export_hf_llava(model, params: Mapping[str, Any], out_dir: str, dtype: str =
                     tokenizer_dir: str | None = None, max_shard_bytes: int = 5 * 2**30) -> dict:
     """Writes the HF LLaVA directory of a PrefixLM (an instance or its model config) and its
     params (see the module docstring); returns the config.json dict."""
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"export dtype {dtype!r} is not one of {EXPORT_DTYPES}")
-    model_config = prefix_lm_config_of(model)
-    params = nn.meta.unbox(dict(params))
-    if set(params) != {"vision", "projector", "llm"}:
-        raise ValueError(f"params have {sorted(params)}, a PrefixLM's are ['llm', 'projector', "
-                         "'vision']")
+    model_config, params = export_inputs(model, params, dtype)
     config = hf_config_from_llava(model_config, params["vision"], dtype)
     model_config["vision_family"] = vision_family(model_config["vision"])
     tensors = (_tower_tensors(params, model_config)
