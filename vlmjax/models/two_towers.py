@@ -20,6 +20,7 @@ from vlmjax.models.text import TextTransformer
 from vlmjax.models.vit import ViT
 
 IMAGE_TOWERS = {"vit": ViT, "cnn": ConvNet}  # model.image_arch -> module
+TEXT_TOWERS = {"transformer": TextTransformer}  # model.text_arch -> module
 
 CLIP_TEMPERATURE_INIT = 1 / 0.07   # CLIP: t' = log(1/0.07)
 SIGLIP_TEMPERATURE_INIT = 10.0     # SigLIP: t' = log 10
@@ -70,7 +71,9 @@ def build_tower(module, kwargs: Mapping[str, Any], what: str):
 
 class TwoTowers(nn.Module):
     """`image` / `text`: keyword arguments of the image tower / TextTransformer (None: no such
-    tower). `image_arch` picks the image tower: "vit" (ViT) or "cnn" (convnet.ConvNet).
+    tower). `image_arch` picks the image tower (a key of IMAGE_TOWERS: "vit" is ViT, "cnn"
+    convnet.ConvNet), `text_arch` the text tower (a key of TEXT_TOWERS). A text tower is called
+    as `tower(tokens [B, L], text_mask [B, L] or None, train=...)` -> [B, width].
 
     `embed_dim`: shared embedding width; `image_projection` / `text_projection` say whether a
     tower gets a linear projection to it (with `*_projection_bias`). `temperature_init` is t
@@ -80,6 +83,7 @@ class TwoTowers(nn.Module):
     image: Mapping[str, Any] | None = None
     text: Mapping[str, Any] | None = None
     image_arch: str = "vit"
+    text_arch: str = "transformer"
     embed_dim: int | None = None
     image_projection: bool = True
     image_projection_bias: bool = False
@@ -101,8 +105,11 @@ class TwoTowers(nn.Module):
             self.image_proj = Projection(self.embed_dim if self.image_projection else None,
                                          self.image_projection_bias, self.dtype)
         if self.text is not None:
-            self.text_tower = build_tower(TextTransformer, {"dtype": self.dtype, **dict(self.text)},
-                                          "model.text")
+            if self.text_arch not in TEXT_TOWERS:
+                raise ValueError(f"text_arch {self.text_arch!r} is not one of "
+                                 f"{sorted(TEXT_TOWERS)}")
+            self.text_tower = build_tower(TEXT_TOWERS[self.text_arch],
+                                          {"dtype": self.dtype, **dict(self.text)}, "model.text")
             self.text_proj = Projection(self.embed_dim if self.text_projection else None,
                                         self.text_projection_bias, self.dtype)
         if self.temperature_init <= 0:

@@ -27,8 +27,7 @@ from vlmjax import sharding
 from vlmjax.config import ConfigError, check_keys
 from vlmjax.losses import contrastive
 from vlmjax.models import scan_layout
-from vlmjax.models.text import TextTransformer
-from vlmjax.models.two_towers import IMAGE_TOWERS, TwoTowers, with_defaults
+from vlmjax.models.two_towers import IMAGE_TOWERS, TEXT_TOWERS, TwoTowers, with_defaults
 from vlmjax.train.tasks.base import TaskDefaults, raise_architecture_diffs, with_compute_dtype
 
 LOSSES = ("clip", "siglip")
@@ -58,8 +57,13 @@ def _check_architecture(src: str, model_config, sub_model: str | None = None):
     if "image" in towers and arch != their_arch:
         raise ConfigError(f"config.model.image_arch {arch!r} differs from the image tower of "
                           f"{name} {src} ({their_arch!r})")
+    text_arch, their_text_arch = (ours.get("text_arch", "transformer"),
+                                  pretrained.get("text_arch", "transformer"))
+    if "text" in towers and text_arch != their_text_arch:
+        raise ConfigError(f"config.model.text_arch {text_arch!r} differs from the text tower of "
+                          f"{name} {src} ({their_text_arch!r})")
     diffs = []
-    modules = {"image": IMAGE_TOWERS[arch], "text": TextTransformer}
+    modules = {"image": IMAGE_TOWERS[arch], "text": TEXT_TOWERS[text_arch]}
     for tower in towers:
         theirs, mine = with_defaults(modules[tower], pretrained.get(tower)), with_defaults(
             modules[tower], ours.get(tower))
