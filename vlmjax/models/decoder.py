@@ -91,6 +91,19 @@ def _dense(features, in_axes, out_axes, use_bias, dtype, name, axis=-1):
         bias_init=layers.partitioned(nn.initializers.zeros, out_axes))
 
 
+def feed_forward(h, kind: str, mlp_dim: int, activation: str, use_bias: bool, dtype):
+    """The decoder's MLP on normed h [B, L, D], its params `gate`, `up`, `down` created in the
+    calling compact module: 'gated' down(act(gate) * up) (SwiGLU), 'plain' down(act(up))."""
+    act = layers.get_activation(activation)
+
+    def up_proj(name):
+        return _dense(mlp_dim, ("embed",), ("mlp",), use_bias, dtype, name)(h)
+
+    hidden = act(up_proj("gate")) * up_proj("up") if kind == "gated" else act(up_proj("up"))
+    hidden = constrain(hidden, layers.HIDDEN_BLF)
+    return _dense(h.shape[-1], ("mlp",), ("embed",), use_bias, dtype, "down")(hidden)
+
+
 class DecoderBlock(nn.Module):
     """Pre-norm Llama block: x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)) (OPT: LayerNorm and
     a plain MLP, see `Decoder`). With `kv_cache` the new keys/values are written at slot
@@ -144,47 +157,65 @@ class DecoderBlock(nn.Module):
         x = x + _dense(width, ("heads", "head_dim"), ("embed",), self.out_bias, self.dtype, "out",
                        axis=(-2, -1))(out)
         h = layers.make_norm(self.norm, self.dtype, self.norm_eps, name="mlp_norm")(x)
-        act = layers.get_activation(self.activation)
-
-        def up_proj(name):
-            return _dense(self.mlp_dim, ("embed",), ("mlp",), self.mlp_bias, self.dtype, name)(h)
-
-        if self.mlp == "gated":
-            gate = up_proj("gate")
-            hidden = act(gate) * up_proj("up")
-        else:
-            hidden = act(up_proj("up"))
-        hidden = constrain(hidden, layers.HIDDEN_BLF)
-        x = x + _dense(width, ("mlp",), ("embed",), self.mlp_bias, self.dtype, "down")(hidden)
+        x = x + feed_forward(h, self.mlp, self.mlp_dim, self.activation, self.mlp_bias,
+                             self.dtype)
         return constrain(x, layers.RESIDUAL_BLD), kv_cache
 
 
 class DecoderLayers(nn.Module):
-    """`depth` DecoderBlocks, unrolled (`block{i}`) or under nn.scan (`blocks`), with remat."""
+    """`depth` DecoderBlocks, unrolled (`block{i}`) or under nn.scan (`blocks`), with remat.
+
+    `cross_attention` (GatedCrossAttention kwargs + `every`): a gated cross-attention block
+    `xattn{j}` before every `every`-th block (0, every, 2*every, ...: Idefics' and
+    open_flamingo's placement), unrolled only. It runs when `media` is given: a dict with
+    `mask` bool [B, L, S] and either `tokens` [B, S, E] (projected here) or `kv` (the
+    per-block keys/values of an earlier call, from the cache); the call then also returns
+    the keys/values it used."""
     depth: int
     block_kwargs: Mapping[str, Any]
     remat: str = "none"
     scan_layers: bool = False
+    cross_attention: Mapping[str, Any] | None = None
+
+    def _cross_blocks(self):
+        from vlmjax.models.cross_attention import GatedCrossAttention  # it builds on this module
+        kwargs = dict(self.cross_attention)
+        every = kwargs.pop("every")
+        block_cls = GatedCrossAttention
+        if self.remat != "none":
+            block_cls = nn.remat(GatedCrossAttention, policy=layers.remat_policy(self.remat))
+        return every, [block_cls(**kwargs, name=f"xattn{j}")
+                       for j in range(-(-self.depth // every))]
 
     @nn.compact
-    def __call__(self, x, positions, q_segments, k_segments, index, kv_cache=None, prefix=None):
+    def __call__(self, x, positions, q_segments, k_segments, index, kv_cache=None, prefix=None,
+                 media=None):
         block_cls = DecoderBlock
         if self.remat != "none":
             block_cls = nn.remat(DecoderBlock, policy=layers.remat_policy(self.remat),
                                  prevent_cse=not self.scan_layers)
         args = (positions, q_segments, k_segments, index)
+        if self.cross_attention is not None and self.scan_layers:
+            raise ValueError("cross attention blocks need scan_layers=False")
+        every, cross, media_kv = 0, [], None
+        if self.cross_attention is not None and media is not None:
+            every, cross = self._cross_blocks()
+            media_kv = media.get("kv") or tuple(block.project_media(media["tokens"])
+                                                for block in cross)
         if not self.scan_layers:
             # One cache array per layer (a tuple): a layer reads and updates its own buffer in
             # place, where slicing a stacked [depth, ...] cache would copy it every step.
             kv_out = []
             for i in range(self.depth):
+                if cross and i % every == 0:
+                    x = cross[i // every](x, media_kv[i // every], media["mask"])
                 layer_cache = None if kv_cache is None else {n: kv_cache[n][i] for n in ("k", "v")}
                 x, layer_cache = block_cls(**self.block_kwargs, name=f"block{i}")(
                     x, *args, layer_cache, prefix)
                 kv_out.append(layer_cache)
-            if kv_cache is None:
-                return x, None
-            return x, {n: tuple(c[n] for c in kv_out) for n in ("k", "v")}
+            kv_out = None if kv_cache is None else {n: tuple(c[n] for c in kv_out)
+                                                    for n in ("k", "v")}
+            return (x, kv_out) if media is None else (x, kv_out, media_kv)
 
         def body(block, carry, layer_cache):
             carry, layer_cache = block(carry, *args, layer_cache, prefix)
@@ -240,6 +271,7 @@ class Decoder(nn.Module):
     position_embedding: str = "rope"  # "learned": add rows of `position_embed` (OPT), no RoPE
     num_positions: int = 0            # rows of the learned table (OPT: max positions + offset)
     position_offset: int = 0          # position p reads row p + offset (OPT: 2)
+    cross_attention: Mapping[str, Any] | None = None  # gated blocks (models/cross_attention.py)
     dtype: Any = jnp.float32
 
     # ------------------------------------------------------------------------------ structure
@@ -288,10 +320,23 @@ class Decoder(nn.Module):
                             out_bias=self.out_bias, sliding_window=self.sliding_window,
                             fused_attention=self.fused_attention, norm=self.norm, mlp=self.mlp,
                             mlp_bias=self.mlp_bias, dtype=dtype)
-        self.layers = DecoderLayers(self.depth, block_kwargs, self.remat, self.scan_layers)
+        self.layers = DecoderLayers(self.depth, block_kwargs, self.remat, self.scan_layers,
+                                    self._cross_attention_kwargs(dtype))
         self.final_norm = layers.make_norm(self.norm, dtype, self.norm_eps)
         if not self.tie_embeddings:
             self.lm_head = LMHead(self.vocab_size)
+
+    def _cross_attention_kwargs(self, dtype):
+        """GatedCrossAttention kwargs: the config's, the LM's widths and kinds by default."""
+        if self.cross_attention is None:
+            return None
+        kwargs = dict(self.cross_attention)
+        if int(kwargs.get("every", 0)) < 1:
+            raise ValueError(f"cross_attention.every must be >= 1, got {kwargs.get('every')}")
+        return {"num_heads": self.num_heads, "head_dim": self.dims_per_head,
+                "mlp_dim": self.mlp_dim, "activation": self.activation, "mlp": self.mlp,
+                "norm": self.norm, "norm_eps": self.norm_eps, **kwargs, "width": self.width,
+                "dtype": dtype}
 
     # ------------------------------------------------------------------------------- compute
     def embed(self, tokens):
@@ -315,7 +360,12 @@ class Decoder(nn.Module):
         return self.lm_head(hidden)
 
     def __call__(self, tokens, *, segment_ids=None, positions=None, embeddings=None,
-                 cache=None, return_hidden=False, prefix_mask=None):
+                 cache=None, return_hidden=False, prefix_mask=None, media=None,
+                 media_mask=None):
+        """`media` [B, S, E] and `media_mask` bool [B, L, S]: what the cross-attention blocks
+        attend to (no media: they are skipped). With a cache, the call that gives `media`
+        stores its keys/values and its last token's mask row in the cache; later calls reuse
+        them, and their tokens see what that last token saw (unless given a media_mask)."""
         x = self.embed(tokens) if embeddings is None else embeddings.astype(self._dtype())
         batch, length = x.shape[:2]
         if segment_ids is None:
@@ -342,14 +392,40 @@ class Decoder(nn.Module):
             k_prefix = q_prefix if cache is None else jax.lax.dynamic_update_slice(
                 jnp.zeros(k_segments.shape, bool), q_prefix, (0, index))
             prefix = (q_prefix, k_prefix)
-        x, kv = self.layers(x, positions, segment_ids, k_segments, index, kv, prefix)
+        media_in = self._media_inputs(media, media_mask, cache, length)
+        out = self.layers(x, positions, segment_ids, k_segments, index, kv, prefix, media_in)
+        x, kv = out[:2]
         hidden = self.final_norm(x)
         if return_hidden and not self.tie_embeddings and self.is_initializing():
             self.lm_head(hidden)  # create the head's params at init
-        out = hidden if return_hidden else self.logits(hidden)
+        out_value = hidden if return_hidden else self.logits(hidden)
         if cache is None:
-            return out
-        return out, {**kv, "segment_ids": k_segments, "index": index + length}
+            return out_value
+        new_cache = {**cache, **kv, "segment_ids": k_segments, "index": index + length}
+        if media_in is not None:
+            new_cache.update(media_k=tuple(k for k, _ in out[2]),
+                             media_v=tuple(v for _, v in out[2]),
+                             media_mask=media_in["mask"][:, -1])
+        return out_value, new_cache
+
+    def _media_inputs(self, media, media_mask, cache, length):
+        """The cross-attention blocks' `media` argument (None: no media anywhere)."""
+        if self.cross_attention is None:
+            if media is not None:
+                raise ValueError("media given to a Decoder without cross_attention")
+            return None
+        if media is not None:
+            if media_mask is None:
+                raise ValueError("media needs media_mask [B, L, S] (which tokens see which "
+                                 "media tokens)")
+            return {"tokens": media, "mask": media_mask.astype(bool)}
+        if cache is None or "media_k" not in cache:
+            return None
+        if media_mask is None:
+            last = cache["media_mask"]
+            media_mask = jnp.broadcast_to(last[:, None], (last.shape[0], length, last.shape[1]))
+        return {"kv": tuple(zip(cache["media_k"], cache["media_v"])),
+                "mask": media_mask.astype(bool)}
 
     # --------------------------------------------------------------------------------- cache
     def init_cache(self, batch: int, max_length: int) -> dict:
@@ -368,13 +444,23 @@ class Decoder(nn.Module):
         """The cache of batch rows `rows` (int [B']), e.g. the surviving beams."""
         def take(kv):  # a tuple of [B, ...] per layer, or one stacked [depth, B, ...]
             return tuple(x[rows] for x in kv) if isinstance(kv, tuple) else kv[:, rows]
-        return {"k": take(cache["k"]), "v": take(cache["v"]),
-                "segment_ids": cache["segment_ids"][rows], "index": cache["index"]}
+        out = {**cache, "k": take(cache["k"]), "v": take(cache["v"]),
+               "segment_ids": cache["segment_ids"][rows]}
+        for name in ("media_k", "media_v"):  # cross-attention keys/values: per block [B, ...]
+            if name in cache:
+                out[name] = take(cache[name])
+        if "media_mask" in cache:
+            out["media_mask"] = cache["media_mask"][rows]
+        return out
 
     def cache_logical_axes(self) -> dict:
         """Logical axes of each cache array (for "k"/"v": of every layer's array)."""
         kv = CACHE_KV_AXES if self.scan_layers else CACHE_KV_AXES[1:]
-        return {"k": kv, "v": kv, "segment_ids": ("act_batch", None), "index": ()}
+        axes = {"k": kv, "v": kv, "segment_ids": ("act_batch", None), "index": ()}
+        if self.cross_attention is not None:  # added by the call that gives media
+            axes.update(media_k=layers.HEADS_BLHK, media_v=layers.HEADS_BLHK,
+                        media_mask=("act_batch", None))
+        return axes
 
 
 def output_kernel(params) -> jax.Array:
