@@ -11,6 +11,15 @@ SigLIP impls, with N devices each holding b = B / N rows:
 - `ppermute`: the chunked loss of the SigLIP paper. Texts rotate around the ring of devices with
   `lax.ppermute`; each step scores one b x b block. The backward pass is a custom VJP that rotates
   the texts again together with their gradient, so neither pass holds more than one block.
+  Forward N-1 steps, backward N; per device it sends N-1 + 2N-1 = 3N-2 chunks of b x D (the last
+  backward step sends only the gradient: its text chunk would arrive where it already is).
+- `ppermute_bidir`: the same ring used in both directions at once. Each step sends one chunk to
+  the next device and one to the previous, so a device has seen all N chunks after ceil((N-1)/2)
+  steps (for even N the opposite device's chunk, reachable both ways, is sent once). The custom
+  VJP rotates images as well as texts the same way, and each device accumulates the gradient of
+  its own rows only: no gradients travel, both passes take ceil((N-1)/2) steps and send 3(N-1)
+  chunks in all, at the price of a fourth b x b x D matmul per block in the backward (every block's
+  logits are recomputed on the image's and on the text's device) against the ring's three.
 
 All reductions run in float32 and the losses return a float32 scalar.
 """
@@ -26,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlmjax.sharding import BATCH_AXES
 
-SIGLIP_IMPLS = ("dense", "all_gather", "ppermute")
+SIGLIP_IMPLS = ("dense", "all_gather", "ppermute", "ppermute_bidir")
 
 
 # ------------------------------------------------------------------------------- dense references
@@ -104,9 +113,9 @@ def _varying(x, axes):
     return lax.pvary(x, axes)  # jax < 0.8
 
 
-def _ring(n: int):
-    """ppermute pairs sending each device's chunk to the next device around the ring."""
-    return [(i, (i + 1) % n) for i in range(n)]
+def _ring(n: int, step: int = 1):
+    """ppermute pairs sending each device's chunk `step` devices on around the ring (-1: back)."""
+    return [(i, (i + step) % n) for i in range(n)]
 
 
 # ------------------------------------------------------------------------------------------ CLIP
@@ -149,6 +158,8 @@ def siglip_loss(zimg, ztxt, temperature, bias=None, *, mesh: Mesh | None = None,
     axes, shards = _mesh_batch_axes(mesh, batch_axes, batch)
     if impl == "all_gather":
         return _siglip_all_gather(zimg, ztxt, temperature, bias, mesh, axes)
+    if impl == "ppermute_bidir":
+        return _siglip_ppermute_bidir(mesh, axes, shards)(zimg, ztxt, temperature, bias)
     return _siglip_ppermute(mesh, axes, shards)(zimg, ztxt, temperature, bias)
 
 
@@ -194,24 +205,33 @@ def _siglip_ppermute(mesh: Mesh, axes: tuple[str, ...], shards: int):
     def backward_local(zimg, ztxt, t, b, g):
         scale = g / (zimg.shape[0] * shards)  # d loss / d (per-pair term)
 
-        def step(_, carry):
-            txt, dtxt, dimg, dt, db = carry
+        def accumulate(txt, dtxt, dimg, dt, db):  # gradients of the block of the visiting texts
             sims = jnp.dot(zimg, txt.T)
             dlogits = scale * jax.nn.sigmoid(t * sims + b)  # d softplus(l) / dl = sigmoid(l)
-            dtxt = dtxt + t * jnp.dot(dlogits.T, zimg)
-            carry = (txt, dtxt, dimg + t * jnp.dot(dlogits, txt), dt + jnp.sum(dlogits * sims),
-                     db + jnp.sum(dlogits))
-            # The text chunk travels on with its accumulated gradient; after `shards` steps both
-            # are back on the owning device, the gradient complete.
-            return (lax.ppermute(carry[0], axes, ring), lax.ppermute(carry[1], axes, ring),
-                    *carry[2:])
+            return (txt, dtxt + t * jnp.dot(dlogits.T, zimg), dimg + t * jnp.dot(dlogits, txt),
+                    dt + jnp.sum(dlogits * sims), db + jnp.sum(dlogits))
+
+        def step(_, carry):
+            txt, dtxt, *rest = accumulate(*carry)
+            # The text chunk travels on with its accumulated gradient.
+            return (lax.ppermute(txt, axes, ring), lax.ppermute(dtxt, axes, ring), *rest)
 
         _, sims_sum = _positive_logit_sum(zimg, ztxt, t, b)
         init = (ztxt, -scale * t * zimg, -scale * t * ztxt, -scale * sims_sum,
                 _varying(-scale * zimg.shape[0], axes))
-        _, dtxt, dimg, dt, db = lax.fori_loop(0, shards, step, init)
+        carry = lax.fori_loop(0, shards - 1, step, init)
+        # The last block: only the now complete gradient goes home; the text chunk it belongs to
+        # is the one the owning device already holds.
+        _, dtxt, dimg, dt, db = accumulate(*carry)
+        dtxt = lax.ppermute(dtxt, axes, ring)
         return dimg, dtxt, lax.psum(dt, axes), lax.psum(db, axes)
 
+    return _custom_vjp_loss(mesh, specs, forward_local, backward_local)
+
+
+def _custom_vjp_loss(mesh: Mesh, specs, forward_local, backward_local):
+    """The loss of shard_mapped `forward_local`, differentiated by shard_mapped `backward_local`
+    (which recomputes what it needs from the inputs: the residuals are the inputs only)."""
     forward = jax.shard_map(forward_local, mesh=mesh, in_specs=specs, out_specs=P())
     backward = jax.shard_map(backward_local, mesh=mesh, in_specs=(*specs, P()),
                              out_specs=specs)
@@ -228,3 +248,76 @@ def _siglip_ppermute(mesh: Mesh, axes: tuple[str, ...], shards: int):
 
     loss.defvjp(loss_fwd, loss_bwd)
     return loss
+
+
+def _visit_bidirectional_ring(visit, acc, own_chunk, axes: tuple[str, ...], shards: int):
+    """`acc = visit(acc, chunk)` for every device's `chunk` (a pytree), this device's own first.
+
+    Chunks travel both ways around the ring: step s brings the chunks of the devices s before and
+    s after this one, so all are seen after ceil((shards-1)/2) steps. For an even count the last
+    step's chunk (the opposite device's) would arrive from both sides: it is sent one way only.
+    As in the one-way ring, the next step's chunks are sent while the current ones are visited,
+    so the last step's visits come after the loop (2 or 3 of them, a constant).
+    """
+    def send_forward(chunk):  # to the next device: a chunk comes from the previous one
+        return lax.ppermute(chunk, axes, _ring(shards, 1))
+
+    def send_backward(chunk):
+        return lax.ppermute(chunk, axes, _ring(shards, -1))
+
+    two_way_steps = (shards - 1) // 2  # steps that bring two distinct chunks
+    has_opposite = shards % 2 == 0     # then one more step brings the opposite device's chunk
+    acc = visit(acc, own_chunk)
+    if two_way_steps == 0:  # 1 or 2 devices
+        return visit(acc, send_forward(own_chunk)) if has_opposite else acc
+
+    def step(_, carry):
+        from_previous, from_next, acc = carry  # chunks of the devices s before and s after
+        acc = visit(visit(acc, from_previous), from_next)
+        return send_forward(from_previous), send_backward(from_next), acc
+
+    from_previous, from_next = send_forward(own_chunk), send_backward(own_chunk)
+    from_previous, from_next, acc = lax.fori_loop(0, two_way_steps - 1, step,
+                                                  (from_previous, from_next, acc))
+    opposite = send_forward(from_previous) if has_opposite else None
+    acc = visit(visit(acc, from_previous), from_next)
+    return visit(acc, opposite) if has_opposite else acc
+
+
+def _siglip_ppermute_bidir(mesh: Mesh, axes: tuple[str, ...], shards: int):
+    specs = (P(axes), P(axes), P(), P())
+
+    def forward_local(zimg, ztxt, t, b):
+        def add_block(total, txt):  # softplus summed over one b x b block of negative logits
+            return total + jnp.sum(jax.nn.softplus(t * jnp.dot(zimg, txt.T) + b))
+
+        total = _visit_bidirectional_ring(add_block, -_positive_logit_sum(zimg, ztxt, t, b)[0],
+                                          ztxt, axes, shards)
+        return lax.psum(total, axes) / (zimg.shape[0] * shards)
+
+    def backward_local(zimg, ztxt, t, b, g):
+        scale = g / (zimg.shape[0] * shards)  # d loss / d (per-pair term)
+
+        def dlogits(img, txt):  # d softplus(l) / dl = sigmoid(l)
+            sims = jnp.dot(img, txt.T)
+            return sims, scale * jax.nn.sigmoid(t * sims + b)
+
+        def add_block_grads(grads, chunk):
+            dimg, dtxt, dt, db = grads
+            txt, img = chunk
+            # This device's images against the visiting texts: the images' gradient, and t's and
+            # b's (each block is counted once, on its image's device).
+            sims, d = dlogits(zimg, txt)
+            dimg, dt, db = dimg + t * jnp.dot(d, txt), dt + jnp.sum(d * sims), db + jnp.sum(d)
+            # The visiting images against this device's texts: the texts' gradient.
+            _, d = dlogits(img, ztxt)
+            return dimg, dtxt + t * jnp.dot(d.T, img), dt, db
+
+        _, sims_sum = _positive_logit_sum(zimg, ztxt, t, b)
+        init = (-scale * t * ztxt, -scale * t * zimg, -scale * sims_sum,
+                _varying(-scale * zimg.shape[0], axes))
+        dimg, dtxt, dt, db = _visit_bidirectional_ring(add_block_grads, init, (ztxt, zimg), axes,
+                                                       shards)
+        return dimg, dtxt, lax.psum(dt, axes), lax.psum(db, axes)
+
+    return _custom_vjp_loss(mesh, specs, forward_local, backward_local)
