@@ -15,12 +15,18 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.models import layers
+from vlmjax.models.bert import BertTextTower
+from vlmjax.models.cbow import CBOW
 from vlmjax.models.convnet import ConvNet
+from vlmjax.models.efficientnet import EfficientNet
+from vlmjax.models.resnet import ResNet
 from vlmjax.models.text import TextTransformer
 from vlmjax.models.vit import ViT
 
-IMAGE_TOWERS = {"vit": ViT, "cnn": ConvNet}  # model.image_arch -> module
-TEXT_TOWERS = {"transformer": TextTransformer}  # model.text_arch -> module
+IMAGE_TOWERS = {"vit": ViT, "cnn": ConvNet, "resnet": ResNet,
+                "efficientnet": EfficientNet}  # model.image_arch -> module
+TEXT_TOWERS = {"transformer": TextTransformer, "cbow": CBOW,
+               "bert": BertTextTower}  # model.text_arch -> module
 
 CLIP_TEMPERATURE_INIT = 1 / 0.07   # CLIP: t' = log(1/0.07)
 SIGLIP_TEMPERATURE_INIT = 10.0     # SigLIP: t' = log 10
