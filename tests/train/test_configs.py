@@ -10,7 +10,7 @@ from vlmjax.train import trainer
 
 # configs/clip/tiny.py trains as its negatives=2 variant (the same model and loss); its own
 # negatives are checked without training (test_clip_tiny_inherits_the_tiny_recipes_negatives).
-RUNLOCAL = ["configs/align/tiny.py", "configs/siglip/vit_b16.py",
+RUNLOCAL = ["configs/align/tiny.py", "configs/align/efficientnet.py", "configs/siglip/vit_b16.py",
             "configs/clip/vit_b16.py", "configs/siglip/tiny.py:image=vit,text_depth=2,negatives=0",
             "configs/clip/tiny.py:negatives=2"]
 

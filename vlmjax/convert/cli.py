@@ -25,8 +25,9 @@ import argparse
 import os
 import sys
 
-from vlmjax.convert import (blip_workdir, decoder_pretrained as decoder_lib, hf_blip, hf_blip2,
-                            hf_io, hf_llava, llava_workdir, tokenizer as tok)
+from vlmjax.convert import (blip_workdir, decoder_pretrained as decoder_lib, hf_align, hf_blip,
+                            hf_blip2, hf_io, hf_llava, llava_workdir, tokenizer as tok)
+from vlmjax.convert.hf_align_export import export_hf_align
 from vlmjax.convert.hf_blip2_export import export_hf_blip2
 from vlmjax.convert.hf_blip_export import export_hf_blip
 from vlmjax.convert.hf_decoder_export import EXPORT_DTYPES
@@ -106,8 +107,12 @@ def export_pretrained(src: str, out_dir: str, dtype: str = "float32") -> str:
         raise ValueError(f"{src}: only decoder LMs export in {dtype}; CLIP / SigLIP export "
                          "float32")
     pretrained = read_pretrained(src)
-    family = export_hf(pretrained.params, pretrained.model_config, out_dir,
-                       token_ids=pretrained.tokenizer)
+    if hf_align.is_align_model(pretrained.model_config):  # writes its own image processor
+        family = export_hf_align(pretrained.params, pretrained.model_config, out_dir,
+                                 token_ids=pretrained.tokenizer, image=pretrained.image)
+    else:
+        family = export_hf(pretrained.params, pretrained.model_config, out_dir,
+                           token_ids=pretrained.tokenizer)
     if pretrained.tokenizer_dir is not None:
         tok.copy_tokenizer_files(pretrained.tokenizer_dir, pretrained.tokenizer, out_dir)
     else:

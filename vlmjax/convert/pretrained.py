@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.convert import decoder_pretrained as decoder_lib
-from vlmjax.convert import (hf_blip, hf_blip2, hf_io, hf_llava, llava_workdir,
+from vlmjax.convert import (hf_align, hf_blip, hf_blip2, hf_io, hf_llava, llava_workdir,
                             params as params_lib, posemb)
 from vlmjax.convert import tokenizer as tok
 from vlmjax.convert.big_vision import load_big_vision
@@ -63,6 +63,8 @@ def read_source(src: str, kind: str | None = None, tokenizer_path: str | None = 
         raise ValueError(f"cannot import from {kind!r}; use one of ['hf', 'big_vision']")
     if kind != source_kind(src):
         raise ValueError(f"{src} looks like a {source_kind(src)!r} source, not {kind!r}")
+    if kind == "hf" and hf_align.is_align_source(src):  # ALIGN: its own table and tokenizer
+        return hf_align.read_hf_align(src, tokenizer_path)
     loader = load_hf if kind == "hf" else load_big_vision
     flat, model_config, info = loader(src)
     image = {"size": info["image_size"], "mean": info["image_mean"], "std": info["image_std"]}
@@ -228,6 +230,9 @@ def load_pretrained_tokenizer(src: str):
     kind = source_kind(src)
     if decoder_lib.is_decoder_source(src, kind):
         settings = decoder_lib.read_decoder_tokenizer_settings(src, kind)
+    elif kind == "hf" and hf_align.is_align_source(src):
+        settings = hf_align.tokenizer_settings(src, hf_align.model_config_from_hf(
+            hf_io.read_json(os.path.join(src, "config.json")))[0]["text"]["max_len"])
     elif kind == "hf":
         config_path = os.path.join(src, "config.json")
         model_config, info = model_config_from_hf(hf_io.read_json(config_path), config_path)
