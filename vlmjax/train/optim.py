@@ -21,6 +21,10 @@ Keys (defaults in `DEFAULTS`):
   ema_decay      keep an exponential moving average of the trainable params with this decay
                  (0 = off; e.g. 0.999), evaluated beside the raw params when evals.use_ema
   accum_steps    gradient accumulation over this many micro-batches (see train/step.py)
+  accum          how micro-batches combine: exact (GradCache: the loss of the full batch, for
+                 tasks with the ExactAccumTask hooks, i.e. contrastive ones) | naive (average
+                 of the micro-batches' losses: for a contrastive loss each one sees only its own
+                 negatives) | auto (exact where the task supports it, else naive)
 Parameter paths are '/'-joined, e.g. 'text_tower/encoder/block0/mlp/fc1/kernel'.
 """
 from __future__ import annotations
@@ -35,9 +39,11 @@ from vlmjax.config import ConfigError, check_keys
 
 DEFAULTS = dict(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=0, end_lr=0.0,
                 rsqrt_timescale=10_000, decay_every=0, decay_rate=1.0, weight_decay=1e-4, no_decay="", b1=0.9, b2=0.999,
-                eps=1e-8, clip_norm=1.0, freeze="", accum_steps=1, ema_decay=0.0)
+                eps=1e-8, clip_norm=1.0, freeze="", accum_steps=1, accum="auto",
+                ema_decay=0.0)
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant", "step")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
+ACCUM_MODES = ("auto", "exact", "naive")
 
 
 def settings(optim_config) -> dict:
@@ -53,6 +59,8 @@ def settings(optim_config) -> dict:
                           f"in (0, 1], got {out['decay_every']} and {out['decay_rate']}")
     if int(out["accum_steps"]) < 1:
         raise ConfigError(f"optim.accum_steps must be >= 1, got {out['accum_steps']}")
+    if out["accum"] not in ACCUM_MODES:
+        raise ConfigError(f"optim.accum {out['accum']!r} is not one of {ACCUM_MODES}")
     if not 0.0 <= float(out["ema_decay"]) < 1.0:
         raise ConfigError(f"optim.ema_decay must be in [0, 1) (0 = no EMA), got "
                           f"{out['ema_decay']}")

@@ -74,6 +74,24 @@ class Task(Protocol):
         """Training FLOPs per example (forward + backward + update) for MFU."""
 
 
+
+@runtime_checkable
+class ExactAccumTask(Protocol):
+    """Optional hooks for exact gradient accumulation (optim.accum='exact', GradCache), for a
+    loss that couples a batch's examples only through per-example embeddings (contrastive
+    losses). The step embeds every micro-batch without gradients, takes the loss and its
+    gradient on the full batch of embeddings, then backpropagates each micro-batch's share
+    through its towers. Contract: loss_fn(p, e, b, r) == loss_from_embeddings(p, e,
+    embed(p, e, b, r), b, r)."""
+
+    def embed(self, params, extra, batch, rng) -> Any:
+        """Per-example embeddings of `batch`: a pytree of arrays whose leading dim is the batch.
+        Row i depends on row i of the batch only (it runs on micro-batches)."""
+
+    def loss_from_embeddings(self, params, extra, embeddings, batch, rng) -> tuple[Any, dict]:
+        """(scalar loss, aux dict) of the full batch from `embed`'s output; `params` for the
+        loss's own parameters (temperature, bias)."""
+
 class TaskDefaults:
     """Defaults of the optional members: everything trainable, no extra state, no summary
     metrics, float32 compute, FLOPs from XLA's cost analysis of the compiled step."""

@@ -119,22 +119,39 @@ class ContrastiveTask(TaskDefaults):
         return self.model.init({"params": rng}, image, text)["params"]
 
     def loss_fn(self, params, extra, batch, rng):
+        return self.loss_from_embeddings(params, extra, self.embed(params, extra, batch, rng),
+                                         batch, rng)
+
+    # The two halves of loss_fn are the ExactAccumTask hooks (tasks/base.py): optim.accum=
+    # 'exact' embeds micro-batches and takes the loss on the full batch of embeddings.
+    def embed(self, params, extra, batch, rng) -> dict:
+        """Per-example L2-normalised embeddings: image, text [B, D] and (input.hard_negatives)
+        neg_text [B, K, D]."""
         del extra  # no extra state
-        zimg, ztxt, out = self.model.apply(
+        zimg, ztxt, _ = self.model.apply(
             {"params": params}, batch["image"], batch["text"], batch["text_mask"], train=True,
             rngs={"dropout": rng})
+        embeddings = {"image": zimg, "text": ztxt}
+        if "neg_text" in batch:  # input.hard_negatives: K swapped captions per image
+            embeddings["neg_text"] = self.model.apply(  # [B, K, D]
+                {"params": params}, batch["neg_text"], batch["neg_text_mask"], train=True,
+                rngs={"dropout": jax.random.fold_in(rng, 1)},  # not the captions' dropout
+                method=self.model.encode_text)
+        return embeddings
+
+    def loss_from_embeddings(self, params, extra, embeddings, batch, rng):
+        """The contrastive loss of the batch's embeddings; aux: temperature and (SigLIP) bias."""
+        del extra, rng  # no extra state; the loss itself draws nothing
+        _, _, out = self.model.apply({"params": params})  # t and b only: no tower runs
+        zimg, ztxt = embeddings["image"], embeddings["text"]
         if self.loss_name == "clip":
             loss = contrastive.clip_loss(zimg, ztxt, out["temperature"], mesh=self.mesh)
         else:
             loss = contrastive.siglip_loss(zimg, ztxt, out["temperature"], out["bias"],
                                            mesh=self.mesh, impl=self.impl)
-        if "neg_text" in batch:  # input.hard_negatives: K swapped captions per image
-            zneg = self.model.apply(  # [B, K, D]
-                {"params": params}, batch["neg_text"], batch["neg_text_mask"], train=True,
-                rngs={"dropout": jax.random.fold_in(rng, 1)},  # not the captions' dropout
-                method=self.model.encode_text)
+        if "neg_text" in embeddings:
             loss += contrastive.hard_negative_loss(
-                zimg, ztxt, zneg, batch["neg_valid"], out["temperature"],
+                zimg, ztxt, embeddings["neg_text"], batch["neg_valid"], out["temperature"],
                 out["bias"] if self.loss_name == "siglip" else None)
         return loss, dict(out)
 
