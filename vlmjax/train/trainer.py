@@ -196,7 +196,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         lambda host_batch: sharding.host_batch_to_global(host_batch, mesh))
     accum_steps = int(optim_settings["accum_steps"])
     train_step = jax.jit(
-        step_lib.make_train_step(task.loss_fn, tx, schedule, accum_steps=accum_steps, mesh=mesh,
+        step_lib.make_train_step(task.loss_fn, tx, schedule, accum_steps=accum_steps,
+                                 accum=optim_settings["accum"], task=task, mesh=mesh,
                                  trainable=mask, update_extra=task.update_extra,
                                  ema_decay=ema_decay),
         in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
