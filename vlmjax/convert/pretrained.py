@@ -5,7 +5,8 @@ Qwen2ForCausalLM / OPTForCausalLM, their converted directories, workdirs of task
 convert.decoder_pretrained and give a `Decoder`; HF LlavaForConditionalGeneration directories go
 through convert.hf_llava and give a `PrefixLM`; HF BlipForImageTextRetrieval /
 BlipForConditionalGeneration directories through convert.hf_blip and give a `Blip`; HF
-Blip2ForConditionalGeneration directories through convert.hf_blip2 and give a `PrefixLM`.
+Blip2ForConditionalGeneration directories through convert.hf_blip2 and give a `PrefixLM`; HF
+IdeficsForVisionText2Text directories through convert.hf_idefics and give a `FusionLM`.
 
 A converted directory holds
   config.json   {"format": FORMAT, "model": <model config>, "image": {"size": [H, W], "mean",
@@ -23,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.convert import decoder_pretrained as decoder_lib
-from vlmjax.convert import (hf_align, hf_blip, hf_blip2, hf_io, hf_llava, llava_workdir,
-                            params as params_lib, posemb)
+from vlmjax.convert import (hf_align, hf_blip, hf_blip2, hf_idefics, hf_io, hf_llava,
+                            llava_workdir, params as params_lib, posemb)
 from vlmjax.convert import tokenizer as tok
 from vlmjax.convert.big_vision import load_big_vision
 from vlmjax.convert.hf import load_hf, model_config_from_hf
@@ -184,6 +185,10 @@ def load_pretrained(src: str, *, image_size: Sequence[int] | None = None,
     projector, `model_config` its arguments plus image size / mean / std and the LLM's special
     ids (convert.hf_blip2).
 
+    HF Idefics v1 (IdeficsForVisionText2Text): `model` is a `FusionLM` (Perceiver resampler,
+    gated cross-attention blocks), `model_config` its arguments plus image size / mean / std and
+    the LM's special ids (convert.hf_idefics).
+
     `model` is a `TwoTowers` (compute `dtype`); `params` are float32 jax arrays placed by
     `shardings` (a pytree of shardings matching the params, or one sharding for all) when given;
     `model_config` is the JSON-serialisable dict of TwoTowers arguments. `image_size` (H, W)
@@ -202,6 +207,11 @@ def load_pretrained(src: str, *, image_size: Sequence[int] | None = None,
         if image_size is not None or scan_layers:
             raise ValueError(f"{src} is a BLIP-2 model: image_size and scan_layers do not apply")
         return hf_blip2.load_hf_blip2(src, shardings, dtype)
+    if kind == "hf" and hf_idefics.is_idefics_source(src):
+        if image_size is not None or scan_layers:
+            raise ValueError(f"{src} is an Idefics model: image_size and scan_layers do not "
+                             "apply")
+        return hf_idefics.load_hf_idefics(src, shardings, dtype)
     if decoder_lib.is_decoder_source(src, kind):
         if image_size is not None:
             raise ValueError(f"{src} is a decoder LM: image_size does not apply")
