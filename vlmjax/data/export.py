@@ -5,6 +5,8 @@
     python -m vlmjax.data.export llava OUT --data_dir DIR [--config 64px] [--split train]
         [--kinds caption,conversation,detailed_description,complex_reasoning,vqa] [--limit N]
         [--seed 0] [--train_size N]
+    python -m vlmjax.data.export mmc4 OUT --data_dir DIR [--split train] [--limit N]
+        [--max_images 5] [--caption_fraction 0.2] [--seed 0]
 
 vlm_shapes: webdataset shards (KEY.png, KEY.txt, KEY.json). `--captions one` writes one sample
 per image with caption number (index mod 3), `all` one sample per caption. KEY.json records
@@ -20,6 +22,12 @@ exports the split's first N images; `--seed` picks other questions and wordings.
 kinds (`--kinds cot,cot_judge`: staged answers to questions that need several steps, and judge
 pairs, see `shapes_cot`) are written only when asked for.
 
+mmc4: interleaved few-shot documents for the `fusion` task, in MMC4's layout (data/interleaved.py):
+`OUT/images/{id}.png` and `OUT/{split}_mmc4.jsonl`, one document per line holding 1 to
+`--max_images` consecutive images of the split, each matched to one sentence: a question about it
+with its short answer ("Q: ... A: red", the tiny LM's format and the prompt of the fusion VQA
+evaluations), or with probability `--caption_fraction` one of its captions ("Output: ...").
+
 --train_size / --eval_size / --novel_size name a derived vlm_shapes config as
 `python -m vlmjax.data.build` does (built here if it is not on disk yet).
 """
@@ -30,15 +38,18 @@ import json
 import os
 import sys
 
+import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from vlmjax.data import shapes, shapes_instruct, shapes_noise, webdataset
+from vlmjax.data import interleaved, shapes, shapes_instruct, shapes_noise, webdataset
 
-DATASETS = ("vlm_shapes", "llava")
+DATASETS = ("vlm_shapes", "llava", "mmc4")
 # Options of one dataset only: giving them to the other is an error, not silently ignored.
 VLM_SHAPES_OPTIONS = {"captions": "one", "samples_per_shard": 10_000}
 LLAVA_OPTIONS = {"kinds": ",".join(shapes_instruct.KINDS), "limit": None, "seed": 0}
+MMC4_OPTIONS = {"limit": None, "seed": 0, "max_images": 5, "caption_fraction": 0.2}
+OPTIONS = {"vlm_shapes": VLM_SHAPES_OPTIONS, "llava": LLAVA_OPTIONS, "mmc4": MMC4_OPTIONS}
 
 
 def export(builder, out: str, split: str = "train", captions: str = "one",
@@ -104,6 +115,51 @@ def export_llava(builder, out: str, split: str = "train", kinds=shapes_instruct.
     return {"images": images, **{kind: len(e) for kind, e in entries.items()}}
 
 
+def mmc4_sentence(example: dict, rng: np.random.Generator, caption_fraction: float) -> str:
+    """The sentence an image is matched to: one of its QA pairs, or one of its captions."""
+    if rng.random() < caption_fraction:
+        captions = example["captions"]
+        return f"Output: {captions[rng.integers(len(captions))].decode()}"
+    qa = example["qa"]
+    pick = rng.integers(len(qa["question"]))
+    return interleaved.vqa_text(qa["question"][pick].decode(), qa["answer"][pick].decode())
+
+
+def export_mmc4(builder, out: str, split: str = "train", limit: int | None = None,
+                seed: int = 0, max_images: int = 5, caption_fraction: float = 0.2,
+                show_progress: bool = False) -> dict[str, int]:
+    """Writes interleaved documents of a vlm_shapes split (module docstring); returns the
+    numbers of images and documents."""
+    check_split(builder, split)
+    if max_images < 1 or not 0.0 <= caption_fraction <= 1.0:
+        raise ValueError(f"max_images={max_images} must be >= 1 and caption_fraction="
+                         f"{caption_fraction} in [0, 1]")
+    total = builder.info.splits[split].num_examples
+    dataset = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    if limit is not None:
+        dataset, total = dataset.take(limit), min(limit, total)
+    image_dir = os.path.join(out, "images")
+    os.makedirs(image_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    docs, current, size = [], None, 0
+    for example in tqdm.tqdm(dataset.as_numpy_iterator(), total=total, unit="img",
+                             desc=f"mmc4 {split}", disable=not show_progress):
+        if current is None or len(current["image_info"]) == size:
+            current = {"text_list": [], "image_info": []}
+            size = int(rng.integers(1, max_images + 1))
+            docs.append(current)
+        name = f"{example['id'].decode()}.png"
+        with open(os.path.join(image_dir, name), "wb") as file:
+            file.write(example["image"])  # the PNG as stored
+        current["image_info"].append({"image_name": name, "matched_sim": 1.0,
+                                      "matched_text_index": len(current["text_list"])})
+        current["text_list"].append(mmc4_sentence(example, rng, caption_fraction))
+    with open(os.path.join(out, f"{split}_mmc4.jsonl"), "w") as file:
+        for doc in docs:
+            file.write(json.dumps(doc) + "\n")
+    return {"images": sum(len(d["image_info"]) for d in docs), "documents": len(docs)}
+
+
 def _parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(prog="python -m vlmjax.data.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,12 +175,15 @@ def _parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Name
     parser.add_argument("--samples_per_shard", type=int, help="vlm_shapes: default 10000")
     parser.add_argument("--kinds", help="llava: comma-separated, default: "
                                         + LLAVA_OPTIONS["kinds"] + " (also cot, cot_judge)")
-    parser.add_argument("--limit", type=int, help="llava: the first N images of the split")
-    parser.add_argument("--seed", type=int, help="llava: default 0")
+    parser.add_argument("--limit", type=int, help="llava, mmc4: the first N images of the split")
+    parser.add_argument("--seed", type=int, help="llava, mmc4: default 0")
+    parser.add_argument("--max_images", type=int, help="mmc4: images per document, default 5")
+    parser.add_argument("--caption_fraction", type=float,
+                        help="mmc4: share of caption sentences, default 0.2")
     args = parser.parse_args(argv)
-    own, other = ((VLM_SHAPES_OPTIONS, LLAVA_OPTIONS) if args.dataset == "vlm_shapes"
-                  else (LLAVA_OPTIONS, VLM_SHAPES_OPTIONS))
-    misplaced = [f"--{name}" for name in other if getattr(args, name) is not None]
+    own = OPTIONS[args.dataset]
+    other = {name for options in OPTIONS.values() for name in options} - set(own)
+    misplaced = [f"--{name}" for name in sorted(other) if getattr(args, name) is not None]
     if misplaced:
         parser.error(f"{args.dataset} takes no {' / '.join(misplaced)} (valid for it: "
                      f"{', '.join('--' + name for name in own)})")
@@ -149,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     shapes.prepare(builder)
+    if args.dataset == "mmc4":
+        counts = export_mmc4(builder, args.out, args.split, args.limit, args.seed,
+                             args.max_images, args.caption_fraction, show_progress=True)
+        print(f"wrote {counts['documents']} document(s) with {counts['images']} image(s) to "
+              f"{os.path.join(args.out, f'{args.split}_mmc4.jsonl')}")
+        return 0
     if args.dataset == "vlm_shapes":
         paths = export(builder, args.out, args.split, args.captions, args.samples_per_shard,
                        show_progress=True)

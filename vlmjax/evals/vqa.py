@@ -32,6 +32,14 @@ common ones (evals/registry.py; `batch_size`: questions per generate call, defau
   answer_stop        cut each answer at the first occurrence of this text (default none): a
                      plain LM prompted BLIP-2's way goes on to a next question (BLIP-2 stops OPT
                      at its newline token; vlm_shapes' tiny LM writes " Q: ...")
+  shots              k in-context examples before each question (default 0), for a model that
+                     takes them (`supports_context`: the fusion task's InterleavedAnswerer):
+                     (image, question, answer) triples of `shots_split` (default 'train', the
+                     same data config otherwise) drawn from its first `shots_pool` images
+                     (default 256), k distinct images per question, one random question of
+                     each; the draw is seeded by the question's index, so every run and every
+                     model sees the same examples. Name such entries e.g. 'test/4shot':
+                     vqa/test/4shot/exact_match.
 After a run `last_samples` holds its first few {question, prediction, answer, type}.
 """
 from __future__ import annotations
@@ -132,15 +140,17 @@ class GenerativeEvaluator(registry.Evaluator):
         self.max_examples = int(entry.get("max_examples", 0))
         self.max_new_tokens = int(entry.get("max_new_tokens", self.DEFAULT_MAX_NEW_TOKENS))
 
-    def examples(self) -> Iterator[dict]:
+    def examples(self, data_config=None, max_examples: int | None = None) -> Iterator[dict]:
         """The split's examples in order (the first `max_examples`): numpy `image` f32
-        [S, S, 3], `captions` and SHAPES_FIELDS, behind a progress bar on long runs."""
+        [S, S, 3], `captions` and SHAPES_FIELDS, behind a progress bar on long runs.
+        `data_config`: another split to read (default: the entry's)."""
         from vlmjax.data import pipeline_config, preprocess
         from vlmjax.data.tf_cpu import tf
         from vlmjax.evals.data import eval_preprocess
 
-        source = pipeline_config.make_source(self.data.data_config, training=False,
-                                             fields=SHAPES_FIELDS)
+        data_config = self.data.data_config if data_config is None else data_config
+        max_examples = self.max_examples if max_examples is None else max_examples
+        source = pipeline_config.make_source(data_config, training=False, fields=SHAPES_FIELDS)
         prepare_fn = preprocess.make_preprocess_fn(
             eval_preprocess(self.context.input.preprocess), int(self.context.input.image_size))
 
@@ -154,8 +164,8 @@ class GenerativeEvaluator(registry.Evaluator):
                    .filter(lambda r: r["_skip_reason"] == 0)
                    .map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True))
         total = source.num_records(0, 1)
-        if self.max_examples:
-            dataset, total = dataset.take(self.max_examples), min(total, self.max_examples)
+        if max_examples:
+            dataset, total = dataset.take(max_examples), min(total, max_examples)
         progress = tqdm.tqdm(dataset.prefetch(2).as_numpy_iterator(), total=total,
                              desc=f"{self.type}/{self.name}", unit="img", mininterval=2.0,
                              disable=jax.process_index() != 0 or total < PROGRESS_MIN_EXAMPLES)
@@ -185,7 +195,10 @@ class VqaEvaluator(GenerativeEvaluator):
             "answer_instruction": "text after each question on a new line (default none)",
             "question_format": "the question's text, '{question}' where it goes (default "
                                "'{question}'; BLIP-2: 'Question: {question} Answer:')",
-            "answer_stop": "cut each answer at this text (default none)"}
+            "answer_stop": "cut each answer at this text (default none)",
+            "shots": "in-context examples before each question (default 0)",
+            "shots_split": "the split the in-context examples come from (default 'train')",
+            "shots_pool": "how many images of shots_split they are drawn from (default 256)"}
 
     @classmethod
     def check(cls, entry, where):
@@ -200,21 +213,67 @@ class VqaEvaluator(GenerativeEvaluator):
         if not isinstance(entry.get("answer_stop", ""), str):
             raise ConfigError(f"{where}.answer_stop must be a string, got "
                               f"{entry.get('answer_stop')!r}")
+        registry.check_counts(entry, ("shots",), where)
+        pool = entry.get("shots_pool", 256)
+        if type(pool) is not int or pool < entry.get("shots", 0):
+            raise ConfigError(f"{where}.shots_pool must be an integer >= shots "
+                              f"({entry.get('shots', 0)}), got {pool!r}")
 
     def __init__(self, name, entry, context):
         super().__init__(name, entry, context)
         self.answer_instruction = entry.get("answer_instruction", "")
         self.question_format = entry.get("question_format", "{question}")
         self.answer_stop = entry.get("answer_stop", "")
+        self.shots = int(entry.get("shots", 0))
+        self.shots_split = entry.get("shots_split", "train")
+        self.shots_pool = int(entry.get("shots_pool", 256))
+        if self.shots and not getattr(context.model, "supports_context", False):
+            raise ConfigError(f"evals.{name}.shots={self.shots}: this task's model answers "
+                              "without in-context examples (the fusion task's does); use "
+                              "shots=0")
         self.last_samples: list[dict] = []
+        self._pool: list[tuple] | None = None
 
     def question(self, text: str) -> str:
         text = self.question_format.replace("{question}", text)
         return f"{text}\n{self.answer_instruction}" if self.answer_instruction else text
 
+    def shot_pool(self) -> list[tuple]:
+        """(image, questions, answers) of the first shots_pool images of shots_split."""
+        if self._pool is None:
+            data_config = self.data.data_config.copy_and_resolve_references()
+            with data_config.unlocked():
+                data_config.split = self.shots_split
+            self._pool = [(e["image"], [_text(q) for q in e["questions"]],
+                           [_text(a) for a in e["answers"]])
+                          for e in self.examples(data_config, self.shots_pool)]
+            if len(self._pool) < self.shots:
+                raise ValueError(f"evals.{self.name}: {len(self._pool)} image(s) in "
+                                 f"{self.shots_split} for {self.shots}-shot prompts")
+        return self._pool
+
+    def shots_for(self, index: int) -> list[tuple]:
+        """The (image, question, answer) examples before question `index`."""
+        pool = self.shot_pool()
+        rng = np.random.default_rng([index, self.shots])
+        shots = []
+        for pick in rng.choice(len(pool), self.shots, replace=False):
+            image, questions, answers = pool[pick]
+            qa = rng.integers(len(questions))
+            shots.append((image, self.question(questions[qa]), answers[qa]))
+        return shots
+
+    def generate(self, params, pending) -> list[str]:
+        if not self.shots:
+            return super().generate(params, pending)
+        images = np.stack([image for image, _, _ in pending])
+        return list(self.context.model.answer(
+            params, images, [q for _, q, _ in pending], max_new_tokens=self.max_new_tokens,
+            context=[shots for _, _, shots in pending]))
+
     def __call__(self, params) -> dict:
         questions, answers, types, predictions = [], [], [], []
-        pending: list[tuple[np.ndarray, str]] = []
+        pending: list[tuple] = []
 
         def flush():
             predictions.extend(self.generate(params, pending))
@@ -226,7 +285,9 @@ class VqaEvaluator(GenerativeEvaluator):
                 questions.append(_text(question))
                 answers.append(_text(answer))
                 types.append(shapes_text.QA_TYPES[int(qa_type)])
-                pending.append((example["image"], self.question(questions[-1])))
+                pending.append((example["image"], self.question(questions[-1])) if not self.shots
+                               else (example["image"], self.question(questions[-1]),
+                                     self.shots_for(len(questions) - 1)))
                 if len(pending) == self.batch_size:
                     flush()
         if pending:

@@ -10,7 +10,10 @@ Vision tower (`vision/`): a vlmjax ViT (or the tiny CNN) read at `vision_feature
 hidden_states index: -1 is the last block's output before any final norm, what Idefics reads)
 with `vision_feature_select_strategy` ('full' keeps the class token, as Idefics does).
 
-Resampler (`resampler/`, PerceiverResampler): learned latents [T, E]; each of `depth` blocks is
+`feature_posemb` (not in Flamingo, whose ViT features carry their positions): a learned vector per
+visual token position (`media_posemb/`) added before the resampler, for a CNN tower.
+
+Resampler (`perceiver/`, PerceiverResampler): learned latents [T, E]; each of `depth` blocks is
 latents += Attn(q = LN(latents), kv = [LN(features); LN(latents)]), latents += FFN(latents)
 (LayerNorm, Dense, ReLU, Dense, as Idefics); a final LayerNorm. `resampler=None` (Idefics'
 use_resampler=False) passes the tower's tokens through.
@@ -147,6 +150,19 @@ class PerceiverResampler(nn.Module):
         return layers.make_norm("layernorm", self.dtype, self.norm_eps, name="final_norm")(x)
 
 
+class FeaturePosemb(nn.Module):
+    """A learned vector per visual token position added to the features [B, T, E] (`embedding`
+    [T, E], zero init): a CNN's tokens do not say where they are, and neither cross-attention
+    nor the resampler can tell positions apart without it."""
+
+    @nn.compact
+    def __call__(self, features):
+        table = self.param("embedding", layers.partitioned(nn.initializers.zeros,
+                                                            (None, "embed")),
+                           features.shape[1:])
+        return features + table.astype(features.dtype)
+
+
 def _plain_dense(features, axes, dtype, name):
     return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, name=name,
                     kernel_init=layers.partitioned(nn.initializers.lecun_normal(), axes))
@@ -165,6 +181,7 @@ class FusionLM(nn.Module):
     cross_attn_every: int = 1
     only_attend_immediate_media: bool = True
     additional_vocab_size: int = 0
+    feature_posemb: bool = False
     dtype: Any = jnp.float32
 
     def __post_init__(self):
@@ -193,6 +210,8 @@ class FusionLM(nn.Module):
         build_tower(tower, vision, "model.vision")
         check_select_strategy(vision, self.vision_arch, self.vision_feature_select_strategy)
         self.vision_tower = tower(**vision, name="vision")
+        if self.feature_posemb:
+            self.media_posemb = FeaturePosemb(name="media_posemb")
         if self.resampler is not None:
             self.perceiver = build_tower(PerceiverResampler,
                                          {"dtype": self._dtype(), **dict(self.resampler)},
@@ -217,6 +236,8 @@ class FusionLM(nn.Module):
         states = self.vision_tower(images.reshape(batch * count, *images.shape[2:]))
         tokens = visual_tokens(states, self.vision_arch, self.vision_feature_select_strategy,
                                self.feature_layers).astype(self._dtype())
+        if self.feature_posemb:
+            tokens = self.media_posemb(tokens)
         if self.resampler is not None:
             tokens = self.perceiver(tokens)
         return tokens.reshape(batch, count * tokens.shape[1], tokens.shape[-1])

@@ -19,6 +19,7 @@ TASKS = {
     "llava": "vlmjax.train.tasks.llava:LlavaTask",
     "blip": "vlmjax.train.tasks.blip:BlipTask",
     "blip2": "vlmjax.train.tasks.blip2:Blip2Task",
+    "fusion": "vlmjax.train.tasks.fusion:FusionTask",
 }
 
 
