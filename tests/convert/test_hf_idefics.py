@@ -14,6 +14,7 @@ from vlmjax.convert import hf_io, load_pretrained
 from vlmjax.convert.hf_idefics import idefics_config_from_hf
 from vlmjax.convert.hf_idefics_export import export_hf_idefics
 from vlmjax.convert.params import flatten
+from vlmjax.inference import generate
 from vlmjax.models.fusion import media_mask_from_tokens
 
 torch = pytest.importorskip("torch")
@@ -244,3 +245,51 @@ def test_export_refuses_what_hf_idefics_cannot_express(idefics, tmp_path, overri
     with pytest.raises(ValueError, match=message):
         export_hf_idefics({**model_config, **override}, params, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+@pytest.mark.parametrize("name", ["vector_every_2nd_tied"])  # one: decoding compiles slowly
+def test_greedy_generation_matches_transformers(idefics, name):
+    """HF's generate carries the prompt's last mask row to the new tokens, as ours does while
+    no new token is an eos or an image token (checked: then ours would see no image)."""
+    _, reference, model, params, _ = idefics(name)
+    _, image_id, fake_id = CASES[name]
+    tokens, images, new = interleaved(image_id, fake_id, seed=5), random_images(seed=5), 6
+    reference.generation_config.eos_token_id = None  # all `new` tokens, as with eos_id=None
+    with torch.no_grad():
+        result = reference.generate(
+            input_ids=torch.as_tensor(tokens, dtype=torch.long),
+            pixel_values=torch.as_tensor(images.transpose(0, 1, 4, 2, 3)),
+            image_attention_mask=torch.as_tensor(processor_mask(tokens, image_id)),
+            max_new_tokens=new, do_sample=False, pad_token_id=PAD, output_logits=True,
+            return_dict_in_generate=True)
+    expected = result.sequences.numpy()[:, tokens.shape[1]:]
+    assert not np.isin(expected, [EOS, image_id]).any(), expected
+    out = generate(model, params, jnp.asarray(tokens), images=jnp.asarray(images),
+                   max_new_tokens=new, strategy="greedy")
+    print(f"GENERATE idefics {name}: {expected.tolist()}")
+    np.testing.assert_array_equal(np.asarray(out.tokens), expected)
+    # The random model repeats itself, so the tokens alone test little: the log-probabilities
+    # of every step (cached decoding on both sides) agree too.
+    logprobs = torch.stack(result.logits, 1).log_softmax(-1).numpy()
+    hf_scores = np.take_along_axis(logprobs, expected[..., None], -1)[..., 0].sum(-1)
+    np.testing.assert_allclose(np.asarray(out.scores), hf_scores, atol=1e-3)
+
+
+def test_convert_cli_exports_an_hf_idefics_dir(idefics, tmp_path, capsys):
+    """`python -m vlmjax.convert export` of an HF Idefics directory writes it again (transformers
+    computes our logits from it); `import` of one says it needs none."""
+    from vlmjax.convert.cli import main as cli_main
+
+    directory, _, model, params, _ = idefics("float_every_layer")
+    _, image_id, fake_id = CASES["float_every_layer"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["import", "--from", "hf", directory, "--out", str(tmp_path / "imported")])
+    assert exit_info.value.code == 2 and "needs no import" in capsys.readouterr().err
+    out = str(tmp_path / "exported")
+    cli_main(["export", "--to", "hf", directory, out])
+    assert "(idefics)" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(out, "tokenizer_config.json"))
+    tokens, images = interleaved(image_id, fake_id, seed=4), random_images(seed=4)
+    diff = np.abs(hf_logits(load_reference(out), tokens, images, processor_mask(tokens, image_id))
+                  - ours_logits(model, params, tokens, images)).max()
+    assert diff < TOL

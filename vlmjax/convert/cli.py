@@ -15,6 +15,8 @@ BLIP: HF BlipForImageTextRetrieval / BlipForConditionalGeneration directories ne
 either; `export` of one writes the same HF class again (e.g. to bfloat16, convert.hf_blip_export).
 BLIP-2: HF Blip2ForConditionalGeneration directories need no `import`; `export` of one writes it
 again (convert.hf_blip2_export).
+Idefics v1: HF IdeficsForVisionText2Text directories need no `import` either; `export` of one
+writes it again (convert.hf_idefics_export).
 `export` of a `blip` trainer WORKDIR writes each part the run has as its HF class: OUT itself for
 one part, OUT/BlipForImageTextRetrieval and OUT/BlipForConditionalGeneration for both (HF splits
 BLIP in two); the ViT must be HF's (a patch stem).
@@ -26,12 +28,14 @@ import os
 import sys
 
 from vlmjax.convert import (blip_workdir, decoder_pretrained as decoder_lib, hf_align, hf_blip,
-                            hf_blip2, hf_io, hf_llava, llava_workdir, tokenizer as tok)
+                            hf_blip2, hf_idefics, hf_io, hf_llava, llava_workdir,
+                            tokenizer as tok)
 from vlmjax.convert.hf_align_export import export_hf_align
 from vlmjax.convert.hf_blip2_export import export_hf_blip2
 from vlmjax.convert.hf_blip_export import export_hf_blip
 from vlmjax.convert.hf_decoder_export import EXPORT_DTYPES
 from vlmjax.convert.hf_export import export_hf
+from vlmjax.convert.hf_idefics_export import export_hf_idefics
 from vlmjax.convert.hf_llava_export import export_hf_llava
 from vlmjax.convert.pretrained import (import_pretrained, load_pretrained, read_pretrained,
                                        source_kind)
@@ -101,6 +105,10 @@ def export_pretrained(src: str, out_dir: str, dtype: str = "float32") -> str:
         _, params, model_config = load_pretrained(src)
         export_hf_blip2(model_config, params, out_dir, dtype, tokenizer_dir=src)
         return "blip-2"
+    if kind == "hf" and hf_idefics.is_idefics_source(src):  # e.g. to bfloat16
+        _, params, model_config = load_pretrained(src)
+        export_hf_idefics(model_config, params, out_dir, dtype, tokenizer_dir=src)
+        return "idefics"
     if decoder_lib.is_decoder_source(src, kind):
         return decoder_lib.export_decoder(src, kind, out_dir, dtype)
     if dtype != "float32":
@@ -154,7 +162,8 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("src")
     exp.add_argument("out")
     exp.add_argument("--dtype", choices=EXPORT_DTYPES, default="float32",
-                     help="weight dtype of an exported decoder LM, LLaVA, BLIP or BLIP-2")
+                     help="weight dtype of an exported decoder LM, LLaVA, BLIP, BLIP-2 or "
+                     "Idefics")
     return p
 
 
@@ -173,6 +182,10 @@ def main(argv: list[str] | None = None) -> None:
                     args.src):
                 raise ValueError(f"{args.src} is an HF BLIP-2 model: it needs no import, vlmjax "
                                  "reads it as it is (load_pretrained)")
+            if args.kind == "hf" and os.path.isdir(args.src) and hf_idefics.is_idefics_source(
+                    args.src):
+                raise ValueError(f"{args.src} is an HF Idefics model: it needs no import, "
+                                 "vlmjax reads it as it is (load_pretrained)")
             config = import_pretrained(args.src, args.out, args.kind, args.image_size,
                                        args.tokenizer, args.overwrite)
             model = config["model"]
