@@ -38,7 +38,14 @@ CASES = {  # name -> (IdeficsConfig overrides, image token id, fake token id)
     "vector_every_2nd_tied": (dict(num_hidden_layers=4, alpha_type="vector",
                                    cross_layer_interval=2, tie_word_embeddings=True),
                               VOCAB, VOCAB + 1),
+    # No resampler: the blocks attend to the tower's 5 tokens per image directly.
+    "no_resampler": (dict(num_hidden_layers=2, use_resampler=False, qk_layer_norms=False),
+                     VOCAB + 1, VOCAB),
 }
+
+
+def gate(name):
+    return CASES[name][0].get("alpha_type", "float")
 
 
 def redraw_weights(model, seed=0):
@@ -85,7 +92,7 @@ def idefics(tmp_path_factory):
         if name not in built:
             overrides, image_id, fake_id = CASES[name]
             directory = str(tmp_path_factory.mktemp(name))
-            config = transformers.IdeficsConfig(**TEXT, **overrides)
+            config = transformers.IdeficsConfig(**{**TEXT, **overrides})
             torch.manual_seed(0)
             redraw_weights(transformers.IdeficsForVisionText2Text(config)).save_pretrained(
                 directory)
@@ -171,8 +178,9 @@ def test_logits_match_transformers(idefics, name):
     assert (model_config["image_token_id"], model_config["fake_image_token_id"]) == (
         image_id, fake_id)
     assert model_config["end_of_chunk_id"] == EOS and model_config["image_size"] == [SIZE, SIZE]
+    assert ("perceiver" in params) == (model_config["resampler"] is not None)
     gate_shape = np.shape(params["llm"]["layers"]["xattn0"]["alpha_attn"])
-    assert gate_shape == (() if "float" in name else (32,))
+    assert gate_shape == (() if gate(name) == "float" else (32,))
     if "tied" in name:
         assert "lm_head" not in params["llm"]
         np.testing.assert_array_equal(params["additional_head"]["kernel"],
@@ -193,7 +201,7 @@ def test_export_gives_transformers_the_same_model(idefics, tmp_path, name):
                   - ours_logits(model, params, tokens, images)).max()
     print(f"PARITY idefics export {name}: {diff:.2e}")
     assert diff < TOL
-    assert config["alpha_type"] == ("float" if "float" in name else "vector")
+    assert config["alpha_type"] == gate(name)
     _, again, again_config = load_pretrained(out)  # and back: the same params and config
     assert again_config == model_config
     flat, flat_again = flatten(params), flatten(again)
@@ -203,7 +211,7 @@ def test_export_gives_transformers_the_same_model(idefics, tmp_path, name):
 
 
 def config_dict(name, **overrides):
-    config = transformers.IdeficsConfig(**TEXT, **CASES[name][0]).to_dict()
+    config = transformers.IdeficsConfig(**{**TEXT, **CASES[name][0]}).to_dict()
     config["architectures"] = ["IdeficsForVisionText2Text"]
     return {**config, **overrides}
 

@@ -51,10 +51,11 @@ import numpy as np
 from vlmjax.convert import hf, hf_io, hf_names
 from vlmjax.convert.hf_decoder import open_tensors, stream_params
 from vlmjax.convert.hf_decoder_config import decoder_config_from_hf, decoder_kwargs
-from vlmjax.convert.hf_llava import LLMTensors, _flat_shardings, vision_from_hf
+from vlmjax.convert.hf_llava import LLMTensors, _flat_shardings, built_blocks, vision_from_hf
 from vlmjax.convert.params import flatten, unflatten
 from vlmjax.models.cross_attention import GATES
 from vlmjax.models.fusion import FusionLM
+from vlmjax.models.two_towers import with_defaults
 
 ARCHITECTURE = "IdeficsForVisionText2Text"
 MODEL_TYPE = "idefics"
@@ -127,7 +128,7 @@ def idefics_config_from_hf(hf_config: Mapping[str, Any], where: str = "config.js
     if ARCHITECTURE not in archs:
         raise ValueError(f"{where}: architectures {archs} are not supported; expected "
                          f"[{ARCHITECTURE!r}] (IdeficsModel has no lm_head)")
-    top = {**DEFAULTS, **{k: v for k, v in hf_config.items() if v is not None}}
+    top = {**DEFAULTS, **dict(hf_config)}
     if top["alpha_type"] not in GATES:
         raise ValueError(f"{where}: alpha_type {top['alpha_type']!r} is not supported; "
                          f"supported: {list(GATES)}")
@@ -141,9 +142,9 @@ def idefics_config_from_hf(hf_config: Mapping[str, Any], where: str = "config.js
     if not isinstance(added, int) or added < 0:
         raise ValueError(f"{where}: additional_vocab_size {added!r} must be an int >= 0")
     eos = top["eos_token_id"]
-    if not isinstance(eos, int):
+    if eos is not None and not isinstance(eos, int):
         raise ValueError(f"{where}: eos_token_id {eos!r} is not supported; supported: one int "
-                         "(IdeficsProcessor ends an image's chunk at the tokenizer's eos)")
+                         "or none (IdeficsProcessor ends an image's chunk at the tokenizer's eos)")
     decoder = _text_from_hf(top, where)
     vision, image_size = _vision_from_hf(top.get("vision_config"), where)
     vocab, token_ids = decoder["vocab_size"], dict(token_ids or {})
@@ -163,7 +164,7 @@ def idefics_config_from_hf(hf_config: Mapping[str, Any], where: str = "config.js
         cross_attention=dict(qk_norm=bool(top["qk_layer_norms"]), gate=top["alpha_type"],
                              skip_without_media=False),
         cross_attn_every=every, llm=decoder_kwargs(decoder), image_token_id=int(image_token),
-        end_of_chunk_id=int(eos), only_attend_immediate_media=True, additional_vocab_size=added,
+        end_of_chunk_id=eos, only_attend_immediate_media=True, additional_vocab_size=added,
         model_type=MODEL_TYPE, image_size=list(image_size), image_mean=list(mean),
         image_std=list(std), fake_image_token_id=token_ids.get(FAKE_IMAGE_TOKEN),
         **{k: decoder[k] for k in ("bos_id", "eos_id", "pad_id", "max_position_embeddings")})
@@ -239,7 +240,8 @@ def _heads_entries(hf_prefix: str, ours: str, heads: int, names) -> list[hf_name
 
 
 def vision_entries(vision: Mapping[str, Any]) -> list[hf_names.Entry]:
-    """The vision tower's tensors (CLIP's table under model.vision_model., no post_layernorm)."""
+    """The vision tower's tensors (CLIP's table under model.vision_model., no post_layernorm)
+    for `vision["depth"]` blocks."""
     towers = {"image": dict(vision), "text": {"depth": 0, "num_heads": 1}}  # the image half
     return [hf_names.Entry(VISION_PREFIX + e.hf.removeprefix("vision_model."),
                            "vision/" + e.vlmjax.removeprefix("image_tower/"), e.layout, e.heads)
@@ -298,7 +300,8 @@ ADDED_HEAD = "lm_head.additional_fc.weight"
 def fusion_entries(model_config: Mapping[str, Any]) -> list[hf_names.Entry]:
     """Every tensor outside the Llama LM's own table (HF name -> FusionLM path). With tied
     embeddings the added rows' head reads the added embedding (transposed)."""
-    entries = vision_entries(model_config["vision"])
+    entries = vision_entries({**dict(model_config["vision"]),
+                              "depth": built_blocks(with_defaults(FusionLM, model_config))})
     if model_config.get("resampler") is not None:
         entries += resampler_entries(model_config["resampler"])
     entries += cross_attention_entries(model_config)

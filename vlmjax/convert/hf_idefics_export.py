@@ -163,7 +163,7 @@ def hf_config_from_idefics(model_config: Mapping[str, Any], vision_params: Mappi
         vision_config=dict(
             model_type="idefics_vision", embed_dim=int(vision["width"]), image_size=side,
             intermediate_size=int(vision["mlp_dim"] or 4 * vision["width"]),
-            patch_size=int(vision["patch_size"]), num_hidden_layers=built_blocks(model_config),
+            patch_size=int(vision["patch_size"]), num_hidden_layers=built_blocks(with_defaults(FusionLM, model_config)),
             num_attention_heads=int(vision["num_heads"]), num_channels=3,
             hidden_act=HF_ACTIVATIONS[vision["activation"]],
             layer_norm_eps=float(vision["norm_eps"])))
