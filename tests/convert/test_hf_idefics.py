@@ -301,3 +301,33 @@ def test_convert_cli_exports_an_hf_idefics_dir(idefics, tmp_path, capsys):
     diff = np.abs(hf_logits(load_reference(out), tokens, images, processor_mask(tokens, image_id))
                   - ours_logits(model, params, tokens, images)).max()
     assert diff < TOL
+
+
+def copied_checkpoint(directory, out, extra):
+    """`directory`'s config, tokenizer config and tensors plus `extra` tensors in `out`."""
+    os.makedirs(out, exist_ok=True)
+    for name in ("config.json", "tokenizer_config.json"):
+        hf_io.write_json(os.path.join(out, name), hf_io.read_json(os.path.join(directory, name)))
+    state = {**hf_io.read_state_dict(directory), **extra}
+    hf_io.write_safetensors_streaming(out, [(n, v.shape) for n, v in state.items()],
+                                      state.__getitem__, "float32")
+    return out
+
+
+def test_old_buffers_load_and_a_tensor_the_model_lacks_is_named(idefics, tmp_path):
+    directory, _, _, params, _ = idefics("float_every_layer")
+    buffers = {"model.gated_cross_attn_layers.0.cross_attn.rotary_emb.inv_freq": np.ones(4),
+               "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4),
+               "model.vision_model.embeddings.position_ids": np.arange(5.0)[None]}
+    _, again, _ = load_pretrained(copied_checkpoint(directory, str(tmp_path / "a"), buffers))
+    assert set(flatten(again)) == set(flatten(params))
+    extra = {"model.gated_cross_attn_layers.2.alpha_dense": np.zeros(1)}
+    with pytest.raises(ValueError, match=r"unused \['model.gated_cross_attn_layers.2.alpha_d"):
+        load_pretrained(copied_checkpoint(directory, str(tmp_path / "b"), extra))
+
+
+def test_vision_width_under_either_name():
+    config = config_dict("float_every_layer")
+    vision = {k: v for k, v in config["vision_config"].items() if k != "embed_dim"}
+    config["vision_config"] = {**vision, "hidden_size": 32}
+    assert idefics_config_from_hf(config)["vision"]["width"] == 32

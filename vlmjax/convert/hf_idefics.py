@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmjax.convert import hf, hf_io, hf_names
-from vlmjax.convert.hf_decoder import open_tensors, stream_params
+from vlmjax.convert.hf_decoder import IGNORED_SUFFIXES, open_tensors, stream_params
 from vlmjax.convert.hf_decoder_config import decoder_config_from_hf, decoder_kwargs
 from vlmjax.convert.hf_llava import LLMTensors, _flat_shardings, built_blocks, vision_from_hf
 from vlmjax.convert.params import flatten, unflatten
@@ -87,8 +87,12 @@ VISION_PREFIX = "model.vision_model."
 # ----------------------------------------------------------------------------------- config
 def _vision_from_hf(vision_config: Mapping[str, Any] | None, where: str) -> tuple[dict, list]:
     """(ViT kwargs, image size) of an idefics_vision config: CLIP's vision transformer."""
-    vision = {**VISION_DEFAULTS, **dict(vision_config or {})}
-    vision["hidden_size"] = vision.pop("embed_dim")  # IdeficsVisionConfig's name for it
+    given = dict(vision_config or {})
+    vision = {**VISION_DEFAULTS, **given}
+    # IdeficsVisionConfig's name for the width is embed_dim (hidden_size: an alias)
+    vision["hidden_size"] = given.get("embed_dim", given.get("hidden_size",
+                                                             VISION_DEFAULTS["embed_dim"]))
+    vision.pop("embed_dim")
     vision["model_type"] = "clip_vision_model"
     _, kwargs, size = vision_from_hf(vision, f"{where} vision_config")
     return kwargs, size
@@ -148,7 +152,9 @@ def idefics_config_from_hf(hf_config: Mapping[str, Any], where: str = "config.js
     decoder = _text_from_hf(top, where)
     vision, image_size = _vision_from_hf(top.get("vision_config"), where)
     vocab, token_ids = decoder["vocab_size"], dict(token_ids or {})
-    image_token = top.get("image_token_id", token_ids.get(IMAGE_TOKEN))
+    image_token = top.get("image_token_id")
+    if image_token is None:
+        image_token = token_ids.get(IMAGE_TOKEN)
     if image_token is None:
         if not added:
             raise ValueError(f"{where}: no image token id: config.json has no image_token_id, "
@@ -327,7 +333,7 @@ def _split_names(tensors, model_config, where: str) -> list[str]:
     llm = sorted(n for n in names if _is_llm_tensor(n))
     unused = sorted(n for n in names - wanted - set(llm) - ignored
                     if not n.startswith(VISION_PREFIX + "post_layernorm.")
-                    and not n.endswith(hf.IGNORED_BUFFERS))
+                    and not n.endswith((*hf.IGNORED_BUFFERS, *IGNORED_SUFFIXES)))
     missing = sorted(wanted - names)
     if missing or unused:
         raise ValueError(f"{where}: the weights do not match an Idefics model of this "
