@@ -246,12 +246,18 @@ def test_vision_config_values_are_named():
      r"skip_without_media=True \(HF: False"),
     (dict(cross_attn_every=3), r"cross_attn_every=3 \(HF: a divisor of the LM's depth 2\)"),
     (dict(end_of_chunk_id=5), r"end_of_chunk_id=5 \(HF: the eos, eos_id=2\)"),
+    (dict(end_of_chunk_id=None), r"end_of_chunk_id=None \(HF: IdeficsProcessor ends chunks"),
+    (dict(llm={"num_kv_heads": 2}), r"llm.num_kv_heads=2 \(HF: num_heads=4\)"),
+    (dict(resampler={"num_latents": 3, "depth": 1, "num_heads": 2, "head_dim": 8,
+                     "activation": "gelu"}), r"resampler.activation='gelu' \(HF: 'relu'\)"),
     (dict(vision_feature_select_strategy="default"), r"vision_feature_select_strategy="),
 ])
 def test_export_refuses_what_hf_idefics_cannot_express(idefics, tmp_path, override, message):
     _, _, _, params, model_config = idefics("float_every_layer")
+    llm = {**model_config["llm"], **override.get("llm", {})}  # `llm`: changes to the LM's
     with pytest.raises(ValueError, match=message):
-        export_hf_idefics({**model_config, **override}, params, str(tmp_path / "out"))
+        export_hf_idefics({**model_config, **override, "llm": llm}, params,
+                          str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
@@ -331,3 +337,22 @@ def test_vision_width_under_either_name():
     vision = {k: v for k, v in config["vision_config"].items() if k != "embed_dim"}
     config["vision_config"] = {**vision, "hidden_size": 32}
     assert idefics_config_from_hf(config)["vision"]["width"] == 32
+
+
+def test_export_of_a_model_instance_reading_an_earlier_vision_layer(idefics, tmp_path):
+    """A FusionLM instance (no INFO_KEYS: the eos comes from end_of_chunk_id) reading the first
+    of two vision blocks: the export has a one-block tower, whose last_hidden_state it reads."""
+    from vlmjax.convert.hf_idefics import build_fusion_lm
+
+    _, _, _, params, model_config = idefics("float_every_layer")
+    model = build_fusion_lm({**model_config, "vision_feature_layer": 1})
+    encoder = {k: v for k, v in params["vision"]["encoder"].items() if k != "block1"}
+    params = {**params, "vision": {**params["vision"], "encoder": encoder}}
+    out = str(tmp_path / "exported")
+    config = export_hf_idefics(model, params, out)
+    assert config["vision_config"]["num_hidden_layers"] == 1 and config["eos_token_id"] == EOS
+    _, image_id, fake_id = CASES["float_every_layer"]
+    tokens, images = interleaved(image_id, fake_id, seed=6), random_images(seed=6)
+    diff = np.abs(hf_logits(load_reference(out), tokens, images, processor_mask(tokens, image_id))
+                  - ours_logits(model, params, tokens, images)).max()
+    assert diff < TOL

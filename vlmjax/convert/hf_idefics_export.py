@@ -82,9 +82,6 @@ def _cross_problems(config: Mapping[str, Any], llm: Mapping[str, Any]) -> list[s
     every, depth = int(config.get("cross_attn_every", 1)), int(llm["depth"])
     wrong = [] if depth % every == 0 else [
         f"cross_attn_every={every} (HF: a divisor of the LM's depth {depth})"]
-    cross = with_defaults(GatedCrossAttention, {"width": 0, "num_heads": 0, "head_dim": 0,
-                                                "mlp_dim": 0, **dict(config.get("cross_attention")
-                                                                     or {})})
     own = dict(config.get("cross_attention") or {})
     lm = with_defaults(Decoder, llm)
     lm_values = dict(num_heads=lm["num_heads"], head_dim=lm["head_dim"] or lm["width"] //
@@ -92,7 +89,7 @@ def _cross_problems(config: Mapping[str, Any], llm: Mapping[str, Any]) -> list[s
                      mlp=lm["mlp"], norm=lm["norm"], norm_eps=lm["norm_eps"])
     wrong += [f"cross_attention.{k}={own[k]!r} (HF: the LM's {lm_values[k]!r})"
               for k in SHARED_WITH_LM if k in own and own[k] != lm_values[k]]
-    if cross["skip_without_media"]:
+    if with_defaults(GatedCrossAttention, own)["skip_without_media"]:
         wrong.append("cross_attention.skip_without_media=True (HF: False, the gated FFN "
                      "applies to tokens that see no image)")
     return wrong
@@ -121,8 +118,9 @@ def check_expressible(config: Mapping[str, Any]) -> None:
         except ValueError as e:
             wrong.append(str(e))
     eos, end = config.get("eos_id"), full.get("end_of_chunk_id")
-    if end is None and eos is None:
-        wrong.append("end_of_chunk_id=None (HF: IdeficsProcessor ends chunks at the eos)")
+    if end is None and eos is not None:
+        wrong.append(f"end_of_chunk_id=None (HF: IdeficsProcessor ends chunks at the eos, "
+                     f"eos_id={eos})")
     elif end is not None and eos is not None and end != eos:
         wrong.append(f"end_of_chunk_id={end} (HF: the eos, eos_id={eos})")
     wrong += _lm_problems(full["llm"]) + _cross_problems(full, full["llm"])
