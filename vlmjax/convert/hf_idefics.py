@@ -24,10 +24,11 @@ config.json (an IdeficsConfig):
     attention output of a token that sees no image; the gated FFN still applies);
   additional_vocab_size -> additional_vocab_size (decoupled embedding and lm_head rows);
   eos_token_id -> end_of_chunk_id (IdeficsProcessor ends an image's chunk at the tokenizer's eos).
-image_token_id: config.json's `image_token_id` if set, else the tokenizer's "<image>" (tokenizer.json,
-tokenizer_config.json or added_tokens.json), else the last added id (vocab_size +
-additional_vocab_size - 1, where Idefics' own tokenizers put <image>); with neither an added
-vocabulary nor a tokenizer it is an error. Only media masks derived from the tokens use it.
+image_token_id: config.json's `image_token_id` if set, else the tokenizer's "<image>"
+(tokenizer.json, tokenizer_config.json or added_tokens.json), else the last added id
+(vocab_size + additional_vocab_size - 1: a fallback for a directory without tokenizer files,
+not read from anywhere); with neither an added vocabulary nor a tokenizer it is an error. Only
+media masks derived from the tokens use it.
 Other values FusionLM cannot express: a ValueError naming the field and what is supported.
 
 Weights (safetensors, read and placed tensor by tensor): model.vision_model.X -> vision/ (CLIP's

@@ -136,6 +136,7 @@ def hf_config_from_idefics(model_config: Mapping[str, Any], vision_params: Mappi
     INFO_KEYS optional); `vision_params` give the image size."""
     check_expressible(model_config)
     vision = with_defaults(ViT, model_config["vision"])
+    blocks = built_blocks(with_defaults(FusionLM, model_config))  # up to the feature layer
     end = model_config.get("end_of_chunk_id")
     lm = {**lm_config(model_config), "eos_id": model_config.get("eos_id", end) if end is None
           else end}
@@ -161,7 +162,7 @@ def hf_config_from_idefics(model_config: Mapping[str, Any], vision_params: Mappi
         vision_config=dict(
             model_type="idefics_vision", embed_dim=int(vision["width"]), image_size=side,
             intermediate_size=int(vision["mlp_dim"] or 4 * vision["width"]),
-            patch_size=int(vision["patch_size"]), num_hidden_layers=built_blocks(with_defaults(FusionLM, model_config)),
+            patch_size=int(vision["patch_size"]), num_hidden_layers=blocks,
             num_attention_heads=int(vision["num_heads"]), num_channels=3,
             hidden_act=HF_ACTIVATIONS[vision["activation"]],
             layer_norm_eps=float(vision["norm_eps"])))
