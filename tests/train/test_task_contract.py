@@ -10,7 +10,8 @@ from vlmjax.train.tasks import TASKS, base, get_task
 CONFIGS = {"contrastive": "configs/siglip/tiny.py:runlocal", "lm": "configs/lm/tiny.py:runlocal",
            "llava": "configs/llava/tiny.py:runlocal,shapes_dir={tmp},llava_dir={tmp}",
            "blip": "configs/blip/tiny.py:runlocal",
-           "blip2": "configs/blip2/tiny.py:runlocal,stage=1,shapes_dir={tmp}"}
+           "blip2": "configs/blip2/tiny.py:runlocal,stage=1,shapes_dir={tmp}",
+           "fusion": "configs/fusion/tiny.py:runlocal,shapes_dir={tmp},mmc4_dir={tmp}"}
 
 
 def load_task_config(name, tmp_path):
