@@ -11,7 +11,7 @@ DEMO_CONFIG ?= configs/siglip/tiny.py
 LLAVA_WORKDIR ?= $(CURDIR)/workdir/llava_tiny
 BLIP_WORKDIR ?= $(CURDIR)/workdir/blip_tiny
 
-.PHONY: demo demo-llava demo-cot demo-blip demo-blip2 test test-fast install bench-loss-memory clean-demo
+.PHONY: demo demo-llava demo-cot demo-blip demo-blip2 demo-fusion test test-fast install bench-loss-memory clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ demo-cot: $(VENV)/.installed
 # (Q-Former on the frozen CNN) and stage 2 (soft prompt of the frozen LM); WORKDIR= as demo-llava.
 demo-blip2: $(VENV)/.installed
 	$(PY) -m vlmjax.demos.blip2 --data_dir $(DATA_DIR) \
+		--workdir $(if $(filter command line,$(origin WORKDIR)),$(WORKDIR),$(LLAVA_WORKDIR))
+
+# Flamingo-style fusion: the frozen SigLIP CNN and LM of the LLaVA chain (reused when complete),
+# the mmc4 export of vlm_shapes, then the resampler + gated cross-attention; WORKDIR= as demo-llava.
+demo-fusion: $(VENV)/.installed
+	$(PY) -m vlmjax.demos.fusion --data_dir $(DATA_DIR) \
 		--workdir $(if $(filter command line,$(origin WORKDIR)),$(WORKDIR),$(LLAVA_WORKDIR))
 
 # Tiny BLIP (ITC + ITM on hard negatives + LM) on vlm_shapes, its CNN image tower started from a
