@@ -12,7 +12,12 @@ from vlmjax.train import trainer
 # negatives are checked without training (test_clip_tiny_inherits_the_tiny_recipes_negatives).
 RUNLOCAL = ["configs/align/tiny.py", "configs/align/efficientnet.py", "configs/siglip/vit_b16.py",
             "configs/clip/vit_b16.py", "configs/siglip/tiny.py:image=vit,text_depth=2,negatives=0",
-            "configs/clip/tiny.py:negatives=2"]
+            "configs/clip/tiny.py:negatives=2", "configs/clip/rn50.py",
+            "configs/clip/cbow_tiny.py:negatives=2", "configs/clip/tiny.py:image=resnet,negatives=2"]
+# The tower each trains: image_arch / text_arch (defaults: vit / transformer).
+TOWERS = {"configs/align/efficientnet.py": ("efficientnet", "bert"),
+          "configs/clip/rn50.py": ("resnet", "transformer"),
+          "configs/clip/cbow_tiny.py": ("cnn", "cbow")}
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/*/*.py")))
@@ -26,6 +31,7 @@ def test_every_config_loads_and_passes_key_checks(path):
 
 
 @pytest.mark.parametrize("path", ["configs/siglip/tiny.py", "configs/clip/tiny.py",
+                                  "configs/clip/cbow_tiny.py", "configs/clip/tiny.py:image=resnet",
                                   "configs/align/tiny.py", "configs/siglip/tiny.py:runlocal"])
 def test_tiny_configs_evaluate_on_validation_and_test(path):
     """Recipes are chosen on validation and test is reported: both are evaluated."""
@@ -60,7 +66,16 @@ def test_runlocal_preset_trains(path, tmp_path_factory):
     assert "zero_shot/test/top1" in result.metrics
     image_tower = result.state.params["image_tower"]
     assert ("conv1" in image_tower) == (config.model.get("image_arch") == "cnn")
-    if "negatives=0" in presets or "align" in path or "vit_b16" in path:
+    arch = "resnet" if "image=resnet" in presets else TOWERS.get(path, (None,))[0]
+    if arch:
+        assert config.model.image_arch == arch
+    if path in TOWERS:
+        assert config.model.get("text_arch", "transformer") == TOWERS[path][1]
+    if arch == "resnet":  # the attention pool, over a 1x1 map at 32 px
+        assert image_tower["attn_pool"]["pos_embedding"].shape == (2, 8 * 32)
+    if path == "configs/clip/cbow_tiny.py":  # embeddings only: no encoder, no pooling head
+        assert set(result.state.params["text_tower"]) == {"token_embed"}
+    if "negatives=0" in presets or "align" in path or "vit_b16" in path or "rn50" in path:
         assert "hard_negatives" not in config.input
     else:
         assert config.input.hard_negatives.count == 2
