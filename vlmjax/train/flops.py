@@ -17,7 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from vlmjax.models.convnet import ConvNet
+from vlmjax.models.efficientnet import EfficientNet
+from vlmjax.models.two_towers import TEXT_TOWERS, with_defaults
 from vlmjax.models.vit import conv_stem_channels
+from vlmjax.train import conv_flops
 
 
 def encoder_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
@@ -71,18 +74,30 @@ def convnet_flops(cfg: dict, image_size: int) -> float:
 
 
 def image_tower_flops(model: dict, image_size: int) -> float:
-    if model.get("image_arch", "vit") == "cnn":
+    arch = model.get("image_arch", "vit")
+    if arch == "cnn":
         return convnet_flops(model["image"], image_size)
+    if arch == "resnet":
+        return conv_flops.resnet_flops(model["image"], image_size)
+    if arch == "efficientnet":
+        return conv_flops.efficientnet_flops(model["image"], image_size)
     return vit_flops(model["image"], image_size)
 
 
 def image_tower_width(model: dict) -> int:
-    if model.get("image_arch", "vit") == "cnn":
+    """Width of the image tower's pooled output: what the image projection maps from."""
+    arch = model.get("image_arch", "vit")
+    if arch == "cnn":
         return ConvNet(**model["image"]).width
+    if arch == "resnet":
+        return model["image"].get("output_dim", 1024)
+    if arch == "efficientnet":
+        return EfficientNet(**model["image"]).width
     return model["image"].get("width", 768)
 
 
 def text_flops(cfg: dict, length: int) -> float:
+    """A TextTransformer (or BERT: the same encoder, pooled at a token, no head)."""
     width = cfg.get("width", 512)
     mlp_dim = cfg.get("mlp_dim") or 4 * width
     flops = encoder_flops(length, width, cfg.get("depth", 12), mlp_dim)
@@ -91,15 +106,30 @@ def text_flops(cfg: dict, length: int) -> float:
     return flops
 
 
+def text_tower_config(model: dict) -> dict:
+    """The text tower's fields with its own defaults (BERT's width is not a TextTransformer's)."""
+    return with_defaults(TEXT_TOWERS[model.get("text_arch", "transformer")], model["text"])
+
+
+def text_tower_flops(model: dict, length: int) -> float:
+    cfg = text_tower_config(model)
+    arch = model.get("text_arch", "transformer")
+    if arch == "cbow":  # a gather and a mean: no multiply-adds but the optional projection
+        return 2.0 * cfg["width"] ** 2 if cfg["projection"] else 0.0
+    if arch == "bert":
+        return text_flops({**cfg, "pool": "first"}, length)
+    return text_flops(cfg, length)
+
+
 def two_towers_train_flops_per_example(model: dict, image_size: int, text_length: int,
                                        batch_size: int, hard_negatives: int = 0) -> float:
     """Forward + backward FLOPs per example of a TwoTowers model with a contrastive loss, with
     `hard_negatives` extra captions per example encoded and scored."""
-    widths = {"image": image_tower_width(model), "text": model["text"].get("width", 512)}
+    widths = {"image": image_tower_width(model), "text": text_tower_config(model)["width"]}
     embed = model.get("embed_dim") or widths["image"]
     projects = {tower: model.get(f"{tower}_projection", True) and bool(model.get("embed_dim"))
                 for tower in ("image", "text")}
-    text = text_flops(model["text"], text_length) + (
+    text = text_tower_flops(model, text_length) + (
         2 * widths["text"] * embed if projects["text"] else 0)
     forward = image_tower_flops(model, image_size) + text * (1 + hard_negatives)
     if projects["image"]:
