@@ -175,3 +175,38 @@ def test_exact_accumulation_memory_follows_the_micro_batch(tmp_path):
     print(f"\ncompiled temp memory, batch {batch_size}: accum 1 {temp[1] / 2**20:.1f} MiB, "
           f"exact accum 4 {temp[4] / 2**20:.1f} MiB")
     assert temp[4] < 0.5 * temp[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accum,path", [("auto", "exact"), ("naive", "naive")])
+def test_the_trainer_takes_the_exact_path_for_a_contrastive_task(accum, path, monkeypatch,
+                                                                  tmp_path_factory):
+    """trainer.train hands optim.accum and the task to make_train_step: with accum_steps 2 a
+    contrastive run goes through the GradCache path by default, and not with accum='naive'."""
+    from vlmjax.train import trainer
+    calls = {"exact": 0, "kwargs": None}
+    make_train_step, exact_grads = step_lib.make_train_step, step_lib._exact_accum_grads
+
+    def recording_make_train_step(*args, **kwargs):
+        calls["kwargs"] = kwargs
+        return make_train_step(*args, **kwargs)
+
+    def counting_exact_grads(*args, **kwargs):  # traced once per compilation of the step
+        calls["exact"] += 1
+        return exact_grads(*args, **kwargs)
+
+    monkeypatch.setattr(step_lib, "make_train_step", recording_make_train_step)
+    monkeypatch.setattr(step_lib, "_exact_accum_grads", counting_exact_grads)
+    config = config_lib.load_config("configs/clip/tiny.py:runlocal,negatives=0")
+    data_dir = str(tmp_path_factory.getbasetemp() / "runlocal_tfds")
+    config_lib.apply_overrides(config, [f"data.data_dir={data_dir}", "total_steps=2"])
+    with config.unlocked():
+        config.optim.update(accum_steps=2, accum=accum)
+        config.evals = ml_collections.ConfigDict()
+    result = trainer.train(config, str(tmp_path_factory.mktemp("workdir")))
+    assert int(result.state.step) == 2
+    kwargs = calls["kwargs"]
+    assert kwargs["accum_steps"] == 2 and kwargs["accum"] == accum
+    assert isinstance(kwargs["task"], ContrastiveTask)
+    assert step_lib.resolve_accum(kwargs["accum"], kwargs["task"]) == path
+    assert (calls["exact"] > 0) == (path == "exact")
