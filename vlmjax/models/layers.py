@@ -37,6 +37,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 # per-head projections [B, L, H, K] and the MLP's hidden layer [B, L, F].
 RESIDUAL_BLD = ("act_batch", "act_length", "act_embed")
 HEADS_BLHK = ("act_batch", "act_length", "act_heads", None)
+HEADS_BHLK = ("act_batch", "act_heads", "act_length", None)
 HIDDEN_BLF = ("act_batch", "act_length", "act_mlp")
 
 
@@ -145,14 +146,51 @@ def _fused_attention(q, k, v, mask):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
+class _ProjectionParams(nn.Module):
+    """The parameters of one of MultiHeadAttention's `nn.DenseGeneral`s (the same names, shapes,
+    initialisers and logical axes, so checkpoints and converters see no difference), returned
+    instead of applied: the BHLK path chooses its own matmul layout with them."""
+    kernel_shape: tuple[int, ...]
+    fan_in_dims: int          # leading kernel dims contracted with the input
+    kernel_axes: tuple
+    bias_axes: tuple
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self):
+        def flat_init(rng, shape, dtype=jnp.float32):  # DenseGeneral's fan-in/fan-out view
+            fan_in = int(np.prod(shape[:self.fan_in_dims]))
+            flat = nn.initializers.xavier_uniform()(rng, (fan_in, int(np.prod(shape)) // fan_in),
+                                                    dtype)
+            return flat.reshape(shape)
+
+        kernel = self.param("kernel", partitioned(flat_init, self.kernel_axes), self.kernel_shape,
+                            jnp.float32)
+        bias = (self.param("bias", partitioned(nn.initializers.zeros, self.bias_axes),
+                           self.kernel_shape[self.fan_in_dims:], jnp.float32)
+                if self.use_bias else None)
+        return kernel, bias
+
+
+ATTENTION_LAYOUTS = ("BHLK", "BLHK")
+
+
 class MultiHeadAttention(nn.Module):
-    """Self-attention (`kv=None`) or cross-attention from `x` to `kv`."""
+    """Self-attention (`kv=None`) or cross-attention from `x` to `kv`.
+
+    `layout="BHLK"` (default) projects straight into [B, H, L, K] (self-attention: one matmul
+    for Q, K and V together), so both attention einsums are plain batched matmuls over (B, H)
+    with no transposes around them; `"BLHK"` is the earlier path (DenseGeneral projections to
+    [B, L, H, K] and `dot_product_attention`), kept to measure against. Same parameters and the
+    same function either way; `fused=True` always takes the BLHK path.
+    """
     num_heads: int
     head_dim: int | None = None  # default: width // num_heads
     out_dim: int | None = None   # default: width of x
     use_bias: bool = True
     dropout: float = 0.0
     fused: bool = False
+    layout: str = "BHLK"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -160,7 +198,14 @@ class MultiHeadAttention(nn.Module):
         width = x.shape[-1]
         if width % self.num_heads and self.head_dim is None:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+        if self.layout not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention layout {self.layout!r} is not one of "
+                             f"{list(ATTENTION_LAYOUTS)}")
         head_dim = self.head_dim or width // self.num_heads
+        rng = self.make_rng("dropout") if train and self.dropout > 0 else None
+        dropout_rate = self.dropout if train else 0.0
+        if self.layout == "BHLK" and not self.fused:
+            return self._bhlk(x, kv, mask, head_dim, dropout_rate, rng)
         kv = x if kv is None else kv
 
         def proj(name):
@@ -173,8 +218,7 @@ class MultiHeadAttention(nn.Module):
 
         q, k, v = (constrain(proj(name)(inputs), HEADS_BLHK)
                    for name, inputs in (("query", x), ("key", kv), ("value", kv)))
-        rng = self.make_rng("dropout") if train and self.dropout > 0 else None
-        out = dot_product_attention(q, k, v, mask, dropout_rate=self.dropout if train else 0.0,
+        out = dot_product_attention(q, k, v, mask, dropout_rate=dropout_rate,
                                     dropout_rng=rng, fused=self.fused)
         out = constrain(out, HEADS_BLHK)
         return nn.DenseGeneral(
@@ -183,6 +227,55 @@ class MultiHeadAttention(nn.Module):
             kernel_init=partitioned(nn.initializers.xavier_uniform(),
                                     ("heads", "head_dim", "embed")),
             bias_init=partitioned(nn.initializers.zeros, ("embed",)))(out)
+
+    def _bhlk(self, x, kv, mask, head_dim, dropout_rate, rng):
+        width, heads = x.shape[-1], self.num_heads
+        kv_width = width if kv is None else kv.shape[-1]
+        params = {name: _ProjectionParams((dim, heads, head_dim), 1, ("embed", "heads", "head_dim"),
+                                          ("heads", "head_dim"), self.use_bias, name=name)()
+                  for name, dim in (("query", width), ("key", kv_width), ("value", kv_width))}
+        out_kernel, out_bias = _ProjectionParams(
+            (heads, head_dim, self.out_dim or width), 2, ("heads", "head_dim", "embed"),
+            ("embed",), self.use_bias, name="out")()
+        # The softmax scale goes into the query weights ([D, H, K]), not the [B, H, Lq, Lk] logits.
+        scale = 1.0 / np.sqrt(head_dim)
+        kernels = [params["query"][0] * scale, params["key"][0], params["value"][0]]
+        biases = ([params["query"][1] * scale, params["key"][1], params["value"][1]]
+                  if self.use_bias else [None] * 3)
+        kernels = [w.astype(self.dtype) for w in kernels]
+        biases = [None if b is None else b.astype(self.dtype) for b in biases]
+        x = x.astype(self.dtype)
+
+        def project(inputs, kernel, bias):  # [B, L, D] -> [B, H, L, K]
+            y = jnp.einsum("bld,dhk->bhlk", inputs, kernel)
+            return y if bias is None else y + bias[:, None, :]
+
+        if kv is None:  # one [D, 3HK] matmul, then a single transpose to [3, B, H, L, K]
+            batch, length, _ = x.shape
+            w = jnp.concatenate([k.reshape(width, -1) for k in kernels], axis=1)
+            qkv = x @ w
+            if self.use_bias:
+                qkv = qkv + jnp.concatenate([b.reshape(-1) for b in biases])
+            qkv = qkv.reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        else:
+            kv = kv.astype(self.dtype)
+            q = project(x, kernels[0], biases[0])
+            k, v = (project(kv, w, b) for w, b in zip(kernels[1:], biases[1:]))
+        q, k, v = (constrain(t, HEADS_BHLK) for t in (q, k, v))
+        logits = jnp.einsum("bhqk,bhsk->bhqs", q, k, preferred_element_type=jnp.float32)
+        if mask is not None:  # [B, 1|H, Lq, Lk] broadcasts onto the logits as they are
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        if mask is not None:  # rows with no valid key (fully padded queries) give zeros, not NaN
+            probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)
+        if dropout_rate > 0.0 and rng is not None:
+            keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, probs.shape)
+            probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+        out = jnp.einsum("bhqs,bhsk->bqhk", probs.astype(v.dtype), v)
+        out = constrain(out, HEADS_BLHK)
+        y = jnp.einsum("bqhk,hkd->bqd", out, out_kernel.astype(self.dtype))
+        return y if out_bias is None else y + out_bias.astype(self.dtype)
 
 
 # ------------------------------------------------------------------------------------------- MLP
@@ -223,6 +316,7 @@ class BlockSettings(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     fused_attention: bool = False
+    attention_layout: str = "BHLK"  # MultiHeadAttention.layout: "BLHK" only to measure against
     dtype: Dtype = jnp.float32
 
 
@@ -237,7 +331,8 @@ class EncoderBlock(BlockSettings):
     def __call__(self, x, mask=None, train: bool = False):  # train positional: remat's static arg
         h = make_norm(self.norm, self.dtype, self.norm_eps, name="norm1")(x)
         h = MultiHeadAttention(self.num_heads, dropout=self.attention_dropout,
-                               fused=self.fused_attention, dtype=self.dtype, name="attn")(
+                               fused=self.fused_attention, layout=self.attention_layout,
+                               dtype=self.dtype, name="attn")(
             h, mask=mask, train=train)
         x = x + nn.Dropout(self.dropout)(h, deterministic=not train)
         h = make_norm(self.norm, self.dtype, self.norm_eps, name="norm2")(x)
@@ -269,7 +364,8 @@ def encoder(tower, depth: int | None = None, name: str = "encoder") -> "Encoder"
 
 def map_head(tower, name: str = "map_head") -> "MAPHead":
     return MAPHead(tower.num_heads, tower.mlp_dim or 4 * tower.width, tower.activation,
-                   tower.norm_eps, tower.fused_attention, tower.dtype, name=name)
+                   tower.norm_eps, tower.fused_attention, tower.dtype,
+                   attention_layout=tower.attention_layout, name=name)
 
 
 REMAT_POLICIES = ("none", "full", "save-dots")
@@ -363,6 +459,7 @@ class MAPHead(nn.Module):
     norm_eps: float = 1e-6
     fused_attention: bool = False
     dtype: Dtype = jnp.float32
+    attention_layout: str = "BHLK"
 
     @nn.compact
     def __call__(self, x, mask=None):
@@ -371,7 +468,8 @@ class MAPHead(nn.Module):
                                                 (None, None, "embed")), (1, 1, width))
         probe = jnp.broadcast_to(probe, (x.shape[0], 1, width)).astype(self.dtype)
         attn_mask = None if mask is None else mask[:, None, None, :]
-        y = MultiHeadAttention(self.num_heads, fused=self.fused_attention, dtype=self.dtype,
+        y = MultiHeadAttention(self.num_heads, fused=self.fused_attention,
+                               layout=self.attention_layout, dtype=self.dtype,
                                name="attn")(probe, x, attn_mask)
         h = make_norm("layernorm", self.dtype, self.norm_eps, name="norm")(y)
         y = y + MLP(self.mlp_dim, self.activation, dtype=self.dtype, name="mlp")(h)
