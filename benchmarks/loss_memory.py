@@ -1,11 +1,15 @@
-"""Per-device memory and step time of the contrastive losses as the device count grows.
+"""Per-device memory, communication and step time of the contrastive losses as the device
+count grows.
 
 For a fixed per-device batch b and width D, compiles `value_and_grad` of each SigLIP impl and of
 CLIP's loss on N = 1, 2, 4, 8 devices (simulated CPU devices unless real ones exist) and prints
-the per-device temporary memory from XLA's compiled memory analysis and the median step time.
+the per-device temporary memory from XLA's compiled memory analysis, the b x D chunks each
+device sends per step (collectives in the compiled HLO, as benchmarks/measure_comm.py counts
+them: loops once per trip) and the median step time.
 
     python benchmarks/loss_memory.py                 # b=1024,D=256 and b=512,D=768
     python benchmarks/loss_memory.py --shapes 256x64 --devices 2,8 --steps 3
+    python benchmarks/loss_memory.py --losses siglip/ppermute,siglip/ppermute_bidir
 """
 from __future__ import annotations
 
@@ -25,6 +29,9 @@ import numpy as np  # noqa: E402
 from vlmjax import sharding  # noqa: E402
 from vlmjax.losses import contrastive  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure_comm import collective_bytes  # noqa: E402
+
 LOSSES = {
     "siglip/dense": lambda mesh: lambda zi, zt, t, b: contrastive.siglip_loss(
         zi, zt, t, b, mesh=mesh, impl="dense"),
@@ -32,6 +39,8 @@ LOSSES = {
         zi, zt, t, b, mesh=mesh, impl="all_gather"),
     "siglip/ppermute": lambda mesh: lambda zi, zt, t, b: contrastive.siglip_loss(
         zi, zt, t, b, mesh=mesh, impl="ppermute"),
+    "siglip/ppermute_bidir": lambda mesh: lambda zi, zt, t, b: contrastive.siglip_loss(
+        zi, zt, t, b, mesh=mesh, impl="ppermute_bidir"),
     "clip": lambda mesh: lambda zi, zt, t, b: contrastive.clip_loss(zi, zt, t, mesh=mesh),
 }
 
@@ -44,6 +53,8 @@ def measure(loss_name: str, devices: int, rows: int, dim: int, steps: int):
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated)
     compiled = step.lower(emb, emb, scalar, scalar).compile()
     temp_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    moved = collective_bytes(compiled.as_text(), devices)
+    chunks = sum(v for k, v in moved.items() if k != "scalars") / (rows * dim * 4)
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(2, rows * devices, dim)).astype(np.float32)
@@ -56,7 +67,7 @@ def measure(loss_name: str, devices: int, rows: int, dim: int, steps: int):
         start = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
-    return temp_mib, statistics.median(times) * 1e3
+    return temp_mib, chunks, statistics.median(times) * 1e3
 
 
 def main(argv=None):
@@ -71,17 +82,19 @@ def main(argv=None):
     if max(device_counts) > jax.device_count():
         sys.exit(f"--devices asks for {max(device_counts)} devices; {jax.device_count()} exist")
     print(f"# {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}; "
-          "temp = per-device temporary memory (XLA memory analysis) of value_and_grad")
-    header = f"| b x D | loss | " + " | ".join(f"N={n} temp MiB | N={n} ms" for n in device_counts)
+          "temp = per-device temporary memory (XLA memory analysis) of value_and_grad; "
+          "chunks = b x D chunks each device sends per step")
+    header = "| b x D | loss | " + " | ".join(f"N={n} temp MiB | N={n} chunks | N={n} ms"
+                                             for n in device_counts)
     print(header + " |")
-    print("|" + "---|" * (2 + 2 * len(device_counts)))
+    print("|" + "---|" * (2 + 3 * len(device_counts)))
     for shape in args.shapes.split(","):
         rows, dim = (int(v) for v in shape.split("x"))
         for loss_name in args.losses.split(","):
             cells = []
             for n in device_counts:
-                temp_mib, ms = measure(loss_name, n, rows, dim, args.steps)
-                cells += [f"{temp_mib:.1f}", f"{ms:.1f}"]
+                temp_mib, chunks, ms = measure(loss_name, n, rows, dim, args.steps)
+                cells += [f"{temp_mib:.1f}", f"{chunks:.0f}", f"{ms:.1f}"]
             print(f"| {rows} x {dim} | {loss_name} | " + " | ".join(cells) + " |", flush=True)
 
 

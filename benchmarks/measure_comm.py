@@ -90,7 +90,8 @@ def loss_collectives(name: str, impl: str, n: int, b: int, d: int) -> dict[str, 
     return collective_bytes(hlo, n)
 
 
-LOSSES = (("siglip", "all_gather"), ("siglip", "ppermute"), ("clip", "all_gather"))
+LOSSES = (("siglip", "all_gather"), ("siglip", "ppermute"), ("siglip", "ppermute_bidir"),
+          ("clip", "all_gather"))
 
 
 def main():
