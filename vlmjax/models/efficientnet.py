@@ -120,7 +120,7 @@ class MBConvBlock(nn.Module):
     dtype: layers.Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, *, train: bool = False):
+    def __call__(self, x, train: bool = False):  # train positional: remat's static argument
         s, act = self.spec, layers.get_activation(self.activation)
 
         def bn(name):
@@ -165,6 +165,7 @@ class EfficientNet(nn.Module):
     drop_connect_rate: float = 0.2
     activation: str = "silu"
     pool: str = "mean"
+    remat: str = "none"  # none | full | save-dots: recompute each MBConv block in the backward
     dtype: layers.Dtype = jnp.float32
 
     def filters(self, channels: int) -> int:
@@ -204,9 +205,13 @@ class EfficientNet(nn.Module):
         x = _conv(self.filters(STEM_CHANNELS), 3, self.dtype, "stem_conv", stride=2,
                   padding=((0, 1), (0, 1)))(images.astype(self.dtype))
         x = act(FrozenBatchNorm(self.batch_norm_eps, self.dtype, name="stem_bn")(x))
+        block_cls = MBConvBlock
+        if self.remat != "none":  # blocks differ in shape from stage to stage: no scan
+            block_cls = nn.remat(MBConvBlock, policy=layers.remat_policy(self.remat),
+                                 static_argnums=(2,))
         for i, spec in enumerate(specs):
-            x = MBConvBlock(spec, self.squeeze_expansion_ratio, self.activation,
-                            self.batch_norm_eps, self.dtype, name=f"block{i}")(x, train=train)
+            x = block_cls(spec, self.squeeze_expansion_ratio, self.activation,
+                          self.batch_norm_eps, self.dtype, name=f"block{i}")(x, train)
         if self.pool == "mean":
             return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
         if self.pool == "max":

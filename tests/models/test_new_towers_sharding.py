@@ -1,0 +1,69 @@
+"""The ResNet, CBOW, EfficientNet and BERT towers inside TwoTowers: every parameter carries
+logical axis names the mesh rules know, and EfficientNet's remat changes only memory."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vlmjax import sharding
+from vlmjax.models.efficientnet import EfficientNet
+from vlmjax.models.two_towers import TwoTowers
+
+RESNET = dict(layers=(1, 1, 1, 1), width=8, num_heads=4, output_dim=16, image_size=64,
+              norm="groupnorm", norm_groups=4)
+EFFICIENTNET = dict(width_coefficient=0.5, depth_coefficient=1.0, kernel_sizes=[3, 3],
+                    in_channels=[32, 16], out_channels=[16, 24], strides=[1, 2],
+                    num_block_repeats=[1, 2], expand_ratios=[1, 6])
+PAIRS = {"resnet+cbow": dict(image=RESNET, image_arch="resnet", text_arch="cbow",
+                             text=dict(vocab_size=50, max_len=8, width=16, projection=True)),
+         "efficientnet+bert": dict(image=EFFICIENTNET, image_arch="efficientnet",
+                                   text_arch="bert", text=dict(vocab_size=50, max_len=8, width=16,
+                                                               depth=1, num_heads=2))}
+
+
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+def test_every_parameter_has_logical_axes(pair):
+    model = TwoTowers(**PAIRS[pair], embed_dim=16)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)),
+                        jnp.zeros((1, 8), jnp.int32))["params"]
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+    assert all(len(x.names) == x.value.ndim for x in leaves)
+    names = {n for x in leaves for n in x.names if n}
+    assert {"embed", "vocab"} <= names <= set(sharding.PARAM_AXES)
+    specs = nn.get_partition_spec(params)
+    if pair == "resnet+cbow":  # the attention pool's heads shard like a transformer's
+        assert specs["image_tower"]["attn_pool"]["query"]["kernel"] == jax.sharding.PartitionSpec(
+            "embed", "heads", "head_dim")
+        assert specs["text_tower"]["token_embed"]["embedding"] == jax.sharding.PartitionSpec(
+            "vocab", "embed")
+
+
+def test_efficientnet_remat_changes_nothing_but_memory():
+    images = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    plain, remat = (EfficientNet(**EFFICIENTNET, remat=r) for r in ("none", "full"))
+    params = nn.unbox(plain.init(jax.random.PRNGKey(0), images))["params"]
+    assert jax.tree.structure(params) == jax.tree.structure(
+        nn.unbox(remat.init(jax.random.PRNGKey(0), images))["params"])  # same checkpoints
+
+    def grads(model):
+        return jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images) ** 2)))(
+            params)
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 grads(plain), grads(remat))
+    jaxpr = str(jax.make_jaxpr(lambda p: remat.apply({"params": p}, images))(params))
+    assert jaxpr.count("checkpoint") + jaxpr.count("remat") >= 3  # one per MBConv block
+
+
+def test_efficientnet_remat_keeps_drop_connect_in_training():
+    images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    cfg = dict(EFFICIENTNET, drop_connect_rate=0.9)
+    plain, remat = EfficientNet(**cfg), EfficientNet(**cfg, remat="full")
+    params = plain.init(jax.random.PRNGKey(0), images)
+    rngs = {"dropout": jax.random.PRNGKey(3)}
+    trained = remat.apply(params, images, train=True, rngs=rngs)
+    np.testing.assert_allclose(trained, plain.apply(params, images, train=True, rngs=rngs),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(trained, remat.apply(params, images))  # dropped blocks in training
