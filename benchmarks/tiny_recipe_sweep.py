@@ -107,6 +107,16 @@ VARIANTS.update({
     "cnn_hn7_td0_long_lr2e-3": {**TD0, "lr": 2e-3},
     "cnn_hn7_td0_long_clip": {**TD0, "loss": "clip"},
 })
+# CLIP's other towers in the tiny recipe (configs/clip/cbow_tiny.py; configs/siglip/tiny.py's
+# image=resnet preset): CBOW text, and the modified ResNet (its image_size follows --image_size).
+RESNET = {"image_arch": "resnet", "image": dict(layers=(1, 1, 1, 1), width=8, num_heads=4,
+                                                output_dim=64, norm="groupnorm", norm_groups=4)}
+VARIANTS.update({
+    "cnn_hn7_cbow": {**HN7, "text_arch": "cbow"},
+    "cnn_hn7_cbow_lr3e-3": {**HN7, "text_arch": "cbow", "lr": 3e-3},
+    "resnet_hn7_td0": {**BOW, **RESNET},
+    "resnet_hn7_td0_lr3e-3": {**BOW, **RESNET, "lr": 3e-3},
+})
 VARIANTS.update({
     "cnn_hn7_td0_lr2e-3": {**BOW, "lr": 2e-3},
     "cnn_hn7_td0_lr3e-3": {**BOW, "lr": 3e-3},
@@ -157,10 +167,12 @@ def merge(base: dict, change: dict) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
     if change.get("image_arch", "vit") != "vit":
         out["image"] = {}  # the ViT keys mean nothing to another tower
+    if change.get("text_arch", "transformer") == "cbow":  # a CBOW tower has no layers or heads
+        out["text"] = {k: out["text"][k] for k in ("vocab_size", "max_len", "width")}
     for key, value in change.items():
         if isinstance(value, dict):
             out[key].update(value)
-        elif key in out or key == "image_arch":
+        elif key in out or key in ("image_arch", "text_arch"):
             out[key] = value
     return out
 
@@ -222,6 +234,8 @@ def task_config(change: dict, args) -> ml_collections.ConfigDict:
     """The contrastive task's config sections for a variant (no evals: the sweep scores on its
     in-memory validation images)."""
     model = merge(BASE, change)
+    if model.get("image_arch") == "resnet":  # a ResNet is built for one image size
+        model["image"]["image_size"] = args.image_size
     loss = change.get("loss", "siglip")
     if loss == "clip":  # CLIP's initial temperature and no bias
         model.update(temperature_init=1 / 0.07, bias_init=None)

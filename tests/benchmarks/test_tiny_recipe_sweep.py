@@ -107,3 +107,21 @@ def test_variants_train_through_the_task_config_and_the_trainer_optimiser():
     assert float(schedule(10)) == pytest.approx(2e-3)
     assert float(schedule(110)) == pytest.approx(2e-5)
     assert not any("hn_form" in v or "hn_weight" in v for v in sweep.VARIANTS.values())
+
+
+def test_merge_builds_the_cbow_and_resnet_towers():
+    cbow = sweep.merge(sweep.BASE, sweep.VARIANTS["cnn_hn7_cbow"])
+    assert cbow["text_arch"] == "cbow" and cbow["image_arch"] == "cnn"
+    assert cbow["text"] == {"vocab_size": 1000, "max_len": 24, "width": 64}  # no layers, heads
+    args = sweep.argparse.Namespace(image_size=32, max_text_len=24)
+    config = sweep.task_config(sweep.VARIANTS["resnet_hn7_td0"], args)
+    assert config.model.image_arch == "resnet" and config.model.image.image_size == 32
+    assert config.model.text.depth == 0 and config.model.text.pool == "map"
+
+
+@pytest.mark.slow
+def test_quick_run_trains_the_cbow_and_resnet_variants():
+    (table,) = tables(run_benchmark("tiny_recipe_sweep.py", "--quick", "--image_size", "32",
+                                    "--variants", "cnn_hn7_cbow,resnet_hn7_td0"))
+    assert [r[0] for r in table[1:]] == ["cnn_hn7_cbow", "resnet_hn7_td0"]
+    assert all(row[4].endswith("%") for row in table[1:])
