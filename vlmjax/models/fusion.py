@@ -49,8 +49,8 @@ import numpy as np
 
 from vlmjax.models import layers
 from vlmjax.models.decoder import Decoder, LMHead
-from vlmjax.models.prefix_lm import (_module_fields, check_select_strategy, vision_kwargs,
-                                     visual_tokens)
+from vlmjax.models.prefix_lm import (ReadsVisionFeatures, check_select_strategy,
+                                     vision_kwargs, visual_tokens)
 from vlmjax.models.two_towers import IMAGE_TOWERS, build_tower
 from vlmjax.models.vit import ViT
 
@@ -168,7 +168,7 @@ def _plain_dense(features, axes, dtype, name):
                     kernel_init=layers.partitioned(nn.initializers.lecun_normal(), axes))
 
 
-class FusionLM(nn.Module):
+class FusionLM(ReadsVisionFeatures, nn.Module):
     vision: Mapping[str, Any] | ViT
     llm: Mapping[str, Any]
     image_token_id: int
@@ -183,19 +183,6 @@ class FusionLM(nn.Module):
     additional_vocab_size: int = 0
     feature_posemb: bool = False
     dtype: Any = jnp.float32
-
-    def __post_init__(self):
-        if isinstance(self.vision, nn.Module):
-            object.__setattr__(self, "vision", _module_fields(self.vision))
-        super().__post_init__()
-
-    def _dtype(self):
-        return layers.DTYPES[self.dtype] if isinstance(self.dtype, str) else self.dtype
-
-    @property
-    def feature_layers(self) -> tuple[int, ...]:
-        layer = self.vision_feature_layer
-        return (int(layer),) if isinstance(layer, (int, np.integer)) else tuple(map(int, layer))
 
     def _llm_kwargs(self) -> dict:
         cross = {**dict(self.cross_attention or {}), "every": int(self.cross_attn_every)}

@@ -187,7 +187,25 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-class PrefixLM(nn.Module):
+class ReadsVisionFeatures:
+    """What the models that read a vision tower's features (PrefixLM, FusionLM) share: `vision`
+    given as a tower instance becomes its fields, the compute dtype, the feature layers."""
+
+    def __post_init__(self):
+        if isinstance(self.vision, nn.Module):  # a tower instance: its fields are the config
+            object.__setattr__(self, "vision", _module_fields(self.vision))
+        super().__post_init__()
+
+    def _dtype(self):
+        return layers.DTYPES[self.dtype] if isinstance(self.dtype, str) else self.dtype
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        layer = self.vision_feature_layer
+        return (int(layer),) if isinstance(layer, (int, np.integer)) else tuple(map(int, layer))
+
+
+class PrefixLM(ReadsVisionFeatures, nn.Module):
     vision: Mapping[str, Any] | ViT
     llm: Mapping[str, Any]
     image_token_id: int
@@ -202,20 +220,7 @@ class PrefixLM(nn.Module):
     qformer: Mapping[str, Any] | None = None
     dtype: Any = jnp.float32
 
-    def __post_init__(self):
-        if isinstance(self.vision, nn.Module):  # a tower instance: its fields are the config
-            object.__setattr__(self, "vision", _module_fields(self.vision))
-        super().__post_init__()
-
     # ------------------------------------------------------------------------------ structure
-    def _dtype(self):
-        return layers.DTYPES[self.dtype] if isinstance(self.dtype, str) else self.dtype
-
-    @property
-    def feature_layers(self) -> tuple[int, ...]:
-        layer = self.vision_feature_layer
-        return (int(layer),) if isinstance(layer, (int, np.integer)) else tuple(map(int, layer))
-
     def _vision_kwargs(self) -> dict:
         return vision_kwargs(self.vision, self.vision_arch, self.feature_layers, self.dtype)
 
