@@ -42,7 +42,7 @@ def model_kwargs(model_config) -> dict:
 IGNORED_IN_ARCHITECTURE = ("temperature_init", "bias_init", "dtype", "use_text_mask")
 # Tower fields that change how, not what, a tower computes: pretrained weights load under any.
 COMPUTE_SWITCHES = ("dtype", "remat", "scan_layers", "fused_attention", "dropout",
-                    "attention_dropout")
+                    "attention_dropout", "attention_layout")
 
 
 def _check_architecture(src: str, model_config, sub_model: str | None = None):

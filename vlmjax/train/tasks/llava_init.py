@@ -52,7 +52,7 @@ DESCRIBED = {"llava": "a LLaVA model", "decoder": "a decoder LM",
 # (pooling, output layers); class_token is compared resolved.
 VISION_NOT_ARCHITECTURE = ("dtype", "remat", "scan_layers", "fused_attention", "dropout",
                            "attention_dropout", "pool", "class_token", "output_layer",
-                           "return_layers")
+                           "return_layers", "attention_layout")
 PROJECTOR_FIELDS = ("projector", "projector_bias", "projector_posemb", "projector_norm",
                     "qformer", "vision_feature_layer",
                     "vision_feature_select_strategy")
