@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         train(run, data_dir, workdir)
     fusion = os.path.join(workdir, "fusion")
     print(f"\nFusion tiny ({fusion}): VQA exact match with k in-context examples from train "
-          "(500 images per split; recipe chosen on validation)\n")
+          "(200 images per split; recipe chosen on validation)\n")
     print(vqa_table(evaluations(fusion)))
     print(f"\nchain wall time {time.time() - start:.0f} s")
     return 0
