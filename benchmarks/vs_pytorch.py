@@ -10,7 +10,7 @@ compiler options, model switches; VARIANTS) in the same rounds. The last line is
 
     python benchmarks/vs_pytorch.py                      # ViT-S/16 towers, batch 16
     python benchmarks/vs_pytorch.py --quick              # CI: tiny towers, a few steps
-    python benchmarks/vs_pytorch.py --variants base,blhk,eigen   # A/B in one run
+    python benchmarks/vs_pytorch.py --variants base,bhlk,eigen   # A/B in one run
     python benchmarks/vs_pytorch.py --profile /tmp/prof  # + a jax.profiler trace summary
 """
 from __future__ import annotations
@@ -36,8 +36,9 @@ from vlmjax.train import flops  # noqa: E402
 # XLA compiler options of the step's compile). "base" is what vlmjax does by default.
 VARIANTS = {
     "base": ({}, {}),
-    # The attention path before the [B, H, L, K] layout (DenseGeneral to [B, L, H, K]).
-    "blhk": ({"attention_layout": "BLHK"}, {}),
+    # Attention in [B, H, L, K] with one QKV matmul (the default is [B, L, H, K], whose
+    # activations carry the mesh's sharding constraints).
+    "bhlk": ({"attention_layout": "BHLK"}, {}),
     # XLA:CPU's own dot emitter (Eigen) instead of its default YNNPACK dot fusions.
     "eigen": ({}, {"xla_cpu_experimental_ynn_fusion_type": ""}),
     # YNNPACK fusions that also take the elementwise ops (bias, GELU) / reductions round a dot.

@@ -1,4 +1,4 @@
-"""MultiHeadAttention's BHLK path (the default) computes the same function as the earlier BLHK
+"""MultiHeadAttention's BHLK path (an option) computes the same function as the earlier BLHK
 path, with the same parameters (names, shapes, logical axes, init), in a ViT and a masked text
 tower, forward and backward."""
 import flax.linen as nn

@@ -76,8 +76,8 @@ def test_convnet_config_errors():
     with pytest.raises(ValueError, match=r"model.image: unknown key\(s\) \['width'\] for ConvNet"):
         TwoTowers(image=dict(width=8), image_arch="cnn", text=text, embed_dim=8).init(
             jax.random.PRNGKey(0), images, tokens)
-    with pytest.raises(ValueError, match="image_arch 'resnet' is not one of"):
-        TwoTowers(image=dict(), image_arch="resnet", text=text, embed_dim=8).init(
+    with pytest.raises(ValueError, match="image_arch 'swin' is not one of"):
+        TwoTowers(image=dict(), image_arch="swin", text=text, embed_dim=8).init(
             jax.random.PRNGKey(0), images, tokens)
 
 

@@ -231,7 +231,7 @@ def test_model_init_mismatches_are_config_errors(llava_dirs, part_workdirs, mode
     (lambda c: c.update(train_vision=True), r"True only with stage=2"),
     (lambda c: c.model.llm.update(dtype="bfloat16"), r"model.llm.dtype: the compute dtype"),
     (lambda c: c.model.update(projecter="linear"), r"config key model.projecter is not used"),
-    (lambda c: c.model.update(vision_arch="resnet"), r"vision_arch 'resnet' is not one of"),
+    (lambda c: c.model.update(vision_arch="swin"), r"vision_arch 'swin' is not one of"),
     (lambda c: c.model.update(vision_feature_select_strategy="default"),
      r"config.model: .*drops the class token"),
     (lambda c: c.update(model_init={"vision": {"source": "/x", "prefix": "image_tower"}}),

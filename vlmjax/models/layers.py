@@ -178,11 +178,13 @@ ATTENTION_LAYOUTS = ("BHLK", "BLHK")
 class MultiHeadAttention(nn.Module):
     """Self-attention (`kv=None`) or cross-attention from `x` to `kv`.
 
-    `layout="BHLK"` (default) projects straight into [B, H, L, K] (self-attention: one matmul
-    for Q, K and V together), so both attention einsums are plain batched matmuls over (B, H)
-    with no transposes around them; `"BLHK"` is the earlier path (DenseGeneral projections to
-    [B, L, H, K] and `dot_product_attention`), kept to measure against. Same parameters and the
-    same function either way; `fused=True` always takes the BLHK path.
+    `layout="BLHK"` (default): DenseGeneral projections to [B, L, H, K] under the logical-axis
+    activation constraints (HEADS_BLHK: batch over data/fsdp, heads over tensor) and
+    `dot_product_attention`. `"BHLK"` projects straight into [B, H, L, K] (self-attention: one
+    matmul for Q, K and V together), so both attention einsums are plain batched matmuls with
+    no transposes; it sets no activation constraints yet, so it is a single-host CPU option
+    (1.14-1.24x on the attention block, a wash on a whole step: benchmarks/README.md). Same
+    parameters and the same function either way; `fused=True` always takes the BLHK path.
     """
     num_heads: int
     head_dim: int | None = None  # default: width // num_heads
@@ -190,7 +192,7 @@ class MultiHeadAttention(nn.Module):
     use_bias: bool = True
     dropout: float = 0.0
     fused: bool = False
-    layout: str = "BHLK"
+    layout: str = "BLHK"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -316,7 +318,7 @@ class BlockSettings(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     fused_attention: bool = False
-    attention_layout: str = "BHLK"  # MultiHeadAttention.layout: "BLHK" only to measure against
+    attention_layout: str = "BLHK"  # MultiHeadAttention.layout (BHLK: no activation constraints)
     dtype: Dtype = jnp.float32
 
 
@@ -459,7 +461,7 @@ class MAPHead(nn.Module):
     norm_eps: float = 1e-6
     fused_attention: bool = False
     dtype: Dtype = jnp.float32
-    attention_layout: str = "BHLK"
+    attention_layout: str = "BLHK"
 
     @nn.compact
     def __call__(self, x, mask=None):
