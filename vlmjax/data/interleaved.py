@@ -265,6 +265,8 @@ class InterleavedPipeline:
         return self._epoch_order
 
     def _image(self, name: str) -> np.ndarray:
+        """Decoded once; FileNotFoundError for a missing file, OSError / ValueError for a bad
+        one."""
         if name not in self._images:
             image = load_image(os.path.join(self.image_dir, name), self.image_size,
                                self.value_range)
@@ -286,10 +288,10 @@ class InterleavedPipeline:
             return "no_targets"
         images = np.zeros((self.max_images, self.image_size, self.image_size, 3), np.float32)
         for index, name in enumerate(names[:row["num_images"]]):
-            if not os.path.exists(os.path.join(self.image_dir, name)):
-                return "missing_image_file"
             try:
                 images[index] = self._image(name)
+            except FileNotFoundError:
+                return "missing_image_file"
             except (OSError, ValueError):
                 return "corrupt_image"
         row["images"] = images

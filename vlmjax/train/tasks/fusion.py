@@ -35,8 +35,8 @@ from vlmjax.config import ConfigError, check_keys, plain
 from vlmjax.losses import lm as lm_loss
 from vlmjax.models.decoder import output_kernel
 from vlmjax.models.fusion import FusionLM
-from vlmjax.models.two_towers import IMAGE_TOWERS, build_tower
 from vlmjax.train.tasks import lm as lm_task
+from vlmjax.train.tasks.llava import vision_and_llm
 from vlmjax.train.tasks.base import TaskDefaults, with_compute_dtype
 
 MODEL_KEYS = ("vision", "llm", "image_token_id", "end_of_chunk_id", "vision_arch",
@@ -58,19 +58,7 @@ def model_kwargs(model_config) -> dict:
             raise ConfigError(f"config.model is missing {key!r} (FusionLM arguments, "
                               "vlmjax/models/fusion.py)")
     kwargs = {k: plain(v) for k, v in kwargs.items()}
-    for part in ("vision", "llm"):
-        if "dtype" in kwargs[part]:
-            raise ConfigError(f"model.{part}.dtype: the compute dtype of every part is "
-                              "model.dtype; leave it out")
-    arch = kwargs.get("vision_arch", "vit")
-    if arch not in IMAGE_TOWERS:
-        raise ConfigError(f"config.model.vision_arch {arch!r} is not one of "
-                          f"{sorted(IMAGE_TOWERS)}")
-    try:
-        build_tower(IMAGE_TOWERS[arch], kwargs["vision"], "model.vision")
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    lm_task.model_kwargs(kwargs["llm"])  # Decoder keys: unknown / missing ones are ConfigErrors
+    kwargs.update(vision_and_llm(kwargs))
     if kwargs["llm"].get("scan_layers"):
         raise ConfigError("model.llm.scan_layers=True: the gated cross-attention blocks sit "
                           "between the LM's layers, which therefore run unrolled; leave it out")
@@ -109,7 +97,6 @@ class FusionTask(TaskDefaults):
         interleaved.validate_data(config.data)
         interleaved.validate_input(config.input)
         self.image_size = int(config.input.image_size)
-        self.num_images = int(config.input.max_images)
         self.accum_steps = int((plain(config.get("optim")) or {}).get("accum_steps", 1))
         from vlmjax.train.tasks import fusion_init
         fusion_init.parse(config.get("model_init"))  # pure check: sources are read later

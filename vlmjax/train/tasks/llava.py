@@ -59,9 +59,16 @@ def model_kwargs(model_config) -> dict:
         if key not in kwargs:
             raise ConfigError(f"config.model is missing {key!r} (PrefixLM arguments, "
                               "vlmjax/models/prefix_lm.py)")
-    vision, llm = dict(plain(kwargs["vision"])), dict(plain(kwargs["llm"]))
     if kwargs.get("qformer") is not None:
         kwargs["qformer"] = dict(plain(kwargs["qformer"]))
+    return {**kwargs, **vision_and_llm(kwargs)}
+
+
+def vision_and_llm(kwargs) -> dict:
+    """{"vision", "llm"} of config.model as plain dicts, checked: no per-part dtype, a known
+    vision_arch whose tower takes the vision keys, Decoder keys for the llm (the llava and
+    fusion tasks)."""
+    vision, llm = dict(plain(kwargs["vision"])), dict(plain(kwargs["llm"]))
     for part, sub in (("vision", vision), ("llm", llm)):
         if "dtype" in sub:
             raise ConfigError(f"model.{part}.dtype: the compute dtype of every part is "
@@ -75,7 +82,7 @@ def model_kwargs(model_config) -> dict:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     lm_task.model_kwargs(llm)  # Decoder keys: unknown / missing ones are ConfigErrors
-    return {**kwargs, "vision": vision, "llm": llm}
+    return {"vision": vision, "llm": llm}
 
 
 def num_image_tokens(model: PrefixLM, image_size: int) -> int:
