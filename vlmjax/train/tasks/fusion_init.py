@@ -55,8 +55,8 @@ def assemble(model_init, model_config, image_size: int, init_random) -> dict:
         llava_init.check_source(entry, infos[entry.source], model_config, image_size)
     params = dict(init_random())
     for entry in entries:
-        loaded = llava_init._load(entry.source, infos[entry.source], model_config, image_size,
-                                  shardings=None)[entry.sub_model]
+        loaded = llava_init.load_parts(entry.source, infos[entry.source], model_config,
+                                       image_size, shardings=None)[entry.sub_model]
         loaded = scan_layout.to_unrolled(dict(loaded))  # the fusion LM runs unrolled
         ours = params[entry.sub_model]
         if entry.sub_model == "llm":  # the gated blocks are new: the random ones stay

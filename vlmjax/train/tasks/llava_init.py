@@ -241,7 +241,7 @@ def restore_llava_workdir(src: str, info: SourceInfo) -> dict:
     return restore_params(workdir, abstract, step)
 
 
-def _load(src: str, info: SourceInfo, model_config, image_size: int, shardings) -> dict:
+def load_parts(src: str, info: SourceInfo, model_config, image_size: int, shardings) -> dict:
     """The source's params under the PrefixLM's part names (only the parts it holds)."""
     from vlmjax.convert import load_pretrained
     if info.holds == "llava":
@@ -269,6 +269,6 @@ def assemble(model_init, model_config, image_size: int, abstract_params, shardin
         check_source(entry, infos[entry.source], model_config, image_size)
 
     def load(src):
-        return _load(src, infos[src], model_config, image_size, shardings)
+        return load_parts(src, infos[src], model_config, image_size, shardings)
     return model_init_lib.assemble_params(entries, SUB_MODELS, abstract_params, load,
                                           init_random)
