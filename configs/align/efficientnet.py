@@ -58,9 +58,12 @@ def get_config(arg=None):
     c.total_steps = args.steps
     c.model = dict(
         image=dict(**B0_STAGES, **L2_SCALING, depthwise_padding=[], squeeze_expansion_ratio=0.25,
-                   batch_norm_eps=1e-3, drop_connect_rate=0.2, activation="silu", pool="mean"),
+                   batch_norm_eps=1e-3, drop_connect_rate=0.2, activation="silu", pool="mean",
+                   remat="full"),
+        # Both towers recompute each block / layer in the backward (EfficientNet-L2's
+        # activations at 289 px dominate memory); :runlocal keeps it, so the path is tested.
         text=dict(vocab_size=PAPER_VOCAB, max_len=PAPER_TEXT_LEN, **BERT_LARGE,
-                  activation="gelu", norm_eps=1e-12),
+                  activation="gelu", norm_eps=1e-12, remat="full"),
         image_arch="efficientnet", text_arch="bert", embed_dim=L2_WIDTH,
         image_projection=False, text_projection=True, text_projection_bias=True,
         temperature_init=1.0, bias_init=None, dtype="bfloat16")

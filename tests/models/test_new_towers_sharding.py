@@ -67,3 +67,31 @@ def test_efficientnet_remat_keeps_drop_connect_in_training():
     np.testing.assert_allclose(trained, plain.apply(params, images, train=True, rngs=rngs),
                                rtol=1e-5, atol=1e-6)
     assert not np.allclose(trained, remat.apply(params, images))  # dropped blocks in training
+
+
+def test_bert_remat_changes_nothing_but_memory():
+    """ALIGN's BERT (BLIP's text transformer) recomputes each layer in the backward: same
+    params, same gradients, dropout kept in training, one checkpoint per layer."""
+    from vlmjax.models.bert import BertTextTower
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 50)
+    mask = jnp.arange(8)[None] < jnp.array([[8], [5]])
+    cfg = dict(vocab_size=50, max_len=8, width=16, depth=2, num_heads=2, dropout=0.3)
+    plain, remat = BertTextTower(**cfg), BertTextTower(**cfg, remat="full")
+    params = nn.unbox(plain.init(jax.random.PRNGKey(0), tokens, mask))["params"]
+    assert jax.tree.structure(params) == jax.tree.structure(
+        nn.unbox(remat.init(jax.random.PRNGKey(0), tokens, mask))["params"])
+    rngs = {"dropout": jax.random.PRNGKey(3)}
+    weights = jax.random.normal(jax.random.PRNGKey(4), (2, 16))  # a LayerNorm'd sum of squares
+                                                                 # would have no gradient
+
+    def grads(model):
+        loss = lambda p: jnp.sum(model.apply({"params": p}, tokens, mask, train=True,  # noqa
+                                             rngs=rngs) * weights)
+        return jax.jit(jax.grad(loss))(params)
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 grads(plain), grads(remat))
+    assert not np.allclose(remat.apply({"params": params}, tokens, mask, train=True, rngs=rngs),
+                           remat.apply({"params": params}, tokens, mask))
+    jaxpr = str(jax.make_jaxpr(lambda p: remat.apply({"params": p}, tokens, mask))(params))
+    assert jaxpr.count("checkpoint") + jaxpr.count("remat") >= 2

@@ -33,6 +33,7 @@ class BertTextTower(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     init_scheme: str = "bert"    # blip.INITS
+    remat: str = "none"          # layers.REMAT_POLICIES: recompute each layer in the backward
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -44,7 +45,7 @@ class BertTextTower(nn.Module):
             depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
             activation=self.activation, norm_eps=self.norm_eps, dropout=self.dropout,
             attention_dropout=self.attention_dropout, parts=(ENCODER,),
-            init_scheme=self.init_scheme, dtype=self.dtype)
+            init_scheme=self.init_scheme, remat=self.remat, dtype=self.dtype)
 
     def __call__(self, tokens, text_mask=None, *, train: bool = False):
         if text_mask is None:

@@ -153,7 +153,8 @@ class BertLayer(BertSettings):
         self.mlp_dropout = nn.Dropout(self.dropout)
         self.mlp_norm = layers.make_norm("layernorm", self.dtype, self.norm_eps)
 
-    def __call__(self, x, mask, part, image_embeds=None, *, train=False, kv_cache=None,
+    # train positional: remat's static argument (BlipText's remat)
+    def __call__(self, x, mask, part, image_embeds=None, train=False, *, kv_cache=None,
                  index=None):
         x, kv_cache = self.self_attention[part](x, mask, train=train, kv_cache=kv_cache,
                                                 index=index)
@@ -179,6 +180,7 @@ class BlipText(nn.Module):
     parts: tuple[str, ...] = PARTS
     tie_word_embeddings: bool = True
     init_scheme: str = "bert"      # INITS: the attention and head kernels' init
+    remat: str = "none"            # layers.REMAT_POLICIES: recompute each layer in the backward
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -189,7 +191,13 @@ class BlipText(nn.Module):
             nn.initializers.normal(0.02), (None, "embed")), (self.max_len, self.width))
         self.embed_norm = layers.make_norm("layernorm", self.dtype, self.norm_eps)
         self.embed_dropout = nn.Dropout(self.dropout)
-        self.layer = [BertLayer(
+        # The layers differ in nothing, but the converters read them unrolled (layer_{i}), so
+        # remat without scan; a remat layer takes no KV cache (decoding needs no backward).
+        layer_cls = BertLayer
+        if self.remat != "none":
+            layer_cls = nn.remat(BertLayer, policy=layers.remat_policy(self.remat),
+                                 static_argnums=(3, 5))  # part, train
+        self.layer = [layer_cls(
             num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
             activation=self.activation, norm_eps=self.norm_eps, dropout=self.dropout,
             attention_dropout=self.attention_dropout, init_scheme=self.init_scheme,
@@ -226,14 +234,19 @@ class BlipText(nn.Module):
         x = constrain(x, layers.RESIDUAL_BLD)
         if image_embeds is not None:
             image_embeds = image_embeds.astype(self.dtype)
+        if cache is None:
+            for layer in self.layer:
+                x, _ = layer(x, mask, part, image_embeds, train)
+            return x
         new_cache = []
         for i, layer in enumerate(self.layer):
-            layer_cache = None if cache is None else {n: cache[n][i] for n in ("k", "v")}
-            x, layer_cache = layer(x, mask, part, image_embeds, train=train, kv_cache=layer_cache,
+            if self.remat != "none":
+                raise ValueError("a BLIP text transformer with remat takes no KV cache: decode "
+                                 "with remat='none' (the params are the same)")
+            layer_cache = {n: cache[n][i] for n in ("k", "v")}
+            x, layer_cache = layer(x, mask, part, image_embeds, train, kv_cache=layer_cache,
                                    index=index)
             new_cache.append(layer_cache)
-        if cache is None:
-            return x
         return x, {n: tuple(c[n] for c in new_cache) for n in ("k", "v")}
 
     def head_inputs(self, hidden):
