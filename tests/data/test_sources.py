@@ -125,6 +125,23 @@ def test_llava_json_source(image_folder):
     assert source.num_records(1, 2) == 3
 
 
+def test_llava_json_question_types_select_entries(image_folder):
+    def entry(name, types):
+        return {"id": name, "image": "a.jpg", "question_types": types,
+                "conversations": [{"from": "gpt", "value": "red"}]}
+    entries = [entry("colour", ["colour"]), entry("count", ["count"]),
+               entry("both", ["colour", "shape"]), entry("mixed", ["colour", "count"]),
+               {"id": "untyped", "image": "a.jpg", "conversations": [{"from": "gpt", "value": "x"}]}]
+    path = image_folder / "typed.json"
+    path.write_text(json.dumps(entries))
+    chosen = sources.LlavaJsonSource(str(path), str(image_folder / "images"),
+                                     question_types=("colour", "shape"))
+    assert [r["key"] for r in _records(chosen)] == [b"colour", b"both"]
+    assert len(_records(sources.LlavaJsonSource(str(path), str(image_folder / "images")))) == 5
+    with pytest.raises(ValueError, match="typed.json.*no records whose question_types.*'size'"):
+        sources.LlavaJsonSource(str(path), str(image_folder), question_types=("size",))
+
+
 def test_llava_jsonl_skips_lines_that_do_not_parse(image_folder):
     good = json.dumps({"id": "g", "image": "a.jpg",
                        "conversations": [{"from": "gpt", "value": "fine"}]})

@@ -37,7 +37,8 @@ config.data (`pipeline_config.default_data_config()`):
                 (a text dataset for the `lm` task: text_key its text feature, e.g. "text")
   webdataset:   paths (paths / globs / {000..099} braces, comma-separated), text_extension
                 ("txt"), label_field (integer field of KEY.json, None: no labels)
-  llava_json:   json_path (.json list or .jsonl), image_dir
+  llava_json:   json_path (.json list or .jsonl), image_dir, question_types (None: all; a
+                list keeps the entries whose `question_types` field is all among them)
   csv:          csv_path (.csv, or .tsv for tabs), image_dir, image_column ("image"),
                 text_column ("caption"), label_column (None), delimiter (None: from extension)
   text_file:    paths (as webdataset's), text_field ("text": the JSONL field), format ("auto":

@@ -15,7 +15,7 @@ SOURCE_KEYS = {  # the keys each source reads, besides `source`, `split` and `fi
                    "noise_fraction"),
     "tfds": ("name", "data_dir", "image_key", "text_key", "label_key"),
     "webdataset": ("paths", "text_extension", "label_field"),
-    "llava_json": ("json_path", "image_dir"),
+    "llava_json": ("json_path", "image_dir", "question_types"),
     "csv": ("csv_path", "image_dir", "image_column", "text_column", "label_column", "delimiter"),
     "text_file": ("paths", "text_field", "format"),
     "mixture": ("sources",),
@@ -153,8 +153,12 @@ def make_source(config, training: bool, fields=(), images: bool = True) -> sourc
                                         text_extension=_get(config, "text_extension", "txt"),
                                         label_field=config.get("label_field"))
     elif source == "llava_json":
-        built = sources.LlavaJsonSource(json_path=config.json_path,
-                                        image_dir=_get(config, "image_dir", ""))
+        question_types = config.get("question_types")
+        if isinstance(question_types, str):  # "colour,shape" as a command line gives it
+            question_types = [t.strip() for t in question_types.split(",") if t.strip()]
+        built = sources.LlavaJsonSource(
+            json_path=config.json_path, image_dir=_get(config, "image_dir", ""),
+            question_types=None if question_types is None else tuple(question_types))
     elif source == "csv":
         built = sources.CsvSource(
             csv_path=config.csv_path, image_dir=_get(config, "image_dir", ""),

@@ -355,12 +355,23 @@ def _load_llava_entries(path: str) -> list:
 
 @dataclasses.dataclass
 class LlavaJsonSource(Source):
-    """LLaVA format: [{id, image, conversations: [{from: human|gpt, value}]}] + image folder."""
+    """LLaVA format: [{id, image, conversations: [{from: human|gpt, value}]}] + image folder.
+    `question_types` (optional) keeps the entries whose `question_types` (the vlm_shapes
+    export's field: which fact each turn asks for) are all among them, so a mixture can weight
+    the kinds of question apart (e.g. the ones a model learns last)."""
     json_path: str
     image_dir: str
+    question_types: tuple[str, ...] | None = None
 
     def __post_init__(self):
         self._entries = _load_llava_entries(self.json_path)
+        if self.question_types is not None:
+            wanted = set(self.question_types)
+            self._entries = [e for e in self._entries if isinstance(e, dict)
+                             and e.get("question_types") and set(e["question_types"]) <= wanted]
+            if not self._entries:
+                raise ValueError(f"data.json_path={self.json_path!r} holds no records whose "
+                                 f"question_types are all among {sorted(wanted)}")
         if not self._entries:
             raise ValueError(f"data.json_path={self.json_path!r} holds no records")
 
