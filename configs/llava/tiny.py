@@ -46,8 +46,10 @@ workdirs; '' = random), stage1 (stage 2: a stage-1 workdir for the whole model),
 (rows), lr, vision_layer, train_vision, max_len, pack, posemb (projector_posemb, default
 True), norm (projector_norm: none | instance), stage1_kind (stage 1's data: caption, the
 default, or detailed_description), select=N (evaluate N validation images only, stage 1
-captioning and stage 2 VQA, nothing else: the quick runs that choose a recipe), runlocal (a
-few steps of a tiny model on a tiny build, for tests).
+captioning and stage 2 VQA, nothing else: the quick runs that choose a recipe), vqa (stage 2:
+the short-answer VQA weight, default 4), hard (stage 2: the weight of a second VQA source that
+holds only the questions of `hard_types`, '+'-separated, default colour+shape: the kinds the
+model learns last), runlocal (a few steps of a tiny model on a tiny build, for tests).
 """
 import os
 
@@ -109,7 +111,8 @@ def get_config(arg=None):
                              llava_dir="/tmp/llava_shapes", tokenizer="", vision_init="",
                              llm_init="", stage1="", steps=0, batch=0, lr=0.0,
                              vision_layer=-1, train_vision=False, max_len=0, pack=True,
-                             posemb=True, norm="none", select=0, stage1_kind="caption")
+                             posemb=True, norm="none", select=0, stage1_kind="caption",
+                             vqa=0.0, hard=0.0, hard_types="colour+shape")
     if args.stage not in STAGE_DATA:
         raise ConfigError(f"preset stage={args.stage!r} must be 1 or 2")
     if args.stage1 and (args.stage != 2 or args.vision_init or args.llm_init):
@@ -145,12 +148,18 @@ def get_config(arg=None):
             raise ConfigError(f"preset stage1_kind={args.stage1_kind!r}: 'caption' or "
                               "'detailed_description'")
         kinds = {args.stage1_kind: 1.0}
-    if len(kinds) == 1:
-        c.data = llava_json(args.llava_dir, *kinds)
+    sources = {kind: llava_json(args.llava_dir, kind, weight=weight)
+               for kind, weight in kinds.items()}
+    if args.stage == 2:
+        if args.vqa:
+            sources["vqa"]["weight"] = args.vqa
+        if args.hard:  # the short-answer questions of the kinds learnt last, once more
+            sources["vqa_hard"] = llava_json(args.llava_dir, "vqa", weight=args.hard,
+                                             question_types=args.hard_types.split("+"))
+    if len(sources) == 1:
+        c.data = {k: v for k, v in next(iter(sources.values())).items() if k != "weight"}
     else:
-        c.data = dict(source="mixture", sources={
-            kind: llava_json(args.llava_dir, kind, weight=weight)
-            for kind, weight in kinds.items()})
+        c.data = dict(source="mixture", sources=sources)
     c.input = dict(global_batch_size=args.batch or (32 if args.stage == 1 else 16),
                    image_size=64, preprocess="resize|value_range",
                    max_len=args.max_len or (384 if args.stage == 2 else

@@ -262,6 +262,21 @@ def test_evaluators_get_an_answerer_of_the_model(llava_dirs):
     assert answerer.template.name == "chatml" and answerer.tokenizer.token_id("<image>") == 4
 
 
+def test_hard_preset_adds_a_source_of_the_hard_question_kinds(llava_dirs):
+    """`hard=W` adds the short-answer questions of `hard_types` once more, at weight W."""
+    from vlmjax.data import pipeline_config
+    config = config_lib.load_config(
+        f"configs/llava/tiny.py:runlocal,stage=2,shapes_dir={llava_dirs[0]},"
+        f"llava_dir={llava_dirs[1]},vqa=6,hard=8,hard_types=colour+existence")
+    sources = config.data.sources
+    assert (sources.vqa.weight, sources.vqa_hard.weight) == (6, 8)
+    assert sources.vqa.json_path == sources.vqa_hard.json_path
+    hard = pipeline_config.make_source(sources.vqa_hard, training=True)
+    kept = {tuple(e["question_types"]) for e in hard._entries}
+    assert kept == {("colour",), ("existence",)}
+    assert 0 < len(hard._entries) < len(pipeline_config.make_source(sources.vqa, True)._entries)
+
+
 @pytest.mark.slow
 def test_llava_cot_runlocal_trains_and_evaluates(llava_dirs, tmp_path_factory):
     """configs/llava_cot/tiny.py:runlocal: a few SFT steps on the cot + cot_judge export, then
