@@ -198,3 +198,23 @@ def test_vlm_shapes_mmc4_export(shapes_builder, tmp_path):
     # The images are the split's in order, each once.
     names = [i["image_name"] for d in docs for i in d["image_info"]]
     assert len(set(names)) == 20
+
+
+def test_mmc4_question_weights_pick_the_weighted_types():
+    from vlmjax.data.shapes_text import QA_TYPES
+    example = {"qa": {"question": [f"{t}?".encode() for t in QA_TYPES],
+                      "answer": [b"x"] * len(QA_TYPES), "type": np.arange(len(QA_TYPES))}}
+    weights = export.parse_question_weights("colour=10, shape=10")
+    assert weights == {"colour": 10.0, "shape": 10.0}
+
+    def asked(question_weights):
+        rng = np.random.default_rng(0)
+        sentences = [export.mmc4_sentence(example, rng, 0.0, question_weights)
+                     for _ in range(2000)]
+        return np.mean([s.startswith(("Q: colour?", "Q: shape?")) for s in sentences])
+
+    # 20 of 24 weight units (four other types at 1) vs 2 of the 6 types
+    assert abs(asked(weights) - 20 / 24) < 0.03 and abs(asked(None) - 2 / 6) < 0.03
+    for bad in ("size=2", "colour=0", "colour=many", "colour"):
+        with pytest.raises(ValueError, match="TYPE=POSITIVE_NUMBER.*colour, shape, count"):
+            export.parse_question_weights(bad)

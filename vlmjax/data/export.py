@@ -6,7 +6,7 @@
         [--kinds caption,conversation,detailed_description,complex_reasoning,vqa] [--limit N]
         [--seed 0] [--train_size N]
     python -m vlmjax.data.export mmc4 OUT --data_dir DIR [--split train] [--limit N]
-        [--max_images 5] [--caption_fraction 0.2] [--seed 0]
+        [--max_images 5] [--caption_fraction 0.2] [--question_weights colour=3,shape=3] [--seed 0]
 
 vlm_shapes: webdataset shards (KEY.png, KEY.txt, KEY.json). `--captions one` writes one sample
 per image with caption number (index mod 3), `all` one sample per caption. KEY.json records
@@ -27,6 +27,8 @@ mmc4: interleaved few-shot documents for the `fusion` task, in MMC4's layout (da
 `--max_images` consecutive images of the split, each matched to one sentence: a question about it
 with its short answer ("Q: ... A: red", the tiny LM's format and the prompt of the fusion VQA
 evaluations), or with probability `--caption_fraction` one of its captions ("Output: ...").
+The question is drawn among the image's questions with `--question_weights` (type=weight, types
+not named 1: e.g. more of the colour and shape questions, the kinds a model learns last).
 
 --train_size / --eval_size / --novel_size name a derived vlm_shapes config as
 `python -m vlmjax.data.build` does (built here if it is not on disk yet).
@@ -42,13 +44,15 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from vlmjax.data import interleaved, shapes, shapes_instruct, shapes_noise, webdataset
+from vlmjax.data import (interleaved, shapes, shapes_instruct, shapes_noise, shapes_text,
+                         webdataset)
 
 DATASETS = ("vlm_shapes", "llava", "mmc4")
 # Options of one dataset only: giving them to the other is an error, not silently ignored.
 VLM_SHAPES_OPTIONS = {"captions": "one", "samples_per_shard": 10_000}
 LLAVA_OPTIONS = {"kinds": ",".join(shapes_instruct.KINDS), "limit": None, "seed": 0}
-MMC4_OPTIONS = {"limit": None, "seed": 0, "max_images": 5, "caption_fraction": 0.2}
+MMC4_OPTIONS = {"limit": None, "seed": 0, "max_images": 5, "caption_fraction": 0.2,
+                "question_weights": ""}
 OPTIONS = {"vlm_shapes": VLM_SHAPES_OPTIONS, "llava": LLAVA_OPTIONS, "mmc4": MMC4_OPTIONS}
 
 
@@ -115,19 +119,44 @@ def export_llava(builder, out: str, split: str = "train", kinds=shapes_instruct.
     return {"images": images, **{kind: len(e) for kind, e in entries.items()}}
 
 
-def mmc4_sentence(example: dict, rng: np.random.Generator, caption_fraction: float) -> str:
-    """The sentence an image is matched to: one of its QA pairs, or one of its captions."""
+def parse_question_weights(text: str) -> dict[str, float]:
+    """"colour=3,shape=3" -> {"colour": 3.0, "shape": 3.0}; an unknown type or a weight that is
+    not a positive number is an error naming the valid types."""
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if name not in shapes_text.QA_TYPES or not weight > 0:
+            raise ValueError(f"question weight {item!r} is not TYPE=POSITIVE_NUMBER with TYPE one "
+                             f"of {', '.join(shapes_text.QA_TYPES)}")
+        weights[name] = weight
+    return weights
+
+
+def mmc4_sentence(example: dict, rng: np.random.Generator, caption_fraction: float,
+                  question_weights: dict[str, float] | None = None) -> str:
+    """The sentence an image is matched to: one of its QA pairs (drawn with `question_weights`
+    by type, 1 for a type not named), or one of its captions."""
     if rng.random() < caption_fraction:
         captions = example["captions"]
         return f"Output: {captions[rng.integers(len(captions))].decode()}"
     qa = example["qa"]
-    pick = rng.integers(len(qa["question"]))
+    if question_weights:
+        weights = np.array([question_weights.get(shapes_text.QA_TYPES[t], 1.0)
+                            for t in qa["type"]])
+        pick = rng.choice(len(weights), p=weights / weights.sum())
+    else:
+        pick = rng.integers(len(qa["question"]))
     return interleaved.vqa_text(qa["question"][pick].decode(), qa["answer"][pick].decode())
 
 
 def export_mmc4(builder, out: str, split: str = "train", limit: int | None = None,
                 seed: int = 0, max_images: int = 5, caption_fraction: float = 0.2,
-                show_progress: bool = False) -> dict[str, int]:
+                show_progress: bool = False,
+                question_weights: dict[str, float] | None = None) -> dict[str, int]:
     """Writes interleaved documents of a vlm_shapes split (module docstring); returns the
     numbers of images and documents."""
     check_split(builder, split)
@@ -153,7 +182,8 @@ def export_mmc4(builder, out: str, split: str = "train", limit: int | None = Non
             file.write(example["image"])  # the PNG as stored
         current["image_info"].append({"image_name": name, "matched_sim": 1.0,
                                       "matched_text_index": len(current["text_list"])})
-        current["text_list"].append(mmc4_sentence(example, rng, caption_fraction))
+        current["text_list"].append(mmc4_sentence(example, rng, caption_fraction,
+                                                  question_weights))
     with open(os.path.join(out, f"{split}_mmc4.jsonl"), "w") as file:
         for doc in docs:
             file.write(json.dumps(doc) + "\n")
@@ -180,6 +210,8 @@ def _parse_args(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Name
     parser.add_argument("--max_images", type=int, help="mmc4: images per document, default 5")
     parser.add_argument("--caption_fraction", type=float,
                         help="mmc4: share of caption sentences, default 0.2")
+    parser.add_argument("--question_weights",
+                        help="mmc4: TYPE=W,... weights of the question types (default 1 each)")
     args = parser.parse_args(argv)
     own = OPTIONS[args.dataset]
     other = {name for options in OPTIONS.values() for name in options} - set(own)
@@ -205,12 +237,15 @@ def main(argv: list[str] | None = None) -> int:
             kinds = shapes_instruct.check_kinds(args.kinds)
             if args.limit is not None and args.limit < 1:
                 raise ValueError(f"--limit {args.limit} must be >= 1")
+        if args.dataset == "mmc4":
+            question_weights = parse_question_weights(args.question_weights)
     except ValueError as error:
         parser.error(str(error))
     shapes.prepare(builder)
     if args.dataset == "mmc4":
         counts = export_mmc4(builder, args.out, args.split, args.limit, args.seed,
-                             args.max_images, args.caption_fraction, show_progress=True)
+                             args.max_images, args.caption_fraction, show_progress=True,
+                             question_weights=question_weights)
         print(f"wrote {counts['documents']} document(s) with {counts['images']} image(s) to "
               f"{os.path.join(args.out, f'{args.split}_mmc4.jsonl')}")
         return 0
