@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from vlmjax import sharding
+from vlmjax.models.bert import BertTextTower
+from vlmjax.models.blip import BlipText
 from vlmjax.models.efficientnet import EfficientNet
 from vlmjax.models.two_towers import TwoTowers
 
@@ -72,7 +74,6 @@ def test_efficientnet_remat_keeps_drop_connect_in_training():
 def test_bert_remat_changes_nothing_but_memory():
     """ALIGN's BERT (BLIP's text transformer) recomputes each layer in the backward: same
     params, same gradients, dropout kept in training, one checkpoint per layer."""
-    from vlmjax.models.bert import BertTextTower
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 8), 0, 50)
     mask = jnp.arange(8)[None] < jnp.array([[8], [5]])
     cfg = dict(vocab_size=50, max_len=8, width=16, depth=2, num_heads=2, dropout=0.3)
@@ -95,3 +96,7 @@ def test_bert_remat_changes_nothing_but_memory():
                            remat.apply({"params": params}, tokens, mask))
     jaxpr = str(jax.make_jaxpr(lambda p: remat.apply({"params": p}, tokens, mask))(params))
     assert jaxpr.count("checkpoint") + jaxpr.count("remat") >= 2
+    text = BlipText(**cfg, parts=("encoder",), remat="full")
+    with pytest.raises(ValueError, match="remat takes no KV cache"):
+        text.apply({"params": params["bert"]}, tokens, mask[:, None, None, :], "encoder",
+                   cache={"k": (), "v": ()})

@@ -238,11 +238,11 @@ class BlipText(nn.Module):
             for layer in self.layer:
                 x, _ = layer(x, mask, part, image_embeds, train)
             return x
+        if self.remat != "none":
+            raise ValueError("a BLIP text transformer with remat takes no KV cache: decode "
+                             "with remat='none' (the params are the same)")
         new_cache = []
         for i, layer in enumerate(self.layer):
-            if self.remat != "none":
-                raise ValueError("a BLIP text transformer with remat takes no KV cache: decode "
-                                 "with remat='none' (the params are the same)")
             layer_cache = {n: cache[n][i] for n in ("k", "v")}
             x, layer_cache = layer(x, mask, part, image_embeds, train, kv_cache=layer_cache,
                                    index=index)
