@@ -131,13 +131,15 @@ def test_llava_json_question_types_select_entries(image_folder):
                 "conversations": [{"from": "gpt", "value": "red"}]}
     entries = [entry("colour", ["colour"]), entry("count", ["count"]),
                entry("both", ["colour", "shape"]), entry("mixed", ["colour", "count"]),
-               {"id": "untyped", "image": "a.jpg", "conversations": [{"from": "gpt", "value": "x"}]}]
+               {"id": "untyped", "image": "a.jpg", "conversations": [{"from": "gpt", "value": "x"}]},
+               None]  # a bad record is kept, to be counted
     path = image_folder / "typed.json"
     path.write_text(json.dumps(entries))
     chosen = sources.LlavaJsonSource(str(path), str(image_folder / "images"),
                                      question_types=("colour", "shape"))
-    assert [r["key"] for r in _records(chosen)] == [b"colour", b"both"]
-    assert len(_records(sources.LlavaJsonSource(str(path), str(image_folder / "images")))) == 5
+    assert [r["key"] for r in _records(chosen)][:2] == [b"colour", b"both"]
+    assert _reasons(_records(chosen)) == ["ok", "ok", "bad_json"]
+    assert len(_records(sources.LlavaJsonSource(str(path), str(image_folder / "images")))) == 6
     with pytest.raises(ValueError, match="typed.json.*no records whose question_types.*'size'"):
         sources.LlavaJsonSource(str(path), str(image_folder), question_types=("size",))
 

@@ -367,9 +367,12 @@ class LlavaJsonSource(Source):
         self._entries = _load_llava_entries(self.json_path)
         if self.question_types is not None:
             wanted = set(self.question_types)
-            self._entries = [e for e in self._entries if isinstance(e, dict)
-                             and e.get("question_types") and set(e["question_types"]) <= wanted]
-            if not self._entries:
+
+            def asks_wanted(entry):
+                return bool(entry.get("question_types")) and set(entry["question_types"]) <= wanted
+            # Records that are not objects stay, so that _example counts them as bad_json.
+            self._entries = [e for e in self._entries if not isinstance(e, dict) or asks_wanted(e)]
+            if not any(isinstance(e, dict) for e in self._entries):
                 raise ValueError(f"data.json_path={self.json_path!r} holds no records whose "
                                  f"question_types are all among {sorted(wanted)}")
         if not self._entries:
