@@ -51,7 +51,8 @@ default, or detailed_description), select=N (evaluate N validation images only, 
 captioning and stage 2 VQA, nothing else: the quick runs that choose a recipe), vqa (stage 2:
 the short-answer VQA weight, default 8), hard (stage 2: the weight of a second VQA source that
 holds only the questions of `hard_types`, '+'-separated, default colour+shape: the kinds the
-model learns last; default 8, 0 = none), runlocal (a few steps of a tiny model on a tiny build, for tests).
+model learns last; default 8, 0 = none; an entry `kind:w` is a source of its own at weight w),
+runlocal (a few steps of a tiny model on a tiny build, for tests).
 """
 import os
 
@@ -84,6 +85,29 @@ def tokenizer_path(shapes_dir: str, sizes: dict) -> str:
 def llava_json(llava_dir: str, kind: str, **extra) -> dict:
     return dict(source="llava_json", json_path=os.path.join(llava_dir, f"train_{kind}.json"),
                 image_dir=os.path.join(llava_dir, "images"), **extra)
+
+
+def hard_sources(llava_dir: str, weight: float, types: str) -> dict:
+    """The short-answer questions of the kinds learnt last, once more: `types` '+'-separated;
+    the plain entries share one source `vqa_hard` at `weight`, an entry `kind:w` is a source
+    `vqa_{kind}` of its own at weight w (e.g. 'colour:4+shape:12' weights shape 3x colour)."""
+    shared, own = [], {}
+    for entry in filter(None, types.split("+")):
+        kind, sep, own_weight = entry.partition(":")
+        if not sep:
+            shared.append(kind)
+            continue
+        try:
+            own[kind] = float(own_weight)
+        except ValueError:
+            raise ConfigError(f"preset hard_types entry {entry!r}: 'kind' or 'kind:weight' "
+                              "with a number weight, e.g. 'colour+shape' or 'colour:4+shape:12'")
+    sources = {f"vqa_{kind}": llava_json(llava_dir, "vqa", weight=w, question_types=[kind])
+               for kind, w in own.items() if w}
+    if shared and weight:
+        sources["vqa_hard"] = llava_json(llava_dir, "vqa", weight=weight,
+                                         question_types=shared)
+    return sources
 
 
 def evals(stage: int, shapes_dir: str, sizes: dict, batch_size: int, max_examples: int,
@@ -159,9 +183,7 @@ def get_config(arg=None):
     if args.stage == 2:
         if args.vqa:
             sources["vqa"]["weight"] = args.vqa
-        if args.hard:  # the short-answer questions of the kinds learnt last, once more
-            sources["vqa_hard"] = llava_json(args.llava_dir, "vqa", weight=args.hard,
-                                             question_types=args.hard_types.split("+"))
+        sources.update(hard_sources(args.llava_dir, args.hard, args.hard_types))
     if len(sources) == 1:
         c.data = {k: v for k, v in next(iter(sources.values())).items() if k != "weight"}
     else:

@@ -277,6 +277,20 @@ def test_hard_preset_adds_a_source_of_the_hard_question_kinds(llava_dirs):
     assert 0 < len(hard._entries) < len(pipeline_config.make_source(sources.vqa, True)._entries)
 
 
+def test_hard_types_entry_with_a_weight_is_a_source_of_its_own(llava_dirs):
+    """hard_types 'colour+shape:12': colour in the shared `vqa_hard` at `hard`, shape alone in
+    `vqa_shape` at 12; a weight that is not a number is an error naming the entry."""
+    presets = (f"configs/llava/tiny.py:runlocal,stage=2,shapes_dir={llava_dirs[0]},"
+               f"llava_dir={llava_dirs[1]},hard=5")
+    sources = config_lib.load_config(presets + ",hard_types=colour+shape:12").data.sources
+    assert set(sources) == {"conversation", "detailed_description", "complex_reasoning", "vqa",
+                            "vqa_hard", "vqa_shape"}
+    assert (sources.vqa_hard.weight, list(sources.vqa_hard.question_types)) == (5, ["colour"])
+    assert (sources.vqa_shape.weight, list(sources.vqa_shape.question_types)) == (12, ["shape"])
+    with pytest.raises(config_lib.ConfigError, match="'shape:many'"):
+        config_lib.load_config(presets + ",hard_types=colour+shape:many")
+
+
 @pytest.mark.slow
 def test_llava_cot_runlocal_trains_and_evaluates(llava_dirs, tmp_path_factory):
     """configs/llava_cot/tiny.py:runlocal: a few SFT steps on the cot + cot_judge export, then
