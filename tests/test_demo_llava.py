@@ -27,9 +27,11 @@ def test_a_run_is_complete_only_with_its_last_steps_checkpoint(tmp_path):
 def test_chain_stages_read_the_earlier_runs():
     runs = {run.name: run.config.format(data_dir="/d", workdir="/w")
             for run in demo.chain(stage2_args=",steps=10")}
-    assert list(runs) == ["siglip", "lm", "stage1", "stage2"]
+    assert list(runs) == ["siglip", "lm", "stage1", "shape", "stage2"]
     assert "vision_init=/w/siglip" in runs["stage1"] and "llm_init=/w/lm" in runs["stage1"]
-    assert "stage1=/w/stage1" in runs["stage2"] and runs["stage2"].endswith(",steps=10")
+    # the shape warm-up starts from stage 1, stage 2 from the warm-up
+    assert "stage1=/w/stage1" in runs["shape"] and "vqa_only=shape" in runs["shape"]
+    assert "stage1=/w/shape" in runs["stage2"] and runs["stage2"].endswith(",steps=10")
     assert "llava_dir=/w/llava_shapes" in runs["stage2"]
 
 

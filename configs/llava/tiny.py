@@ -52,7 +52,9 @@ captioning and stage 2 VQA, nothing else: the quick runs that choose a recipe), 
 the short-answer VQA weight, default 8), hard (stage 2: the weight of a second VQA source that
 holds only the questions of `hard_types`, '+'-separated, default colour+shape: the kinds the
 model learns last; default 8, 0 = none; an entry `kind:w` is a source of its own at weight w),
-runlocal (a few steps of a tiny model on a tiny build, for tests).
+vqa_only (stage 2 on the short-answer questions of these types alone, '+'-separated: the chain's
+shape warm-up, `vqa_only=shape,steps=300`, between stage 1 and stage 2; checked on 100 validation
+images), runlocal (a few steps of a tiny model on a tiny build, for tests).
 """
 import os
 
@@ -72,6 +74,8 @@ STAGE_DATA = {1: {"caption": 1.0},
 # at the plain mixture's share (~10% of samples each) colour was never learnt within 1000 steps
 # (docs/experiments.md, "Colour is learnt once enough colour questions reach the model").
 HARD_WEIGHT, HARD_TYPES = 8.0, "colour+shape"
+# The validation images a `vqa_only` warm-up is checked on at its end.
+WARMUP_IMAGES = 100
 # The tiny build of :runlocal (the same sizes as configs/lm/tiny.py:runlocal).
 RUNLOCAL_SIZES = dict(train_size=64, eval_size=16, novel_size=8)
 
@@ -142,7 +146,7 @@ def get_config(arg=None):
                              llm_init="", stage1="", steps=0, batch=0, lr=0.0,
                              vision_layer=-1, train_vision=False, max_len=0, pack=True,
                              posemb=True, norm="none", select=0, stage1_kind="caption",
-                             vqa=0.0, hard=HARD_WEIGHT, hard_types=HARD_TYPES)
+                             vqa=0.0, hard=HARD_WEIGHT, hard_types=HARD_TYPES, vqa_only="")
     if args.stage not in STAGE_DATA:
         raise ConfigError(f"preset stage={args.stage!r} must be 1 or 2")
     if args.stage1 and (args.stage != 2 or args.vision_init or args.llm_init):
@@ -180,7 +184,13 @@ def get_config(arg=None):
         kinds = {args.stage1_kind: 1.0}
     sources = {kind: llava_json(args.llava_dir, kind, weight=weight)
                for kind, weight in kinds.items()}
-    if args.stage == 2:
+    if args.vqa_only:  # the warm-up on one skill: those short-answer questions, nothing else
+        if args.stage != 2:
+            raise ConfigError(f"preset vqa_only={args.vqa_only!r} is a stage-2 preset: use it "
+                              "with stage=2")
+        sources = {"vqa": llava_json(args.llava_dir, "vqa",
+                                     question_types=args.vqa_only.split("+"))}
+    elif args.stage == 2:
         if args.vqa:
             sources["vqa"]["weight"] = args.vqa
         sources.update(hard_sources(args.llava_dir, args.hard, args.hard_types))
@@ -200,8 +210,11 @@ def get_config(arg=None):
     c.optim = dict(name="adamw", lr=args.lr or 1e-3,
                    schedule="cosine", warmup_steps=50, end_lr=1e-5, weight_decay=0.0, b1=0.9,
                    b2=0.95, clip_norm=1.0)
+    # A warm-up is judged by the stage 2 that follows it: its own check is validation VQA on
+    # WARMUP_IMAGES images.
+    select = args.select or (WARMUP_IMAGES if args.vqa_only else 0)
     c.evals = evals(args.stage, args.shapes_dir, sizes, batch_size=64,
-                    max_examples=args.select or 500, select=bool(args.select))
+                    max_examples=select or 500, select=bool(select))
     c.data_shards = 0  # input streams; 0 = the process count of the first run (see README)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     c.log_every = 50

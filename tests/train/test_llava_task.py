@@ -291,6 +291,22 @@ def test_hard_types_entry_with_a_weight_is_a_source_of_its_own(llava_dirs):
         config_lib.load_config(presets + ",hard_types=colour+shape:many")
 
 
+def test_vqa_only_preset_trains_one_question_kind_alone(llava_dirs):
+    """`vqa_only=shape`: stage 2's data is the shape questions and nothing else, checked on
+    validation VQA alone; on stage 1 it is an error."""
+    from vlmjax.data import pipeline_config
+    presets = (f"configs/llava/tiny.py:stage=2,shapes_dir={llava_dirs[0]},"
+               f"llava_dir={llava_dirs[1]}")
+    config = config_lib.load_config(presets + ",vqa_only=shape")
+    assert config.data.source == "llava_json" and config.data.json_path.endswith("train_vqa.json")
+    source = pipeline_config.make_source(config.data, training=True)
+    assert {tuple(e["question_types"]) for e in source._entries} == {("shape",)}
+    assert list(config.evals) == ["validation_vqa"]
+    assert config.evals.validation_vqa.max_examples == 100
+    with pytest.raises(config_lib.ConfigError, match="stage-2 preset"):
+        config_lib.load_config(presets.replace("stage=2", "stage=1") + ",vqa_only=shape")
+
+
 @pytest.mark.slow
 def test_llava_cot_runlocal_trains_and_evaluates(llava_dirs, tmp_path_factory):
     """configs/llava_cot/tiny.py:runlocal: a few SFT steps on the cot + cot_judge export, then

@@ -11,7 +11,10 @@ complete and reused, an interrupted one resumes, see `is_complete`):
   3. lm       configs/lm/tiny.py:steps=200,scenes=True (also documents that answer questions
               from a caption before them: the skill of reading facts from the context)
   4. stage1   configs/llava/tiny.py:stage=1 from siglip's image tower and lm's LLM
-  5. stage2   configs/llava/tiny.py:stage=2,train_vision=True from stage1
+  5. shape    configs/llava/tiny.py:stage=2,train_vision=True,vqa_only=shape,steps=300 from
+              stage1: a warm-up on shape questions alone (in the mixture shape is never learnt;
+              learnt first, the mixture keeps it: docs/experiments.md, LLaVA)
+  6. stage2   configs/llava/tiny.py:stage=2,train_vision=True from shape
 Then it prints stage 2's final VQA exact match per question type on validation, test and
 test_novel (the trainer's evaluations, from WORKDIR/stage2/metrics.jsonl), and the answers of
 `python -m vlmjax.generate --image` to every question about a few test images.
@@ -31,6 +34,7 @@ import time
 QA_TYPES = ("colour", "shape", "count", "position", "existence", "comparison")
 SPLITS = ("validation", "test", "test_novel")
 NUM_SAMPLE_IMAGES = 8  # one question each
+SHAPE_WARMUP = "vqa_only=shape,steps=300"  # the presets of the warm-up between the stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +51,9 @@ def chain(stage1_args: str = "", stage2_args: str = "") -> list[Run]:
         Run("lm", "configs/lm/tiny.py:steps=200,scenes=True", sets_data_dir=True),
         Run("stage1", f"configs/llava/tiny.py:stage=1,{shapes},vision_init={{workdir}}/siglip,"
                       f"llm_init={{workdir}}/lm{stage1_args}"),
-        Run("stage2", f"configs/llava/tiny.py:stage=2,{shapes},stage1={{workdir}}/stage1,"
+        Run("shape", f"configs/llava/tiny.py:stage=2,{shapes},stage1={{workdir}}/stage1,"
+                     f"train_vision=True,{SHAPE_WARMUP}"),
+        Run("stage2", f"configs/llava/tiny.py:stage=2,{shapes},stage1={{workdir}}/shape,"
                       f"train_vision=True{stage2_args}"),
     ]
 
