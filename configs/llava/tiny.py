@@ -12,9 +12,14 @@ LLaVA's two stages, on a laptop CPU. `make demo-llava` runs the whole chain
     python -m vlmjax.train --workdir /tmp/llava_s1 --config configs/llava/tiny.py:stage=1,\
 shapes_dir=/tmp/vlm_shapes,llava_dir=/tmp/llava_shapes,vision_init=/tmp/siglip,\
 llm_init=/tmp/lm_tiny
-    # 3. stage 2: projector + LLM (+ vision), from stage 1, on the instruction kinds (chatml)
+    # 3. the shape warm-up: stage 2's trainables on shape questions alone (300 steps; in the
+    #    mixture shape is never learnt, learnt first the mixture keeps it)
+    python -m vlmjax.train --workdir /tmp/llava_shape --config configs/llava/tiny.py:stage=2,\
+shapes_dir=/tmp/vlm_shapes,llava_dir=/tmp/llava_shapes,stage1=/tmp/llava_s1,train_vision=True,\
+vqa_only=shape,steps=300
+    # 4. stage 2: projector + LLM (+ vision), from the warm-up, on the instruction kinds (chatml)
     python -m vlmjax.train --workdir /tmp/llava_s2 --config configs/llava/tiny.py:stage=2,\
-shapes_dir=/tmp/vlm_shapes,llava_dir=/tmp/llava_shapes,stage1=/tmp/llava_s1,train_vision=True
+shapes_dir=/tmp/vlm_shapes,llava_dir=/tmp/llava_shapes,stage1=/tmp/llava_shape,train_vision=True
     python -m vlmjax.train --config configs/llava/tiny.py:runlocal,llava_dir=D,shapes_dir=S ...
 
 The model: the CNN image tower of configs/siglip/tiny.py (vision_arch 'cnn': 3 conv stages of
