@@ -22,6 +22,8 @@ PAIRS = {"resnet+cbow": dict(image=RESNET, image_arch="resnet", text_arch="cbow"
          "efficientnet+bert": dict(image=EFFICIENTNET, image_arch="efficientnet",
                                    text_arch="bert", text=dict(vocab_size=50, max_len=8, width=16,
                                                                depth=1, num_heads=2))}
+PAIRS["efficientnet+bert(scan)"] = dict(PAIRS["efficientnet+bert"], text=dict(
+    PAIRS["efficientnet+bert"]["text"], depth=2, scan_layers=True))
 
 
 @pytest.mark.parametrize("pair", sorted(PAIRS))
@@ -40,6 +42,12 @@ def test_every_parameter_has_logical_axes(pair):
             "embed", "heads", "head_dim")
         assert specs["text_tower"]["token_embed"]["embedding"] == jax.sharding.PartitionSpec(
             "vocab", "embed")
+    if pair == "efficientnet+bert(scan)":  # one [depth, ...] array per weight, depth unsharded
+        layer = specs["text_tower"]["bert"]["layer_scan"]
+        assert layer["self_attention_encoder"]["query"]["kernel"] == jax.sharding.PartitionSpec(
+            None, "embed", "heads", "head_dim")
+        assert params["text_tower"]["bert"]["layer_scan"]["mlp"]["fc1"]["kernel"].value.shape[
+            0] == 2
 
 
 def test_efficientnet_remat_changes_nothing_but_memory():

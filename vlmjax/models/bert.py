@@ -8,6 +8,9 @@ type embeddings are not a parameter: a model fed no token types adds row 0 to ev
 the converters fold into the position embeddings (as convert.hf_bert does for BLIP).
 Pooling is the first token ([CLS]); the pooler's dense + tanh is not applied (ALIGN reads the
 [CLS] hidden state and projects it with TwoTowers' text projection).
+`scan_layers=True` runs the layers under nn.scan (params `bert/layer_scan`, leading [depth]
+axis; BlipText); the converters read and write `bert/layer_{i}`, and
+`vlmjax.models.scan_layout` converts (model_init and the ALIGN export do it for you).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class BertTextTower(nn.Module):
     attention_dropout: float = 0.0
     init_scheme: str = "bert"    # blip.INITS
     remat: str = "none"          # layers.REMAT_POLICIES: recompute each layer in the backward
+    scan_layers: bool = False    # nn.scan over the layers (BlipText: `layer_scan`)
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -45,7 +49,8 @@ class BertTextTower(nn.Module):
             depth=self.depth, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
             activation=self.activation, norm_eps=self.norm_eps, dropout=self.dropout,
             attention_dropout=self.attention_dropout, parts=(ENCODER,),
-            init_scheme=self.init_scheme, remat=self.remat, dtype=self.dtype)
+            init_scheme=self.init_scheme, remat=self.remat,
+            scan_layers=self.scan_layers, dtype=self.dtype)
 
     def __call__(self, tokens, text_mask=None, *, train: bool = False):
         if text_mask is None:

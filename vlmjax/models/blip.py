@@ -166,7 +166,13 @@ class BertLayer(BertSettings):
 
 class BlipText(nn.Module):
     """BERT-style text transformer with cross-attention; `parts` picks its self-attentions.
-    `__call__` returns the last hidden states [B, L, width] (and the KV cache when given one)."""
+    `__call__` returns the last hidden states [B, L, width] (and the KV cache when given one).
+
+    The layers are `layer_0 .. layer_{depth-1}` (the layout the converters read and write), or
+    with `scan_layers=True` one `layer_scan` run under `nn.scan`, every parameter with a leading
+    [depth] axis (compile time flat in depth; `vlmjax.models.scan_layout` converts between the
+    two). A scanned transformer takes no KV cache: decode unrolled with the same params after
+    `scan_layout.to_unrolled`."""
     vocab_size: int = 30524
     max_len: int = 512
     width: int = 768
@@ -181,6 +187,7 @@ class BlipText(nn.Module):
     tie_word_embeddings: bool = True
     init_scheme: str = "bert"      # INITS: the attention and head kernels' init
     remat: str = "none"            # layers.REMAT_POLICIES: recompute each layer in the backward
+    scan_layers: bool = False      # nn.scan over the layers (param `layer_scan`)
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -191,18 +198,23 @@ class BlipText(nn.Module):
             nn.initializers.normal(0.02), (None, "embed")), (self.max_len, self.width))
         self.embed_norm = layers.make_norm("layernorm", self.dtype, self.norm_eps)
         self.embed_dropout = nn.Dropout(self.dropout)
-        # The layers differ in nothing, but the converters read them unrolled (layer_{i}), so
-        # remat without scan; a remat layer takes no KV cache (decoding needs no backward).
+        # A remat layer takes no KV cache (decoding needs no backward).
         layer_cls = BertLayer
         if self.remat != "none":
+            # Under scan the loop already keeps XLA from merging the recomputation into the
+            # forward pass, so CSE prevention would only cost (as layers.Encoder).
             layer_cls = nn.remat(BertLayer, policy=layers.remat_policy(self.remat),
+                                 prevent_cse=not self.scan_layers,
                                  static_argnums=(3, 5))  # part, train
-        self.layer = [layer_cls(
+        layer_kwargs = dict(
             num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.width,
             activation=self.activation, norm_eps=self.norm_eps, dropout=self.dropout,
             attention_dropout=self.attention_dropout, init_scheme=self.init_scheme,
-            dtype=self.dtype,
-            self_attentions=tuple(self.parts)) for _ in range(self.depth)]  # layer_0 ..
+            dtype=self.dtype, self_attentions=tuple(self.parts))
+        if self.scan_layers:
+            self.layer_scan = layer_cls(**layer_kwargs)  # run by _scanned under nn.scan
+        else:
+            self.layer = [layer_cls(**layer_kwargs) for _ in range(self.depth)]  # layer_0 ..
         if "decoder" in self.parts:  # BERT's prediction head (the LM and MLM logits)
             self.head_transform = nn.Dense(
                 self.width, dtype=self.dtype, param_dtype=jnp.float32,
@@ -222,10 +234,27 @@ class BlipText(nn.Module):
         if length > self.max_len:
             raise ValueError(f"text length {length} exceeds the text max_len {self.max_len}")
 
+    def _scanned(self, x, mask, part, image_embeds, train):
+        """The layers as one nn.scan over `layer_scan`; `part` and `train` are Python values,
+        so the body closes over them (with the mask and image tokens) instead of scanning
+        them."""
+        def body(layer, carry, _):
+            carry, _ = layer(carry, mask, part, image_embeds, train)
+            return carry, None
+
+        scanned = nn.scan(body, variable_axes={"params": 0}, length=self.depth,
+                          split_rngs={"params": True, "dropout": True},
+                          metadata_params={nn.PARTITION_NAME: None})  # layer axis: unsharded
+        return scanned(self.layer_scan, x, None)[0]
+
     def __call__(self, tokens, mask, part, image_embeds=None, *, positions=None, train=False,
                  cache=None, index=None):
         """`mask` [B, 1, L, S] bool (True = attend); `positions` [B, L] (default 0..L-1)."""
         self._check(part, tokens.shape[1])
+        if cache is not None and self.scan_layers:
+            raise ValueError("a BLIP text transformer with scan_layers takes no KV cache: "
+                             "decode with scan_layers=False and the params after "
+                             "vlmjax.models.scan_layout.to_unrolled")
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.token_embed(tokens) + jnp.take(self.pos_embedding, positions, axis=0).astype(
@@ -235,6 +264,8 @@ class BlipText(nn.Module):
         if image_embeds is not None:
             image_embeds = image_embeds.astype(self.dtype)
         if cache is None:
+            if self.scan_layers:
+                return self._scanned(x, mask, part, image_embeds, train)
             for layer in self.layer:
                 x, _ = layer(x, mask, part, image_embeds, train)
             return x
