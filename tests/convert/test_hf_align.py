@@ -1,7 +1,7 @@
 """HF AlignModel <-> vlmjax TwoTowers (EfficientNet + BERT): image and text embeddings and
 logits against transformers, export back to transformers (through `python -m vlmjax.convert
 export`'s function), the tokenizer, EfficientNet's compound scaling, and configs HF and vlmjax
-cannot share named in the error."""
+cannot share named in the error; model_init into a BERT with scan_layers and its export."""
 import json
 import os
 import shutil
@@ -208,3 +208,54 @@ def test_a_checkpoint_that_does_not_fit_its_config_is_named(align_hf, tmp_path):
         json.dump(config, f)
     with pytest.raises(ValueError, match="missing .*text_model.encoder.layer.2"):
         load_pretrained(broken)
+
+
+def test_model_init_into_a_scanned_bert_and_export_back(align_hf, tmp_path):
+    """config.model_init of an HF AlignModel into a model whose BERT scans its layers: the
+    contrastive task fits the unrolled weights into `layer_scan` (the same text embeddings as
+    the unrolled import), and the export of the scanned params unrolls them again."""
+    import flax.linen as nn
+    import jax
+
+    from vlmjax import config as config_lib, sharding
+    from vlmjax.convert.params import build_model, flatten
+    from vlmjax.convert.recipe import pretrained_recipe
+    from vlmjax.models import scan_layout
+    from vlmjax.train.tasks.contrastive import ContrastiveTask
+
+    directory, _, _ = align_hf
+    model, unrolled, _ = load_pretrained(directory)
+    recipe = pretrained_recipe(directory)  # what the task checks the architecture against
+    assert (recipe.family, recipe.loss) == ("align", "clip")
+    model_config = dict(recipe.model_config)
+    model_config["text"] = dict(model_config["text"], scan_layers=True, remat="full")
+    config = config_lib.load_config("configs/align/efficientnet.py:runlocal")
+    with config.unlocked():
+        config.model = dict(model_config, dtype="float32")
+        config.model_init = directory
+        config.input.image_size = SIZE
+    mesh = sharding.make_mesh(config.mesh)
+    task = ContrastiveTask(config, mesh)
+    boxed = jax.eval_shape(task.init_params, jax.random.key(0))
+    shardings = sharding.param_shardings(boxed, mesh, sharding.logical_rules())
+    scanned = task.pretrained_params(config.model_init, nn.meta.unbox(boxed), shardings)
+    assert "layer_scan" in scanned["text_tower"]["bert"]
+    assert scanned["text_tower"]["bert"]["layer_scan"]["mlp"]["fc1"]["kernel"].shape[0] == 2
+    back, want = flatten(scan_layout.to_unrolled(scanned)), flatten(unrolled)
+    assert set(back) == set(want)
+    for name, value in want.items():
+        np.testing.assert_array_equal(np.asarray(back[name]), np.asarray(value), err_msg=name)
+
+    tokens, mask = text_inputs()
+    scanned_model = build_model(model_config)
+    got = scanned_model.apply({"params": scanned}, tokens, mask,
+                              method=scanned_model.encode_text)
+    want = model.apply({"params": unrolled}, tokens, mask, method=model.encode_text)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+    out = str(tmp_path / "exported")
+    export_hf_align(scanned, model_config, out)
+    first, second = load_hf_align(directory)[0], load_hf_align(out)[0]
+    assert set(first) == set(second)
+    for name, value in first.items():
+        np.testing.assert_allclose(second[name], value, atol=1e-6, err_msg=name)

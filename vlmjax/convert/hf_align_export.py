@@ -9,7 +9,8 @@ AlignModel computes what we do: `token_type_embeddings` zeros (their row 0 is al
 position embeddings), the text pooler zeros (AlignModel's embeddings and logits never read it),
 BatchNorm `num_batches_tracked` 0. A model AlignModel cannot represent (an image projection, a
 text projection without bias, a logit bias, an embed_dim other than the image width, an
-activation HF lacks) is refused with the reason.
+activation HF lacks) is refused with the reason. A model whose BERT runs under `scan_layers`
+(`layer_scan`) is unrolled to `layer_{i}` first (scan_layout.to_unrolled).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from vlmjax.convert import hf_align, hf_io
-from vlmjax.convert.params import flatten
+from vlmjax.convert.params import flatten, unflatten
+from vlmjax.models import scan_layout
 from vlmjax.models.bert import BertTextTower
 from vlmjax.models.efficientnet import EfficientNet
 from vlmjax.models.two_towers import with_defaults
@@ -93,11 +95,18 @@ def hf_config(model_config: Mapping[str, Any], flat_params: Mapping[str, Any],
             "dtype": "float32", "text_config": text_cfg, "vision_config": vision_cfg}
 
 
+def unrolled_flat(params: Mapping[str, Any]) -> dict:
+    """Flat numpy params (from nested or flat `params`) in the converters' layout: a scanned
+    BERT's `layer_scan` as `layer_{i}`."""
+    return {k: np.asarray(v) for k, v in flatten(scan_layout.to_unrolled(unflatten(
+        flatten(params)))).items()}
+
+
 def hf_state_dict(params: Mapping[str, Any], model_config: Mapping[str, Any]) -> dict:
-    """vlmjax params -> AlignModel state dict (numpy, torch layouts; float32 but the int64
-    num_batches_tracked)."""
+    """vlmjax params (either text layout) -> AlignModel state dict (numpy, torch layouts;
+    float32 but the int64 num_batches_tracked)."""
     full = _full_config(model_config)
-    flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
+    flat = {k: v.astype(np.float32) for k, v in unrolled_flat(params).items()}
     entries = hf_align.weight_entries(full)
     missing = [e.vlmjax for e in entries if e.vlmjax not in flat]
     unused = sorted(set(flat) - {e.vlmjax for e in entries})
@@ -133,7 +142,7 @@ def export_hf_align(params: Mapping[str, Any], model_config: Mapping[str, Any], 
     {"size", "mean", "std"}, is given); returns 'align'."""
     from safetensors.numpy import save_file
 
-    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+    flat = unrolled_flat(params)
     config = hf_config(model_config, flat, image["size"] if image else None, token_ids)
     state = hf_state_dict(params, model_config)
     os.makedirs(out_dir, exist_ok=True)

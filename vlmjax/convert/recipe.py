@@ -16,18 +16,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vlmjax.convert import hf_io, tokenizer as tok, workdir as workdir_lib
+from vlmjax.convert import hf_align, hf_io, tokenizer as tok, workdir as workdir_lib
 from vlmjax.convert.hf import image_normalisation, model_config_from_hf
 from vlmjax.convert.hf_export import hf_family
 from vlmjax.convert.pretrained import source_kind
 from vlmjax.data.tokenizers import load_model_tokenizer
 
-LOSSES = {"siglip": "siglip", "clip": "clip"}
+LOSSES = {"siglip": "siglip", "clip": "clip", hf_align.FAMILY: "clip"}
 
 
 @dataclass(frozen=True)
 class Recipe:
-    family: str           # 'clip' | 'siglip'
+    family: str           # 'clip' | 'siglip' | 'align'
     model_config: dict    # TwoTowers keyword arguments (JSON-able)
     image_size: list      # [H, W] the model was trained at
     image_mean: list      # per channel, on pixels scaled to [0, 1]
@@ -57,8 +57,18 @@ class Recipe:
         return int(height)
 
 
+def _family(model_config) -> str:
+    return hf_align.FAMILY if hf_align.is_align_model(model_config) else hf_family(model_config)
+
+
 def _recipe_from_hf(src: str) -> Recipe:
     config_path = os.path.join(src, "config.json")
+    if hf_align.is_align_source(src):
+        model_config, info = hf_align.model_config_from_hf(hf_io.read_json(config_path),
+                                                           config_path)
+        mean, std = hf_align.image_normalisation(src)
+        settings = hf_align.tokenizer_settings(src, model_config["text"]["max_len"])
+        return Recipe(hf_align.FAMILY, model_config, info["image_size"], mean, std, settings)
     model_config, info = model_config_from_hf(hf_io.read_json(config_path), config_path)
     mean, std = image_normalisation(src, info["family"])
     settings = tok.hf_tokenizer_settings(src, info["family"], model_config["text"]["max_len"])
@@ -67,7 +77,7 @@ def _recipe_from_hf(src: str) -> Recipe:
 
 def _recipe_from_converted(src: str) -> Recipe:
     config = hf_io.read_json(os.path.join(src, "config.json"))
-    family = (config.get("source") or {}).get("family") or hf_family(config["model"])
+    family = (config.get("source") or {}).get("family") or _family(config["model"])
     image = config["image"]
     return Recipe(family, config["model"], list(image["size"]), list(image["mean"]),
                   list(image["std"]), config.get("tokenizer"))
@@ -81,7 +91,7 @@ def _recipe_from_trainer(src: str) -> Recipe:
     settings, _ = workdir_lib.tokenizer_settings(config)
     if settings is not None:  # the path is resolved below, relative to `src`
         settings = dict(settings, file=os.path.abspath(config["input"]["tokenizer"]))
-    return Recipe(hf_family(model_config), model_config, image["size"], image["mean"],
+    return Recipe(_family(model_config), model_config, image["size"], image["mean"],
                   image["std"], settings)
 
 
