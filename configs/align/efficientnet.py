@@ -9,6 +9,9 @@ vlm_shapes/noisy with ALIGN's filters (configs/align/tiny.py's data, evaluations
 Hardware: the paper trained on 1024 TPUv3 cores; at batch 16384 this needs a pod-scale slice
 (mesh data=-1; shard the params with --config.mesh.fsdp=N). Not run at scale here: no
 measured result. `:runlocal` trains 4 steps of a tiny EfficientNet + BERT on CPU (tested).
+`:scan` (or --config.model.text.scan_layers=True) runs BERT's 24 layers as one nn.scan: compile
+time flat in depth, the same weights stacked (`text_tower/bert/layer_scan`; model_init from an
+HF AlignModel and export to one convert); XLA's FLOP count, and so MFU, then sees one layer.
 
 From the paper (Section 5, as this repository's authors recall it; the text could not be
 fetched to check): EfficientNet-L2 with global pooling and no top 1x1 conv, trained from
@@ -51,7 +54,7 @@ PAPER_VOCAB, PAPER_TEXT_LEN, PAPER_IMAGE_SIZE = 100_000, 64, 289
 
 
 def get_config(arg=None):
-    args = parse_preset_args(arg, runlocal=False, steps=1_200_000, batch=16_384)
+    args = parse_preset_args(arg, runlocal=False, steps=1_200_000, batch=16_384, scan=False)
     here = os.path.dirname(os.path.abspath(__file__))
     # configs/align/tiny.py: vlm_shapes/noisy, ALIGN's filters, the vlm_shapes evaluations.
     c = load_config(os.path.join(here, "tiny.py") + (":runlocal" if args.runlocal else ""))
@@ -63,7 +66,7 @@ def get_config(arg=None):
         # Both towers recompute each block / layer in the backward (EfficientNet-L2's
         # activations at 289 px dominate memory); :runlocal keeps it, so the path is tested.
         text=dict(vocab_size=PAPER_VOCAB, max_len=PAPER_TEXT_LEN, **BERT_LARGE,
-                  activation="gelu", norm_eps=1e-12, remat="full"),
+                  activation="gelu", norm_eps=1e-12, remat="full", scan_layers=args.scan),
         image_arch="efficientnet", text_arch="bert", embed_dim=L2_WIDTH,
         image_projection=False, text_projection=True, text_projection_bias=True,
         temperature_init=1.0, bias_init=None, dtype="bfloat16")

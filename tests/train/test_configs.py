@@ -10,7 +10,8 @@ from vlmjax.train import trainer
 
 # configs/clip/tiny.py trains as its negatives=2 variant (the same model and loss); its own
 # negatives are checked without training (test_clip_tiny_inherits_the_tiny_recipes_negatives).
-RUNLOCAL = ["configs/align/tiny.py", "configs/align/efficientnet.py", "configs/siglip/vit_b16.py",
+RUNLOCAL = ["configs/align/tiny.py", "configs/align/efficientnet.py",
+            "configs/align/efficientnet.py:scan", "configs/siglip/vit_b16.py",
             "configs/clip/vit_b16.py", "configs/siglip/tiny.py:image=vit,text_depth=2,negatives=0",
             "configs/clip/tiny.py:negatives=2", "configs/clip/rn50.py",
             "configs/clip/cbow_tiny.py:negatives=2"]  # clip/tiny.py:image=resnet: rn50 trains it
@@ -73,6 +74,10 @@ def test_runlocal_preset_trains(path, tmp_path_factory):
         assert config.model.get("text_arch", "transformer") == TOWERS[path][1]
     if arch == "resnet":  # the attention pool, over a 1x1 map at 32 px
         assert image_tower["attn_pool"]["pos_embedding"].shape == (2, 8 * 32)
+    if path == "configs/align/efficientnet.py":  # BERT's layers: one stacked layer_scan
+        bert = result.state.params["text_tower"]["bert"]
+        assert set(bert) & {"layer_scan", "layer_0"} == (
+            {"layer_scan"} if "scan" in presets else {"layer_0"})
     if path == "configs/clip/cbow_tiny.py":  # embeddings only: no encoder, no pooling head
         assert set(result.state.params["text_tower"]) == {"token_embed"}
     if "negatives=0" in presets or "align" in path or "vit_b16" in path or "rn50" in path:
