@@ -118,3 +118,18 @@ def test_resizing_on_import_and_on_load(clip_hf, clip_converted, tmp_path):
     _, also_tall, _ = load_pretrained(clip_converted, image_size=(42, 30))
     assert tall["image_tower"]["posemb"]["pos_embedding"].shape == (1, 1 + 7 * 5, 32)
     assert_same_params(tall, also_tall)
+
+
+def test_export_of_scanned_params_writes_each_layer(clip_converted, clip_hf, tmp_path):
+    """A scan_layers model's params (`blocks`, [depth, ...]) export as HF's per-layer tensors,
+    the same files as the unrolled params give."""
+    from vlmjax.convert.hf_export import export_hf
+    from vlmjax.models import scan_layout
+    _, params, model_config = load_pretrained(clip_converted)
+    scanned = scan_layout.to_scanned(params)
+    assert scan_layout.is_scanned(scanned)
+    export_hf(scanned, {**model_config, "image": {**model_config["image"], "scan_layers": True}},
+              str(tmp_path / "scanned"))
+    reloaded = transformers.CLIPModel.from_pretrained(str(tmp_path / "scanned")).eval()
+    for name, tensor in clip_hf[1].state_dict().items():
+        assert torch.equal(tensor, reloaded.state_dict()[name]), name

@@ -15,7 +15,8 @@ import numpy as np
 
 from vlmjax.convert import hf_io
 from vlmjax.convert.hf_names import pack_attention, weight_map
-from vlmjax.convert.params import flatten
+from vlmjax.convert.params import flatten, unflatten
+from vlmjax.models import scan_layout
 from vlmjax.models.text import TextTransformer
 from vlmjax.models.two_towers import with_defaults
 from vlmjax.models.vit import ViT
@@ -149,7 +150,9 @@ def hf_state_dict(params: Mapping[str, Any], model_config: Mapping[str, Any]) ->
 
 def export_hf(params: Mapping[str, Any], model_config: Mapping[str, Any], out_dir: str,
               token_ids: Mapping[str, int | None] | None = None) -> str:
-    """Writes `out_dir/config.json` + `out_dir/model.safetensors`; returns the family."""
+    """Writes `out_dir/config.json` + `out_dir/model.safetensors`; returns the family. Params
+    of a `scan_layers` model (a scanned workdir) are unrolled first: HF stores each layer."""
+    params = scan_layout.to_unrolled(unflatten(flatten(params)))
     flat = {k: np.asarray(v) for k, v in flatten(params).items()}
     config = hf_config(model_config, flat, token_ids)
     state = hf_state_dict(params, model_config)
