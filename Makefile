@@ -28,7 +28,7 @@ demo: $(VENV)/.installed
 		--config.data.data_dir=$(DATA_DIR)
 	$(PY) -m vlmjax.plot $(WORKDIR) > /dev/null && echo "curves: $(WORKDIR)/plots"
 
-# The tiny LLaVA chain (SigLIP tiny -> LM tiny -> stage 1 -> stage 2), reusing complete runs;
+# The tiny LLaVA chain (SigLIP tiny -> LM tiny -> stage 1 -> shape warm-up -> stage 2), reusing complete runs;
 # WORKDIR= names the chain's directory (one subdirectory per run).
 demo-llava: $(VENV)/.installed
 	$(PY) -m vlmjax.demos.llava --data_dir $(DATA_DIR) \

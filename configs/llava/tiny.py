@@ -43,7 +43,8 @@ Rows are packed (input.pack): stage 1 rows of 128 tokens (3 images a row, about 
 stage 2 rows of 384 (5 images a row; a short-answer VQA sample is ~90 tokens: the vlm_shapes
 tokenizer spells the instruction in 29 pieces). AdamW, cosine, lr 1e-3; stage 1 300 steps of 32
 rows, stage 2 1000 steps of 16 rows (validation: 400 steps 42.6%, 1000 47.6% with VQA at
-weight 4 and no colour/shape source; 59.2% with this mixture, on 300 images).
+weight 4 and no colour/shape source; 58.8% with this mixture; 60.3% after the chain's shape
+warm-up, `vqa_only=shape,steps=300`, which `make demo-llava` runs between the stages).
 Evaluations (at the end, on vlm_shapes validation, where recipes are chosen, test and
 test_novel): stage 1 captioning (the colours, shapes and counts its descriptions name); stage 2
 also VQA (exact match per question type). Measured: README, "LLaVA".
