@@ -10,7 +10,7 @@ position embeddings), the text pooler zeros (AlignModel's embeddings and logits 
 BatchNorm `num_batches_tracked` 0. A model AlignModel cannot represent (an image projection, a
 text projection without bias, a logit bias, an embed_dim other than the image width, an
 activation HF lacks) is refused with the reason. A model whose BERT runs under `scan_layers`
-(`layer_scan`) is unrolled to `layer_{i}` first (scan_layout.to_unrolled).
+(`layer_scan`) is unrolled to `layer_{i}` first (params.unrolled_flat).
 """
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from vlmjax.convert import hf_align, hf_io
-from vlmjax.convert.params import flatten, unflatten
-from vlmjax.models import scan_layout
+from vlmjax.convert.params import unrolled_flat
 from vlmjax.models.bert import BertTextTower
 from vlmjax.models.efficientnet import EfficientNet
 from vlmjax.models.two_towers import with_defaults
@@ -95,13 +94,6 @@ def hf_config(model_config: Mapping[str, Any], flat_params: Mapping[str, Any],
             "dtype": "float32", "text_config": text_cfg, "vision_config": vision_cfg}
 
 
-def unrolled_flat(params: Mapping[str, Any]) -> dict:
-    """Flat numpy params (from nested or flat `params`) in the converters' layout: a scanned
-    BERT's `layer_scan` as `layer_{i}`."""
-    return {k: np.asarray(v) for k, v in flatten(scan_layout.to_unrolled(unflatten(
-        flatten(params)))).items()}
-
-
 def hf_state_dict(params: Mapping[str, Any], model_config: Mapping[str, Any]) -> dict:
     """vlmjax params (either text layout) -> AlignModel state dict (numpy, torch layouts;
     float32 but the int64 num_batches_tracked)."""
@@ -144,7 +136,7 @@ def export_hf_align(params: Mapping[str, Any], model_config: Mapping[str, Any], 
 
     flat = unrolled_flat(params)
     config = hf_config(model_config, flat, image["size"] if image else None, token_ids)
-    state = hf_state_dict(params, model_config)
+    state = hf_state_dict(flat, model_config)
     os.makedirs(out_dir, exist_ok=True)
     hf_io.write_json(os.path.join(out_dir, "config.json"), config)
     save_file({k: np.array(v, order="C") for k, v in state.items()},

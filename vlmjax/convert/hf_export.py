@@ -15,8 +15,7 @@ import numpy as np
 
 from vlmjax.convert import hf_io
 from vlmjax.convert.hf_names import pack_attention, weight_map
-from vlmjax.convert.params import flatten, unflatten
-from vlmjax.models import scan_layout
+from vlmjax.convert.params import unrolled_flat
 from vlmjax.models.text import TextTransformer
 from vlmjax.models.two_towers import with_defaults
 from vlmjax.models.vit import ViT
@@ -135,9 +134,9 @@ def hf_config(model_config: Mapping[str, Any], flat_params: dict,
 
 
 def hf_state_dict(params: Mapping[str, Any], model_config: Mapping[str, Any]) -> dict:
-    """vlmjax params -> HF state dict (float32 numpy, torch layouts)."""
+    """vlmjax params (scanned layers too) -> HF state dict (float32 numpy, torch layouts)."""
     family = hf_family(model_config)
-    flat = {k: np.asarray(v, np.float32) for k, v in flatten(params).items()}
+    flat = {k: v.astype(np.float32) for k, v in unrolled_flat(params).items()}
     entries = weight_map(family, _full_config(model_config))
     missing = [e.vlmjax for e in entries if e.vlmjax not in flat]
     unused = sorted(set(flat) - {e.vlmjax for e in entries})
@@ -152,10 +151,9 @@ def export_hf(params: Mapping[str, Any], model_config: Mapping[str, Any], out_di
               token_ids: Mapping[str, int | None] | None = None) -> str:
     """Writes `out_dir/config.json` + `out_dir/model.safetensors`; returns the family. Params
     of a `scan_layers` model (a scanned workdir) are unrolled first: HF stores each layer."""
-    params = scan_layout.to_unrolled(unflatten(flatten(params)))
-    flat = {k: np.asarray(v) for k, v in flatten(params).items()}
+    flat = unrolled_flat(params)
     config = hf_config(model_config, flat, token_ids)
-    state = hf_state_dict(params, model_config)
+    state = hf_state_dict(flat, model_config)
     os.makedirs(out_dir, exist_ok=True)
     hf_io.write_json(os.path.join(out_dir, "config.json"), config)
     hf_io.write_safetensors(os.path.join(out_dir, "model.safetensors"), state)

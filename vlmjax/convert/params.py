@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlmjax.models import scan_layout
 from vlmjax.models.two_towers import TwoTowers
 
 SEP = "/"
@@ -61,6 +62,13 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
             node = node.setdefault(key, {})
         node[leaf] = value
     return tree
+
+
+def unrolled_flat(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flat numpy params (from nested or flat `params`) in the converters' layout: scanned
+    layers (`blocks`, `layer_scan`) unrolled, as the exporters write each layer."""
+    return {k: np.asarray(v) for k, v in flatten(scan_layout.to_unrolled(unflatten(
+        flatten(params)))).items()}
 
 
 def abstract_params(model_config: Mapping[str, Any], image_size: Sequence[int]) -> dict:
