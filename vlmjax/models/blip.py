@@ -242,10 +242,7 @@ class BlipText(nn.Module):
             carry, _ = layer(carry, mask, part, image_embeds, train)
             return carry, None
 
-        scanned = nn.scan(body, variable_axes={"params": 0}, length=self.depth,
-                          split_rngs={"params": True, "dropout": True},
-                          metadata_params={nn.PARTITION_NAME: None})  # layer axis: unsharded
-        return scanned(self.layer_scan, x, None)[0]
+        return layers.scan_over_layers(body, self.depth)(self.layer_scan, x, None)[0]
 
     def __call__(self, tokens, mask, part, image_embeds=None, *, positions=None, train=False,
                  cache=None, index=None):

@@ -221,9 +221,7 @@ class DecoderLayers(nn.Module):
             carry, layer_cache = block(carry, *args, layer_cache, prefix)
             return carry, layer_cache
 
-        scanned = nn.scan(body, variable_axes={"params": 0}, length=self.depth,
-                          split_rngs={"params": True},
-                          metadata_params={nn.PARTITION_NAME: None})
+        scanned = layers.scan_over_layers(body, self.depth, rngs=("params",))
         return scanned(block_cls(**self.block_kwargs, name="blocks"), x, kv_cache)
 
 

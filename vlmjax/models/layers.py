@@ -385,6 +385,14 @@ def remat_policy(name: str):
     return jax.checkpoint_policies.nothing_saveable  # "full": keep only the block's input
 
 
+def scan_over_layers(body, depth: int, rngs: tuple[str, ...] = ("params", "dropout")):
+    """`nn.scan` of `body(layer, carry, xs)` over `depth` copies of one layer: every parameter
+    gains a leading [depth] axis (unsharded), and each layer draws its own `rngs`."""
+    return nn.scan(body, variable_axes={"params": 0}, length=depth,
+                   split_rngs={name: True for name in rngs},
+                   metadata_params={nn.PARTITION_NAME: None})  # layer axis: unsharded
+
+
 class Encoder(nn.Module):
     """A stack of `depth` EncoderBlocks.
 
@@ -420,9 +428,7 @@ class Encoder(nn.Module):
             carry = block(carry, mask, train)
             return carry, carry if return_states else None
 
-        scanned = nn.scan(body, variable_axes={"params": 0}, length=self.depth,
-                          split_rngs={"params": True, "dropout": True},
-                          metadata_params={nn.PARTITION_NAME: None})  # layer axis: unsharded
+        scanned = scan_over_layers(body, self.depth)
         x, states = scanned(block_cls(**self.block_kwargs, name="blocks"), x, None)
         return (x, states) if return_states else x
 
