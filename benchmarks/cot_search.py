@@ -3,7 +3,8 @@ best-of-N over whole answers and sentence-level beam search, by CONCLUSION exact
 tokens each method generates (judge replies included), as the LLaVA-CoT paper's Tables 5 and 6.
 
     python benchmarks/cot_search.py --workdir WD --data_dir D --out results.json \
-        [--split test] [--questions 500] [--seeds 0] [--temperature 0.7] [--best_of_n 8]
+        [--split test] [--questions 500] [--seeds 0] [--temperature 0.7] [--best_of_n 8] \
+        [--methods greedy,stage_beam:4]
 
 WD is a LLaVA-CoT workdir (configs/llava_cot/tiny.py). Each of the first --questions images of
 the split gets the reasoning question the `cot` evaluator asks of it (evals.cot.cot_items).
@@ -28,6 +29,19 @@ def methods(best_of_n: int) -> list[tuple[str, int]]:
     compute, sentence_beam at 2."""
     return ([("greedy", 1)] + [("stage_beam", n) for n in BEAMS]
             + [("best_of_n", best_of_n), ("sentence_beam", 2)])
+
+
+def chosen(rows: list[tuple[str, int]], spec: str) -> list[tuple[str, int]]:
+    """The rows named by `spec` ("greedy,stage_beam:4": a method alone names all its rows);
+    an empty spec keeps every row."""
+    if not spec:
+        return rows
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    known = {m for m, _ in rows} | {f"{m}:{n}" for m, n in rows}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--methods {unknown} not among {sorted(known)}")
+    return [(m, n) for m, n in rows if m in names or f"{m}:{n}" in names]
 
 
 def load_questions(data_dir: str, split: str, count: int, model_config: dict):
@@ -94,6 +108,8 @@ def main(argv=None):
     parser.add_argument("--best_of_n", type=int, default=8,
                         help="N of best_of_n (pick it near stage_beam-4's generated tokens)")
     parser.add_argument("--batch", type=int, default=128, help="questions searched at once")
+    parser.add_argument("--methods", default="",
+                        help="only these rows, e.g. 'greedy,stage_beam:4' (default: all)")
     args = parser.parse_args(argv)
 
     from vlmjax.convert import load_pretrained
@@ -106,7 +122,7 @@ def main(argv=None):
     images, questions = load_questions(args.data_dir, args.split, args.questions, model_config)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        for method, beams in methods(args.best_of_n):
+        for method, beams in chosen(methods(args.best_of_n), args.methods):
             if method == "greedy" and seed != int(args.seeds.split(",")[0]):
                 continue  # greedy does not depend on the seed
             start = time.time()

@@ -2,6 +2,8 @@
 import os
 import sys
 
+import pytest
+
 from tests.benchmarks.test_quick import REPO
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -18,3 +20,12 @@ def test_table_prints_accuracy_and_tokens():
     text = bench.table([{"method": "stage_beam", "beams": 4, "seed": 0, "accuracy": 0.625,
                          "generated_tokens": 812.4}])
     assert text.splitlines()[-1] == "| stage_beam | 4 | 0 | 62.5% | 812 |"
+
+
+def test_methods_filter_keeps_the_named_rows_and_refuses_unknown_names():
+    rows = bench.methods(8)
+    assert bench.chosen(rows, "") == rows
+    assert bench.chosen(rows, "greedy,stage_beam:4") == [("greedy", 1), ("stage_beam", 4)]
+    assert bench.chosen(rows, "stage_beam") == [("stage_beam", n) for n in (1, 2, 3, 4)]
+    with pytest.raises(SystemExit, match="stage_beam:5"):
+        bench.chosen(rows, "stage_beam:5")
