@@ -89,3 +89,29 @@ def test_missing_stage_tokens_are_an_error(searcher):
     answerer = type("A", (), {"tokenizer": Plain()})()
     with pytest.raises(ValueError, match="stage tags must be single tokens"):
         cot.ModelCot(answerer, None, None, ["q"])
+
+
+def test_the_judge_budget_fits_every_trained_reply_and_a_whole_answer_gets_four_stages(
+        tiny_llava, tokenizer, monkeypatch):  # noqa: F811
+    from vlmjax.data import shapes_cot
+    model, params, images = tiny_llava
+    answerer = ImageQuestionAnswerer(model, tokenizer, "chatml", T)
+    searcher = cot.ModelCot(answerer, params, images[:2], QUESTIONS, max_stage_tokens=10)
+    budgets = []
+
+    def scripted(keys, prompts, stops, max_new_tokens, **options):
+        # the model replies as the judge data trains it, cut at the budget as generate cuts
+        budgets.append(max_new_tokens)
+        reply = tokenizer.encode_raw([shapes_cot.judge_answer("REASONING", 2)])[0]
+        return [reply[:max_new_tokens] for _ in prompts], np.zeros(len(prompts))
+
+    monkeypatch.setattr(searcher, "_generate", scripted)
+    pair = [cot.Candidate("<REASONING>a</REASONING>")], [cot.Candidate("<REASONING>b</REASONING>")]
+    assert searcher.judge([0], [""], "REASONING", *pair) == [2]
+    assert searcher.unparsed_judgements == 0
+    longest = max(len(tokenizer.encode_raw([shapes_cot.judge_answer(stage, 1)])[0])
+                  for stage in shapes_cot.JUDGE_REASONS)
+    assert budgets[-1] >= longest + 1
+    searcher.sample([0], [""], cot.ANSWER, 1, seed=0)
+    searcher.sample([0], [""], "CAPTION", 1, seed=0)
+    assert budgets[-2:] == [40, 10]

@@ -167,6 +167,14 @@ def parse_choice(text: str) -> int | None:
     return None
 
 
+def judge_reply_tokens(tokenizer) -> int:
+    """Tokens of the longest judge reply the judge data trains ("Since ..., I choose response
+    N.", shapes_cot.judge_answer), with its end of turn."""
+    replies = [shapes_cot.judge_answer(stage, choice) for stage in shapes_cot.JUDGE_REASONS
+               for choice in (1, 2)]
+    return max(len(ids) for ids in tokenizer.encode_raw(replies)) + 1
+
+
 class ModelCot:
     """The sampler and judge of a LLaVA-style model for questions about images.
 
@@ -175,8 +183,11 @@ class ModelCot:
         stage tags as special tokens: tokenizers.VLM_SHAPES_SYMBOLS).
       params, images (float32 [B, H, W, 3] or None), questions (B strings): what is searched;
         a sampler / judge call's `keys` index these.
-      temperature, top_p: sampling; max_stage_tokens: the longest unit sampled;
-      max_judge_tokens: the longest judge reply.
+      temperature, top_p: sampling; max_stage_tokens: the longest stage or sentence sampled
+        (a whole answer, ANSWER, gets one for each of the four stages); max_judge_tokens: the
+        longest judge reply (None: the longest reply the judge data trains, shapes_cot.
+        judge_answer, in this tokenizer, plus 8; a shorter budget cuts the reply before
+        "response N" and every judgement falls back to the first text).
 
     A stage is sampled from the question's prompt, the answer so far and the stage's opening
     tag, and stops at its closing tag (or EOS / end of turn); ANSWER stops at </CONCLUSION>,
@@ -187,17 +198,18 @@ class ModelCot:
     """
 
     def __init__(self, answerer, params, images, questions: Sequence[str], temperature=0.7,
-                 top_p=1.0, max_stage_tokens: int = 96, max_judge_tokens: int = 24):
+                 top_p=1.0, max_stage_tokens: int = 96, max_judge_tokens: int | None = None):
         self.answerer, self.params, self.images = answerer, params, images
         self.questions = list(questions)
         self.temperature, self.top_p = float(temperature), float(top_p)
-        self.max_stage_tokens, self.max_judge_tokens = max_stage_tokens, max_judge_tokens
         tokenizer = answerer.tokenizer
         self.tokenizer = tokenizer
+        self.max_stage_tokens = max_stage_tokens
         missing = [f"<{t}>" for t in COT_TAGS if f"<{t}>" not in tokenizer.special_tokens]
         if missing:
             raise ValueError(f"the tokenizer has no special token(s) {missing}: LLaVA-CoT's "
                              "stage tags must be single tokens (tokenizers.VLM_SHAPES_SYMBOLS)")
+        self.max_judge_tokens = max_judge_tokens or judge_reply_tokens(tokenizer) + 8
         self.opening = {t: tokenizer.token_id(f"<{t}>") for t in COT_TAGS}
         self.closing = {t: tokenizer.token_id(f"</{t}>") for t in COT_TAGS}
         self.prompts = answerer.prompts(self.questions, images is not None)
@@ -247,7 +259,8 @@ class ModelCot:
                                            else []) + forced)
             prompts += [prompt] * num
             rows += [key] * num
-        ids, scores = self._generate(rows, prompts, self._stops(unit), self.max_stage_tokens,
+        budget = self.max_stage_tokens * (len(COT_TAGS) if unit == ANSWER else 1)
+        ids, scores = self._generate(rows, prompts, self._stops(unit), budget,
                                      strategy="sample", temperature=self.temperature,
                                      top_p=self.top_p, rng=jax.random.key(seed))
         candidates = [Candidate(self._text(forced + row), float(score), len(row))
