@@ -53,7 +53,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF dir, converted dir or trainer workdir")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="default 32; with --cot, per stage, default 96 (a vlm_shapes SUMMARY "
+                        "is ~50 tokens)")
     p.add_argument("--strategy", choices=["greedy", "sample", "beam"], default="greedy")
     p.add_argument("--num_beams", type=int, default=4,
                    help="beam search, and the candidates per step of a --cot search")
@@ -225,9 +227,19 @@ class TextStream:
         self.printed = text
 
 
+def new_token_budget(args: argparse.Namespace) -> int:
+    """--max_new_tokens, else 32 (96 per stage with --cot: a SUMMARY of vlm_shapes_cot is
+    ~50 tokens, its longest stage ~67)."""
+    if args.max_new_tokens is not None:
+        return args.max_new_tokens
+    return 96 if args.cot else 32
+
+
 def run(args: argparse.Namespace, out=None):
     """Generates for `args`, printing to `out` (stdout); returns (text, GenerateOutput)."""
     import jax
+
+    args.max_new_tokens = new_token_budget(args)
 
     from vlmjax.convert import load_pretrained
     from vlmjax.inference import generate, generate_stream

@@ -62,3 +62,12 @@ def test_cli_main_parses_and_rejects_a_bad_model(tmp_path, capsys):
         cli.main(["--model", str(tmp_path / "missing"), "--prompt", "hi"])
     with pytest.raises(SystemExit):
         cli.parser().parse_args(["--model", "x", "--prompt", "y", "--early_stopping", "maybe"])
+
+
+def test_new_token_budget_defaults_to_32_and_to_96_per_stage_with_cot():
+    def parsed(*extra):
+        return cli.new_token_budget(cli.parser().parse_args(["--model", "m", "--prompt", "p",
+                                                             *extra]))
+    assert parsed() == 32
+    assert parsed("--cot", "stage_beam") == 96
+    assert parsed("--cot", "stage_beam", "--max_new_tokens", "7") == 7
