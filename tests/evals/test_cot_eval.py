@@ -29,6 +29,19 @@ def row_layout(n: int, batch: int) -> list[tuple[str, int]]:
     return rows
 
 
+class CharStub(StubAnswerer):
+    """A StubAnswerer whose tokens are characters: a reply is cut at max_new_tokens as
+    generate cuts it, so a judge budget shorter than the trained replies shows."""
+    class tokenizer:  # noqa: N801 (the answerer's tokenizer attribute)
+        @staticmethod
+        def encode_raw(texts):
+            return [[ord(c) for c in text] for text in texts]
+
+    def answer(self, params, images, questions, max_new_tokens=None):
+        return [r[:max_new_tokens] for r in super().answer(params, images, questions,
+                                                           max_new_tokens)]
+
+
 def test_cot_scores_conclusions_formats_and_judgements(shapes_data):  # noqa: F811
     train, _ = shapes_data
     items = []  # per example: (CotQuestion, judge prompt, right choice), filled below
@@ -43,11 +56,11 @@ def test_cot_scores_conclusions_formats_and_judgements(shapes_data):  # noqa: F8
                 return shapes_cot.staged_answer(question)
             return f"<SUMMARY>x</SUMMARY><CONCLUSION>{question.answer}</CONCLUSION>"
         assert text == prompt  # the judge prompt: right on examples 0, 1, 3, 4; wrong on 2, 5
-        return f"Since it is, I choose response {3 - choice if i % 3 == 2 else choice}."
+        return shapes_cot.judge_answer("REASONING", 3 - choice if i % 3 == 2 else choice)
 
-    stub = StubAnswerer(reply)
+    stub = CharStub(reply)
     run = evaluator(train, dict(type="cot", data=dict(split="test"), batch_size=4,
-                                max_new_tokens=50), stub)
+                                max_new_tokens=5000), stub)
     items += [run.items(example) for example in run.examples()]
     assert len(items) == 6  # six test images, one question and one judge pair each
     metrics = run("params")
@@ -61,5 +74,5 @@ def test_cot_scores_conclusions_formats_and_judgements(shapes_data):  # noqa: F8
     for question_type in {q.question_type for q, _, _ in items}:
         of_type = [r for (q, _, _), r in zip(items, right) if q.question_type == question_type]
         assert metrics[f"cot/e/{question_type}"] == pytest.approx(np.mean(of_type))
-    assert stub.max_new_tokens == {50, 32}
+    assert stub.max_new_tokens == {5000, cot.judge_reply_tokens(CharStub.tokenizer) + 8}
     assert run("params") == metrics  # the same questions and pairs every run

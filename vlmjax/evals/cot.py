@@ -14,7 +14,8 @@ stage: the right text and a plausibly wrong one, in a random order). Metrics, fo
   cot/{name}/judge_unparsed  judge replies that name neither response
   cot/{name}/questions       how many questions were scored
 Entry keys beside the common ones: max_examples (the first N images), max_new_tokens (the
-longest answer, default 192), seed (default 0). `context.model` is an ImageQuestionAnswerer.
+longest answer, default 192), seed (default 0). `context.model` is an ImageQuestionAnswerer;
+a judge reply may be as long as the longest the judge data trains, plus 8 tokens.
 """
 from __future__ import annotations
 
@@ -77,6 +78,8 @@ class CotEvaluator(GenerativeEvaluator):
             choices.append(choice)
             images.append(example["image"])
         responses, replies = [], []
+        # the longest trained judge reply and some: a shorter budget cuts "response N" off
+        judge_budget = cot.judge_reply_tokens(self.context.model.tokenizer) + 8
         for start in range(0, len(questions), self.batch_size):
             chunk = slice(start, start + self.batch_size)
             batch = np.stack(images[chunk])
@@ -84,7 +87,7 @@ class CotEvaluator(GenerativeEvaluator):
                 params, batch, [q.question for q in questions[chunk]],
                 max_new_tokens=self.max_new_tokens)
             replies += self.context.model.answer(params, batch, prompts[chunk],
-                                                 max_new_tokens=32)
+                                                 max_new_tokens=judge_budget)
         metrics = score_cot(responses, [q.answer for q in questions],
                             [q.question_type for q in questions])
         judged = [cot.parse_choice(reply) for reply in replies]
