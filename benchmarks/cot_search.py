@@ -4,7 +4,7 @@ tokens each method generates (judge replies included), as the LLaVA-CoT paper's 
 
     python benchmarks/cot_search.py --workdir WD --data_dir D --out results.json \
         [--split test] [--questions 500] [--seeds 0] [--temperature 0.7] [--best_of_n 8] \
-        [--methods greedy,stage_beam:4]
+        [--methods greedy,stage_beam:4] [--judge model|loglik]
 
 WD is a LLaVA-CoT workdir (configs/llava_cot/tiny.py). Each of the first --questions images of
 the split gets the reasoning question the `cot` evaluator asks of it (evals.cot.cot_items).
@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 BEAMS = (1, 2, 3, 4)
+JUDGES = ("model", "loglik")  # --judge: the model's own judge prompt, or mean log-probability
 
 
 def methods(best_of_n: int) -> list[tuple[str, int]]:
@@ -63,7 +64,7 @@ def load_questions(data_dir: str, split: str, count: int, model_config: dict):
 
 
 def run_method(method: str, beams: int, seed: int, answerer, params, images, questions,
-               temperature: float, batch: int) -> dict:
+               temperature: float, batch: int, judge: str = "model") -> dict:
     from vlmjax.evals.vqa import exact_match
     from vlmjax.inference import cot
 
@@ -80,18 +81,25 @@ def run_method(method: str, beams: int, seed: int, answerer, params, images, que
                                 temperature=temperature)
         search = {"stage_beam": cot.stage_beam, "best_of_n": cot.best_of_n,
                   "sentence_beam": cot.sentence_beam}[method]
-        texts += search(searcher.sample, searcher.judge, keys=list(range(len(asked))),
+        judging = searcher.judge if judge == "model" else cot.loglik_judge
+        texts += search(searcher.sample, judging, keys=list(range(len(asked))),
                         num_beams=beams, seed=seed)
         tokens += searcher.generated_tokens
     correct = [exact_match(cot.conclusion(t), q.answer) for t, q in zip(texts, questions)]
-    return {"method": method, "beams": beams, "seed": seed,
+    return {"method": method, "beams": beams, "seed": seed, "judge": judge,
             "accuracy": float(np.mean(correct)), "generated_tokens": tokens / len(questions)}
+
+
+def label(row: dict) -> str:
+    """The judge beside the method, unless it is the model's own (the default)."""
+    judge = row.get("judge", "model")
+    return "" if judge == "model" or row["method"] == "greedy" else f" ({judge} judge)"
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| method | beams | seed | accuracy | generated tokens / question |",
              "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['method']} | {r['beams']} | {r['seed']} | {100 * r['accuracy']:.1f}% | "
+    lines += [f"| {r['method']}{label(r)} | {r['beams']} | {r['seed']} | {100 * r['accuracy']:.1f}% | "
               f"{r['generated_tokens']:.0f} |" for r in rows]
     return "\n".join(lines)
 
@@ -108,6 +116,9 @@ def main(argv=None):
     parser.add_argument("--best_of_n", type=int, default=8,
                         help="N of best_of_n (pick it near stage_beam-4's generated tokens)")
     parser.add_argument("--batch", type=int, default=128, help="questions searched at once")
+    parser.add_argument("--judge", choices=JUDGES, default="model",
+                        help="model: its own judge prompt (LLaVA-CoT); loglik: the candidates' "
+                             "mean log-probability")
     parser.add_argument("--methods", default="",
                         help="only these rows, e.g. 'greedy,stage_beam:4' (default: all)")
     args = parser.parse_args(argv)
@@ -127,7 +138,7 @@ def main(argv=None):
                 continue  # greedy does not depend on the seed
             start = time.time()
             rows.append(run_method(method, beams, seed, answerer, params, images, questions,
-                                   args.temperature, args.batch))
+                                   args.temperature, args.batch, args.judge))
             print(f"{method} x{beams} seed {seed}: {100 * rows[-1]['accuracy']:.1f}% "
                   f"({rows[-1]['generated_tokens']:.0f} tokens/question, "
                   f"{time.time() - start:.0f} s)", flush=True)

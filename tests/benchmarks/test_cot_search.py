@@ -29,3 +29,11 @@ def test_methods_filter_keeps_the_named_rows_and_refuses_unknown_names():
     assert bench.chosen(rows, "stage_beam") == [("stage_beam", n) for n in (1, 2, 3, 4)]
     with pytest.raises(SystemExit, match="stage_beam:5"):
         bench.chosen(rows, "stage_beam:5")
+
+
+def test_table_names_a_judge_other_than_the_model_beside_the_method():
+    rows = [{"method": "stage_beam", "beams": 4, "seed": 0, "judge": judge, "accuracy": 0.5,
+             "generated_tokens": 10.0} for judge in ("model", "loglik")]
+    lines = bench.table(rows).splitlines()
+    assert lines[-2].startswith("| stage_beam | 4 |")
+    assert lines[-1].startswith("| stage_beam (loglik judge) | 4 |")
