@@ -3,7 +3,7 @@ best-of-N over whole answers and sentence-level beam search, by CONCLUSION exact
 tokens each method generates (judge replies included), as the LLaVA-CoT paper's Tables 5 and 6.
 
     python benchmarks/cot_search.py --workdir WD --data_dir D --out results.json \
-        [--split test] [--questions 500] [--seeds 0] [--temperature 0.7] [--best_of_n 8] \
+        [--split test] [--questions 500] [--seeds 0] [--temperature 0.4] [--best_of_n 6] \
         [--methods greedy,stage_beam:4] [--judge model|loglik]
 
 WD is a LLaVA-CoT workdir (configs/llava_cot/tiny.py). Each of the first --questions images of
@@ -112,8 +112,9 @@ def main(argv=None):
     parser.add_argument("--split", default="test")
     parser.add_argument("--questions", type=int, default=500)
     parser.add_argument("--seeds", default="0", help="comma-separated")
-    parser.add_argument("--temperature", type=float, default=0.7)
-    parser.add_argument("--best_of_n", type=int, default=8,
+    parser.add_argument("--temperature", type=float, default=0.4,
+                        help="0.4: chosen on validation (docs/experiments.md, LLaVA-CoT)")
+    parser.add_argument("--best_of_n", type=int, default=6,
                         help="N of best_of_n (pick it near stage_beam-4's generated tokens)")
     parser.add_argument("--batch", type=int, default=128, help="questions searched at once")
     parser.add_argument("--judge", choices=JUDGES, default="model",
