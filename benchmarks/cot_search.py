@@ -99,8 +99,8 @@ def label(row: dict) -> str:
 def table(rows: list[dict]) -> str:
     lines = ["| method | beams | seed | accuracy | generated tokens / question |",
              "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['method']}{label(r)} | {r['beams']} | {r['seed']} | {100 * r['accuracy']:.1f}% | "
-              f"{r['generated_tokens']:.0f} |" for r in rows]
+    lines += [f"| {r['method']}{label(r)} | {r['beams']} | {r['seed']} | "
+              f"{100 * r['accuracy']:.1f}% | {r['generated_tokens']:.0f} |" for r in rows]
     return "\n".join(lines)
 
 
