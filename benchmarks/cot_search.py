@@ -4,7 +4,7 @@ tokens each method generates (judge replies included), as the LLaVA-CoT paper's 
 
     python benchmarks/cot_search.py --workdir WD --data_dir D --out results.json \
         [--split test] [--questions 500] [--seeds 0] [--temperature 0.4] [--best_of_n 6] \
-        [--methods greedy,stage_beam:4] [--judge model|loglik]
+        [--methods greedy,stage_beam:4] [--judge model|loglik|reference]
 
 WD is a LLaVA-CoT workdir (configs/llava_cot/tiny.py). Each of the first --questions images of
 the split gets the reasoning question the `cot` evaluator asks of it (evals.cot.cot_items).
@@ -22,7 +22,9 @@ import time
 import numpy as np
 
 BEAMS = (1, 2, 3, 4)
-JUDGES = ("model", "loglik")  # --judge: the model's own judge prompt, or mean log-probability
+# --judge: the model's own judge prompt, the mean log-probability, or an oracle that knows the
+# reference answer (what selection alone can give: an upper bound for the search)
+JUDGES = ("model", "loglik", "reference")
 
 
 def methods(best_of_n: int) -> list[tuple[str, int]]:
@@ -81,7 +83,10 @@ def run_method(method: str, beams: int, seed: int, answerer, params, images, que
                                 temperature=temperature)
         search = {"stage_beam": cot.stage_beam, "best_of_n": cot.best_of_n,
                   "sentence_beam": cot.sentence_beam}[method]
-        judging = searcher.judge if judge == "model" else cot.loglik_judge
+        if judge == "reference":  # the keys index the chunk's questions
+            judging = cot.reference_judge({i: q.stages() for i, q in enumerate(questions[chunk])})
+        else:
+            judging = searcher.judge if judge == "model" else cot.loglik_judge
         texts += search(searcher.sample, judging, keys=list(range(len(asked))),
                         num_beams=beams, seed=seed)
         tokens += searcher.generated_tokens
@@ -119,7 +124,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=128, help="questions searched at once")
     parser.add_argument("--judge", choices=JUDGES, default="model",
                         help="model: its own judge prompt (LLaVA-CoT); loglik: the candidates' "
-                             "mean log-probability")
+                             "mean log-probability; reference: an oracle that knows the answer "
+                             "(an upper bound of the search)")
     parser.add_argument("--methods", default="",
                         help="only these rows, e.g. 'greedy,stage_beam:4' (default: all)")
     args = parser.parse_args(argv)

@@ -119,3 +119,49 @@ def test_loglik_judge_and_choice_parsing():
                               "<CAPTION>one</CAPTION>", "<CAPTION>two</CAPTION>")
     assert "Response 1: one\nResponse 2: two\n" in prompt
     assert "Hint (the earlier stages): <SUMMARY>plan</SUMMARY>" in prompt
+
+
+REFERENCE = {"SUMMARY": "I count the red shapes.", "CAPTION": "A red circle and a red square.",
+             "REASONING": "Two shapes are red.", "CONCLUSION": "2"}
+
+
+def tagged(tag, text):
+    return cot.Candidate(f"<{tag}>{text}</{tag}>")
+
+
+def test_reference_judge_prefers_the_right_conclusion_then_the_nearer_text():
+    judge = cot.reference_judge({5: REFERENCE})
+    prefix = "".join(f"<{t}>{REFERENCE[t]}</{t}>" for t in COT_TAGS[:3])
+    # the right conclusion wins in either position; ties (both wrong, equally far) keep the first
+    assert judge([5, 5], [prefix] * 2, "CONCLUSION", [tagged("CONCLUSION", "3"),
+                 tagged("CONCLUSION", " 2 ")], [tagged("CONCLUSION", "2"),
+                 tagged("CONCLUSION", "4")]) == [2, 1]
+    assert judge([5], [prefix], "CONCLUSION", [tagged("CONCLUSION", "3")],
+                 [tagged("CONCLUSION", "4")]) == [1]
+    # an earlier stage: the text nearer the reference stage's
+    near, far = "A red circle and a blue square.", "Three green triangles."
+    assert judge([5, 5], ["<SUMMARY>x</SUMMARY>"] * 2, "CAPTION",
+                 [tagged("CAPTION", far), tagged("CAPTION", near)],
+                 [tagged("CAPTION", near), tagged("CAPTION", far)]) == [2, 1]
+    # whole answers: a right conclusion beats a nearer text with a wrong one
+    right = "".join(f"<{t}>{'x' if t != 'CONCLUSION' else '2'}</{t}>" for t in COT_TAGS)
+    wrong = "".join(f"<{t}>{REFERENCE[t] if t != 'CONCLUSION' else '3'}</{t}>"
+                    for t in COT_TAGS)
+    assert judge([5], [""], cot.ANSWER, [cot.Candidate(wrong)], [cot.Candidate(right)]) == [2]
+
+
+def test_stage_beam_with_the_reference_judge_finds_the_reference_when_sampled():
+    """A sampler whose candidate 2 of each stage is the reference's: the oracle's search returns
+    the reference answer at 3+ beams, and a sample at 1 beam."""
+    def sample(keys, prefixes, unit, num, seed):
+        wrong = {"SUMMARY": "I look.", "CAPTION": "Shapes.", "REASONING": "Maybe three.",
+                 "CONCLUSION": "3"}
+        texts = [wrong[unit] + "!" * i for i in range(num)]
+        if num > 2:
+            texts[2] = REFERENCE[unit]
+        return [[tagged(unit, t) for t in texts] for _ in keys]
+
+    judge = cot.reference_judge({0: REFERENCE, 1: REFERENCE})
+    reference = "".join(f"<{t}>{REFERENCE[t]}</{t}>" for t in COT_TAGS)
+    assert cot.stage_beam(sample, judge, keys=[0, 1], num_beams=4) == [reference] * 2
+    assert cot.conclusion(cot.stage_beam(sample, judge, keys=[0], num_beams=1)[0]) == "3"

@@ -19,13 +19,15 @@ samplers and judges and run with the model:
       SENTENCE (up to a sentence end or a closing tag).
   judge(keys, prefixes, unit, first, second) -> per pair, 1 or 2: the better Candidate.
 Judges: `ModelCot.judge` (the model with LLaVA-CoT's judge prompt, default), `loglik_judge`
-(the candidates' mean log-probability), or any callable with that signature.
+(the candidates' mean log-probability), `reference_judge` (an oracle that knows the reference
+answer: what selection alone can give), or any callable with that signature.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -135,6 +137,31 @@ def loglik_judge(keys, prefixes, unit, first: list[Candidate],
     """The candidate with the higher mean log-probability per token (ties: the first)."""
     del keys, prefixes, unit
     return [1 if a.mean_logprob >= b.mean_logprob else 2 for a, b in zip(first, second)]
+
+
+def reference_judge(references: Mapping[int, Mapping[str, str]]) -> Judge:
+    """An oracle judge: `references[key]` is question `key`'s reference answer, {tag: stage
+    text}. It prefers the candidate whose answer so far ends in the right CONCLUSION (exact
+    match), then the one whose text is nearer the reference's (difflib ratio; for a stage, that
+    stage's text; for a whole answer or a sentence, the staged reference answer as far as the
+    candidate reaches); ties keep the first. The search with it bounds what a judge can give."""
+    from vlmjax.evals.vqa import exact_match
+
+    def score(key, prefix, unit, candidate):
+        stages = references[key]
+        full = "".join(f"<{tag}>{stages[tag]}</{tag}>" for tag in COT_TAGS)
+        answer = prefix + candidate.text
+        right = FINAL_TAG in answer and exact_match(conclusion(answer), stages[COT_TAGS[-1]])
+        if unit in COT_TAGS:
+            text, reference = _untagged(candidate.text, unit).strip(), stages[unit]
+        else:  # ANSWER or SENTENCE: the reference over the same stretch of the answer
+            text, reference = answer, full[:len(answer)]
+        return right, difflib.SequenceMatcher(None, text, reference).ratio()
+
+    def judge(keys, prefixes, unit, first, second) -> list[int]:
+        return [1 if score(k, p, unit, a) >= score(k, p, unit, b) else 2
+                for k, p, a, b in zip(keys, prefixes, first, second)]
+    return judge
 
 
 def judge_prompt(question: str, prefix: str, unit: str, first: str, second: str) -> str:
