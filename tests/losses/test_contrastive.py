@@ -216,11 +216,13 @@ def test_ppermute_memory_flat_in_devices_unlike_all_gather():
             usage[impl, devices] = temp_bytes(fn, mesh, rows * devices, dim)
     assert usage["ppermute", 8] <= 1.1 * usage["ppermute", 2], usage
     assert usage["ppermute", 8] <= 0.3 * usage["all_gather", 8], usage
-    # The two-way ring visits its last 2 or 3 chunks after its loop, and XLA:CPU scores them side
-    # by side: flat from N=4 on (N=2 has 2 visits in all). Measured: N=8 1.13x N=4, 0.49x
-    # all_gather; 16 simulated devices: N=8, 12 and 16 equal.
-    assert usage["ppermute_bidir", 8] <= 1.15 * usage["ppermute_bidir", 4], usage
-    assert usage["ppermute_bidir", 8] <= 0.6 * usage["all_gather", 8], usage
+    # The two-way ring holds two chunks per direction in flight (texts and images in its
+    # backward), more than the one-way ring, but its b x b blocks are scored one at a time (each
+    # visit waits for the previous one's sums): N=8 1.03x N=4, 0.17x all_gather, 1.65x the
+    # one-way ring (before the visits were chained: 1.13x, 0.49x, 4.9x).
+    assert usage["ppermute_bidir", 8] <= 1.05 * usage["ppermute_bidir", 4], usage
+    assert usage["ppermute_bidir", 8] <= 0.25 * usage["all_gather", 8], usage
+    assert usage["ppermute_bidir", 8] <= 2 * usage["ppermute", 8], usage
     assert usage["all_gather", 8] > 2 * usage["all_gather", 2], usage
 
 

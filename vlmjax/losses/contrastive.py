@@ -241,10 +241,14 @@ def _custom_vjp_loss(mesh: Mesh, specs, forward_local, backward_local):
         return forward(zimg, ztxt, t, b)
 
     def loss_fwd(zimg, ztxt, t, b):
-        return forward(zimg, ztxt, t, b), (zimg, ztxt, t, b)
+        value = forward(zimg, ztxt, t, b)
+        return value, (value, zimg, ztxt, t, b)
 
     def loss_bwd(residuals, g):
-        return backward(*residuals, g)
+        value, *inputs = residuals
+        # g + 0 x the loss: the backward's blocks wait for the forward's (the two passes are
+        # otherwise independent, and XLA would keep both passes' b x b blocks alive at once).
+        return backward(*inputs, g + 0 * value)
 
     loss.defvjp(loss_fwd, loss_bwd)
     return loss
@@ -265,23 +269,32 @@ def _visit_bidirectional_ring(visit, acc, own_chunk, axes: tuple[str, ...], shar
     def send_backward(chunk):
         return lax.ppermute(chunk, axes, _ring(shards, -1))
 
+    def visit_in_turn(acc, chunk):
+        # A visit's b x b blocks do not depend on the earlier visits, so XLA's scheduler may
+        # compute several at once and keep them all alive (memory growing with N). Adding 0 x
+        # a scalar of `acc` to the chunk makes the visit wait for the previous one (XLA keeps a
+        # float x 0, which is NaN for an infinite x); an optimization barrier would say it
+        # better, but XLA:CPU removes barriers before scheduling.
+        tie = 0 * sum(jnp.ravel(leaf)[0] for leaf in jax.tree.leaves(acc))
+        return visit(acc, jax.tree.map(lambda x: x + tie.astype(x.dtype), chunk))
+
     two_way_steps = (shards - 1) // 2  # steps that bring two distinct chunks
     has_opposite = shards % 2 == 0     # then one more step brings the opposite device's chunk
-    acc = visit(acc, own_chunk)
+    acc = visit_in_turn(acc, own_chunk)
     if two_way_steps == 0:  # 1 or 2 devices
-        return visit(acc, send_forward(own_chunk)) if has_opposite else acc
+        return visit_in_turn(acc, send_forward(own_chunk)) if has_opposite else acc
 
     def step(_, carry):
         from_previous, from_next, acc = carry  # chunks of the devices s before and s after
-        acc = visit(visit(acc, from_previous), from_next)
+        acc = visit_in_turn(visit_in_turn(acc, from_previous), from_next)
         return send_forward(from_previous), send_backward(from_next), acc
 
     from_previous, from_next = send_forward(own_chunk), send_backward(own_chunk)
     from_previous, from_next, acc = lax.fori_loop(0, two_way_steps - 1, step,
                                                   (from_previous, from_next, acc))
     opposite = send_forward(from_previous) if has_opposite else None
-    acc = visit(visit(acc, from_previous), from_next)
-    return visit(acc, opposite) if has_opposite else acc
+    acc = visit_in_turn(visit_in_turn(acc, from_previous), from_next)
+    return visit_in_turn(acc, opposite) if has_opposite else acc
 
 
 def _siglip_ppermute_bidir(mesh: Mesh, axes: tuple[str, ...], shards: int):
