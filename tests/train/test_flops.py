@@ -8,7 +8,7 @@ import pytest
 
 from vlmjax.config import load_config
 from vlmjax.models.two_towers import TwoTowers
-from vlmjax.train import flops
+from vlmjax.train import flops, hlo_flops
 
 IMAGE = dict(patch_size=8, width=128, depth=2, num_heads=4, mlp_dim=512, pool="map")
 TEXT = dict(vocab_size=64, max_len=16, width=128, depth=2, num_heads=4, mlp_dim=512)
@@ -115,9 +115,8 @@ def test_peak_table_by_device_kind_and_dtype():
 
 def test_trainer_flops_from_xla_match_the_analytic_count():
     """The trainer's FLOPs per example (XLA's cost analysis of the compiled, sharded train step,
-    scaled by the device count and the accumulation loop, counted once by XLA) against 3x the
-    analytic forward. Measured: ratio 1.09 without accumulation, 1.17 with 2 micro-batches (the
-    optimiser update is counted per micro-batch too)."""
+    plus the matmuls of the accumulation loop's second trip, which XLA counts once) against 3x
+    the analytic forward."""
     accum_steps = 2
     import optax
     from vlmjax import sharding
@@ -142,12 +141,12 @@ def test_trainer_flops_from_xla_match_the_analytic_count():
                                             accum_steps=accum_steps, mesh=mesh))
     with jax.set_mesh(mesh):
         compiled = step.lower(state, batch).compile()
-    counted = TaskDefaults().flops_per_example(compiled, batch_size, accum_steps)
+    counted = TaskDefaults().flops_per_example(compiled, batch_size)
     analytic = flops.two_towers_train_flops_per_example(model_cfg, 64, 16,
                                                         batch_size // accum_steps)
     print(f"\naccum {accum_steps}: XLA {counted:.4g} FLOPs/example, analytic {analytic:.4g}, "
           f"ratio {counted / analytic:.3f}")
-    assert 0.95 <= counted / analytic < 1.25
+    assert 0.95 <= counted / analytic < 1.15  # measured 1.06 (the update, norms, softmax)
 
 
 
@@ -242,10 +241,15 @@ def test_bert_text_flops_match_xla(scan):
     params = jax.jit(tower.init)(jax.random.key(0), tokens)
     counted = 4 * flops.text_tower_flops({"text": cfg, "text_arch": "bert"}, 16)
     assert counted_by_jaxpr(tower.apply, params, tokens) == counted
-    # XLA counts a loop body once: scanned layers are undercounted by the depth, as
-    # flops.compiled_flops_per_example says.
-    undercount = cfg["depth"] if scan else 1
-    assert 0.98 <= xla_flops(tower.apply, params, tokens) * undercount / counted < 1.12
+    # XLA counts a loop body once: scanned layers are undercounted by the depth, and
+    # hlo_flops adds the matmuls of the other trips back (the elementwise work of the other
+    # trips stays out: a few percent here).
+    compiled = jax.jit(tower.apply).lower(params, tokens).compile()
+    xla = xla_flops(tower.apply, params, tokens)
+    if scan:
+        assert xla * cfg["depth"] / counted < 1.12 and xla / counted < 0.6
+    total = xla + hlo_flops.loop_dot_flops_missed(compiled.as_text())
+    assert 0.98 <= total / counted < 1.12
 
 
 def test_resnet_cbow_two_towers_train_flops_match_xla():

@@ -170,16 +170,18 @@ def device_peak_flops(device=None, dtype: str = "bfloat16") -> float | None:
     return None
 
 
-def compiled_flops_per_example(compiled, global_batch: int, accum_steps: int = 1) -> float:
-    """FLOPs per example of a compiled train step, from XLA's cost analysis. The analysis is of
-    one device's partitioned program, so it is scaled by the device count. XLA counts a loop
-    body once: the gradient-accumulation loop is scaled by `accum_steps` here, but a model that
-    scans its layers (scan_layers) is undercounted by its depth."""
+def compiled_flops_per_example(compiled, global_batch: int) -> float:
+    """FLOPs per example of a compiled train step, from XLA's cost analysis plus the matmul
+    FLOPs it leaves out of loops (it counts a while body once: scanned layers, a scanned
+    accumulation loop; `hlo_flops.loop_dot_flops_missed`). The analysis is of one device's
+    partitioned program, so it is scaled by the device count."""
+    from vlmjax.train.hlo_flops import loop_dot_flops_missed
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     shardings = jax.tree.leaves(compiled.input_shardings)
     devices = len(shardings[0].device_set) if shardings else 1
-    return float(cost.get("flops", 0.0)) * devices * accum_steps / global_batch
+    total = float(cost.get("flops", 0.0)) + loop_dot_flops_missed(compiled.as_text())
+    return total * devices / global_batch
 
 
 def measure_matmul_flops(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:

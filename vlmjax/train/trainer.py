@@ -224,7 +224,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                     compiled_step = train_step.lower(state, batch).compile()
                     progress = metrics_lib.Progress(
                         total_steps, start_step, batch_size,
-                        task.flops_per_example(compiled_step, batch_size, accum_steps),
+                        task.flops_per_example(compiled_step, batch_size),
                         _peak_flops(config, task) * mesh.size, task.summary_metrics)
                 state, step_metrics = compiled_step(state, batch)
                 step += 1

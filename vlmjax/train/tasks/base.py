@@ -70,7 +70,7 @@ class Task(Protocol):
     def evaluators(self, eval_config) -> list:
         """Evaluators (each .name, .every, __call__(params) -> metrics), built lazily."""
 
-    def flops_per_example(self, compiled_step, global_batch: int, accum_steps: int = 1) -> float:
+    def flops_per_example(self, compiled_step, global_batch: int) -> float:
         """Training FLOPs per example (forward + backward + update) for MFU."""
 
 
@@ -117,9 +117,9 @@ class TaskDefaults:
     def evaluators(self, eval_config) -> list:
         return []
 
-    def flops_per_example(self, compiled_step, global_batch: int, accum_steps: int = 1) -> float:
+    def flops_per_example(self, compiled_step, global_batch: int) -> float:
         from vlmjax.train import flops
-        return flops.compiled_flops_per_example(compiled_step, global_batch, accum_steps)
+        return flops.compiled_flops_per_example(compiled_step, global_batch)
 
 
 def with_compute_dtype(kwargs: Mapping[str, Any]) -> dict:
