@@ -4,7 +4,7 @@ tokens each method generates (judge replies included), as the LLaVA-CoT paper's 
 
     python benchmarks/cot_search.py --workdir WD --data_dir D --out results.json \
         [--split test] [--questions 500] [--seeds 0] [--temperature 0.4] [--best_of_n 6] \
-        [--methods greedy,stage_beam:4] [--judge model|loglik|reference]
+        [--methods greedy,stage_beam:4] [--judge model|model_both_orders|loglik|reference]
 
 WD is a LLaVA-CoT workdir (configs/llava_cot/tiny.py). Each of the first --questions images of
 the split gets the reasoning question the `cot` evaluator asks of it (evals.cot.cot_items).
@@ -22,9 +22,10 @@ import time
 import numpy as np
 
 BEAMS = (1, 2, 3, 4)
-# --judge: the model's own judge prompt, the mean log-probability, or an oracle that knows the
-# reference answer (what selection alone can give: an upper bound for the search)
-JUDGES = ("model", "loglik", "reference")
+# --judge: the model's own judge prompt (asked once, or in both orders: ModelCot's
+# both_orders), the mean log-probability, or an oracle that knows the reference answer (what
+# selection alone can give: an upper bound for the search)
+JUDGES = ("model", "model_both_orders", "loglik", "reference")
 
 
 def methods(best_of_n: int) -> list[tuple[str, int]]:
@@ -80,13 +81,14 @@ def run_method(method: str, beams: int, seed: int, answerer, params, images, que
             tokens += sum(len(answerer.tokenizer.encode_raw([t])[0]) for t in out)
             continue
         searcher = cot.ModelCot(answerer, params, images[chunk], asked,
-                                temperature=temperature)
+                                temperature=temperature,
+                                both_orders=judge == "model_both_orders")
         search = {"stage_beam": cot.stage_beam, "best_of_n": cot.best_of_n,
                   "sentence_beam": cot.sentence_beam}[method]
         if judge == "reference":  # the keys index the chunk's questions
             judging = cot.reference_judge({i: q.stages() for i, q in enumerate(questions[chunk])})
         else:
-            judging = searcher.judge if judge == "model" else cot.loglik_judge
+            judging = cot.loglik_judge if judge == "loglik" else searcher.judge
         texts += search(searcher.sample, judging, keys=list(range(len(asked))),
                         num_beams=beams, seed=seed)
         tokens += searcher.generated_tokens
@@ -123,9 +125,10 @@ def main(argv=None):
                         help="N of best_of_n (pick it near stage_beam-4's generated tokens)")
     parser.add_argument("--batch", type=int, default=128, help="questions searched at once")
     parser.add_argument("--judge", choices=JUDGES, default="model",
-                        help="model: its own judge prompt (LLaVA-CoT); loglik: the candidates' "
-                             "mean log-probability; reference: an oracle that knows the answer "
-                             "(an upper bound of the search)")
+                        help="model: its own judge prompt (LLaVA-CoT); model_both_orders: "
+                             "asked with the texts in both orders, a split decided by loglik; "
+                             "loglik: the candidates' mean log-probability; reference: an "
+                             "oracle that knows the answer (an upper bound of the search)")
     parser.add_argument("--methods", default="",
                         help="only these rows, e.g. 'greedy,stage_beam:4' (default: all)")
     args = parser.parse_args(argv)

@@ -115,3 +115,37 @@ def test_the_judge_budget_fits_every_trained_reply_and_a_whole_answer_gets_four_
     searcher.sample([0], [""], cot.ANSWER, 1, seed=0)
     searcher.sample([0], [""], "CAPTION", 1, seed=0)
     assert budgets[-2:] == [40, 10]
+
+
+def test_both_orders_keeps_a_text_chosen_twice_and_sends_splits_to_the_loglik(
+        tiny_llava, tokenizer, monkeypatch):  # noqa: F811
+    """A judge that always names "response 1" (the position bias the trained judge shows): in
+    both orders it contradicts itself, so every pair goes to the mean log-probability; a judge
+    that names the text containing "good" is kept in both orders."""
+    from vlmjax.data import shapes_cot
+    model, params, images = tiny_llava
+    answerer = ImageQuestionAnswerer(model, tokenizer, "chatml", T)
+    searcher = cot.ModelCot(answerer, params, images[:2], QUESTIONS, both_orders=True)
+    prompts_seen = []
+
+    def replies(pick):
+        def scripted(keys, prompts, stops, max_new_tokens, **options):
+            texts = [tokenizer.decode_raw(p) for p in prompts]
+            prompts_seen.extend(texts)
+            reply = [shapes_cot.judge_answer("CAPTION", pick(t)) for t in texts]
+            return tokenizer.encode_raw(reply), np.zeros(len(prompts))
+        return scripted
+
+    good = cot.Candidate("<CAPTION>good</CAPTION>", logprob=-9.0, tokens=3)
+    bad = cot.Candidate("<CAPTION>bad</CAPTION>", logprob=-1.0, tokens=3)
+    pairs = [good, bad], [bad, good]
+    monkeypatch.setattr(searcher, "_generate", replies(lambda text: 1))
+    assert searcher.judge([0, 1], ["", ""], "CAPTION", *pairs) == [2, 1]  # the likelier: bad
+    assert len(prompts_seen) == 4  # each pair asked twice, the texts swapped the second time
+    assert "Response 1: good" in prompts_seen[0] and "Response 1: bad" in prompts_seen[2]
+
+    def names_good(text):
+        return 1 if "Response 1: good" in text else 2
+    monkeypatch.setattr(searcher, "_generate", replies(names_good))
+    assert searcher.judge([0, 1], ["", ""], "CAPTION", *pairs) == [1, 2]  # good, twice
+    assert searcher.unparsed_judgements == 0

@@ -220,13 +220,18 @@ class ModelCot:
     tag, and stops at its closing tag (or EOS / end of turn); ANSWER stops at </CONCLUSION>,
     SENTENCE at a piece that ends a sentence or any closing tag. The judge asks the judge
     prompt as a new question about the same image (greedy) and reads "response 1/2"; a reply
-    that names neither keeps the first text and is counted in `unparsed_judgements`.
+    that names neither keeps the first text and is counted in `unparsed_judgements`. With
+    `both_orders`, each pair is also asked with the texts swapped: a judge trained on vlm_shapes
+    names "response 1" ~70% of the time, and the pairs it judges the same in both orders are
+    right far more often (docs/experiments.md, LLaVA-CoT); a split goes to `loglik_judge`.
     `generated_tokens` counts every new token, the judges' included.
     """
 
     def __init__(self, answerer, params, images, questions: Sequence[str], temperature=0.7,
-                 top_p=1.0, max_stage_tokens: int = 96, max_judge_tokens: int | None = None):
+                 top_p=1.0, max_stage_tokens: int = 96, max_judge_tokens: int | None = None,
+                 both_orders: bool = False):
         self.answerer, self.params, self.images = answerer, params, images
+        self.both_orders = both_orders
         self.questions = list(questions)
         self.temperature, self.top_p = float(temperature), float(top_p)
         tokenizer = answerer.tokenizer
@@ -295,17 +300,25 @@ class ModelCot:
         return [candidates[q * num:(q + 1) * num] for q in range(len(keys))]
 
     def judge(self, keys, prefixes, unit, first, second) -> list[int]:
+        choices = self._ask_judge(keys, prefixes, unit, first, second)
+        if not self.both_orders:
+            return [choice or 1 for choice in choices]
+        swapped = self._ask_judge(keys, prefixes, unit, second, first)
+        fallback = loglik_judge(keys, prefixes, unit, first, second)
+        # The same text chosen in both orders wins; a split (or an unparsed reply) goes to
+        # the higher mean log-probability.
+        return [choice if choice and again and choice != again else other
+                for choice, again, other in zip(choices, swapped, fallback)]
+
+    def _ask_judge(self, keys, prefixes, unit, first, second) -> list[int | None]:
         prompts = self.answerer.prompts(
             [judge_prompt(self.questions[key], prefix, unit, a.text, b.text)
              for key, prefix, a, b in zip(keys, prefixes, first, second)],
             self.images is not None)
         ids, _ = self._generate(keys, prompts, list(self.answerer.eos_ids),
                                 self.max_judge_tokens)
-        choices = []
-        for row in ids:
-            choice = parse_choice(self._text(row))
-            self.unparsed_judgements += choice is None
-            choices.append(choice or 1)
+        choices = [parse_choice(self._text(row)) for row in ids]
+        self.unparsed_judgements += sum(choice is None for choice in choices)
         return choices
 
 
