@@ -22,8 +22,8 @@ import time
 import numpy as np
 
 BEAMS = (1, 2, 3, 4)
-# --judge: the model's own judge prompt (asked once, or in both orders: ModelCot's
-# both_orders), the mean log-probability, or an oracle that knows the reference answer (what
+# --judge: the model's (inference.cot.MODEL_JUDGES: its judge prompt, asked once or in both
+# orders, or its mean log-probability), or an oracle that knows the reference answer (what
 # selection alone can give: an upper bound for the search)
 JUDGES = ("model", "model_both_orders", "loglik", "reference")
 
@@ -82,13 +82,12 @@ def run_method(method: str, beams: int, seed: int, answerer, params, images, que
             continue
         searcher = cot.ModelCot(answerer, params, images[chunk], asked,
                                 temperature=temperature,
-                                both_orders=judge == "model_both_orders")
+                                judging=judge if judge in cot.MODEL_JUDGES else "model")
         search = {"stage_beam": cot.stage_beam, "best_of_n": cot.best_of_n,
                   "sentence_beam": cot.sentence_beam}[method]
+        judging = searcher.judge
         if judge == "reference":  # the keys index the chunk's questions
             judging = cot.reference_judge({i: q.stages() for i, q in enumerate(questions[chunk])})
-        else:
-            judging = cot.loglik_judge if judge == "loglik" else searcher.judge
         texts += search(searcher.sample, judging, keys=list(range(len(asked))),
                         num_beams=beams, seed=seed)
         tokens += searcher.generated_tokens

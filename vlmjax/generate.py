@@ -26,7 +26,8 @@ turn. Without `--image` the question is asked with no image.
 A LLaVA-CoT workdir (configs/llava_cot/tiny.py) can search its four-stage answer instead:
 
   python -m vlmjax.generate --model WORKDIR --image PATH --prompt "How many corners ...?" \
-      --cot stage_beam --num_beams 4 --temperature 0.7 [--max_new_tokens 96 (per stage)]
+      --cot stage_beam --num_beams 4 --temperature 0.4 [--max_new_tokens 96 (per stage)] \
+      [--judge model|model_both_orders|loglik]
 
 prints the chosen <SUMMARY>, <CAPTION>, <REASONING> and <CONCLUSION> and the tokens the search
 generated (inference.cot: stage_beam, best_of_n, sentence_beam).
@@ -39,6 +40,8 @@ import sys
 from typing import Sequence
 
 import numpy as np
+
+from vlmjax.inference import cot
 
 
 def early_stopping_arg(text: str):
@@ -77,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
                    help="LLaVA-CoT workdirs: search the four-stage answer (inference.cot) with "
                         "--num_beams candidates, sampled at --temperature, the model its own "
                         "judge; prints the chosen stages")
+    p.add_argument("--judge", default="model", choices=cot.MODEL_JUDGES,
+                   help="--cot: how the model judges two candidates: its judge prompt "
+                        "(LLaVA-CoT), the prompt in both orders, or their mean log-probability")
     return p
 
 
@@ -127,11 +133,9 @@ def llava_answerer(model, model_config: dict, template: str | None = None,
 def cot_answer(args: argparse.Namespace, answerer, params, images, out=None) -> str:
     """`--cot METHOD`: a LLaVA-CoT answer found by inference.cot's search, printed stage by
     stage with what the search cost."""
-    from vlmjax.inference import cot
-
     searcher = cot.ModelCot(answerer, params, images, [args.prompt],
                             temperature=args.temperature, top_p=args.top_p,
-                            max_stage_tokens=args.max_new_tokens)
+                            max_stage_tokens=args.max_new_tokens, judging=args.judge)
     search = {"stage_beam": cot.stage_beam, "best_of_n": cot.best_of_n,
               "sentence_beam": cot.sentence_beam}[args.cot]
     text = search(searcher.sample, searcher.judge, keys=[0], num_beams=args.num_beams,

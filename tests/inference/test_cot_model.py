@@ -117,7 +117,7 @@ def test_the_judge_budget_fits_every_trained_reply_and_a_whole_answer_gets_four_
     assert budgets[-2:] == [40, 10]
 
 
-def test_both_orders_keeps_a_text_chosen_twice_and_sends_splits_to_the_loglik(
+def test_judging_both_orders_keeps_a_text_chosen_twice_and_splits_go_to_the_loglik(
         tiny_llava, tokenizer, monkeypatch):  # noqa: F811
     """A judge that always names "response 1" (the position bias the trained judge shows): in
     both orders it contradicts itself, so every pair goes to the mean log-probability; a judge
@@ -125,7 +125,8 @@ def test_both_orders_keeps_a_text_chosen_twice_and_sends_splits_to_the_loglik(
     from vlmjax.data import shapes_cot
     model, params, images = tiny_llava
     answerer = ImageQuestionAnswerer(model, tokenizer, "chatml", T)
-    searcher = cot.ModelCot(answerer, params, images[:2], QUESTIONS, both_orders=True)
+    searcher = cot.ModelCot(answerer, params, images[:2], QUESTIONS,
+                            judging="model_both_orders")
     prompts_seen = []
 
     def replies(pick):
@@ -149,3 +150,8 @@ def test_both_orders_keeps_a_text_chosen_twice_and_sends_splits_to_the_loglik(
     monkeypatch.setattr(searcher, "_generate", replies(names_good))
     assert searcher.judge([0, 1], ["", ""], "CAPTION", *pairs) == [1, 2]  # good, twice
     assert searcher.unparsed_judgements == 0
+    searcher.judging, asked = "loglik", len(prompts_seen)
+    assert searcher.judge([0, 1], ["", ""], "CAPTION", *pairs) == [2, 1]
+    assert len(prompts_seen) == asked  # no judge prompt
+    with pytest.raises(ValueError, match="is not one of"):
+        cot.ModelCot(answerer, params, images[:2], QUESTIONS, judging="oracle")

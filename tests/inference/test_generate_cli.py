@@ -71,3 +71,11 @@ def test_new_token_budget_defaults_to_32_and_to_96_per_stage_with_cot():
     assert parsed() == 32
     assert parsed("--cot", "stage_beam") == 96
     assert parsed("--cot", "stage_beam", "--max_new_tokens", "7") == 7
+
+
+def test_judge_choices_are_the_model_judges():
+    args = ["--model", "m", "--prompt", "p", "--cot", "stage_beam"]
+    assert cli.parser().parse_args(args).judge == "model"
+    assert cli.parser().parse_args(args + ["--judge", "loglik"]).judge == "loglik"
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(args + ["--judge", "reference"])  # the oracle needs answers

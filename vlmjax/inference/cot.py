@@ -35,6 +35,7 @@ from vlmjax.data import shapes_cot
 from vlmjax.data.shapes_text import COT_TAGS
 
 ANSWER, SENTENCE = "ANSWER", "SENTENCE"
+MODEL_JUDGES = ("model", "model_both_orders", "loglik")  # ModelCot(judging=...)
 STAGE_NAMES = {**shapes_cot.STAGE_NAMES, ANSWER: "answer", SENTENCE: "next sentence"}
 FINAL_TAG = f"</{COT_TAGS[-1]}>"
 
@@ -220,18 +221,22 @@ class ModelCot:
     tag, and stops at its closing tag (or EOS / end of turn); ANSWER stops at </CONCLUSION>,
     SENTENCE at a piece that ends a sentence or any closing tag. The judge asks the judge
     prompt as a new question about the same image (greedy) and reads "response 1/2"; a reply
-    that names neither keeps the first text and is counted in `unparsed_judgements`. With
-    `both_orders`, each pair is also asked with the texts swapped: a judge trained on vlm_shapes
-    names "response 1" ~70% of the time, and the pairs it judges the same in both orders are
-    right far more often (docs/experiments.md, LLaVA-CoT); a split goes to `loglik_judge`.
-    `generated_tokens` counts every new token, the judges' included.
+    that names neither keeps the first text and is counted in `unparsed_judgements`.
+    `judging` (MODEL_JUDGES) picks what `judge` does: "model" asks as above (LLaVA-CoT);
+    "model_both_orders" asks again with the texts swapped (a judge trained on vlm_shapes names
+    "response 1" ~70% of the time, and the pairs it judges the same in both orders are right far
+    more often: docs/experiments.md, LLaVA-CoT), a split going to `loglik_judge`; "loglik" is
+    `loglik_judge` alone (no judge prompt). `generated_tokens` counts every new token, the
+    judges' included.
     """
 
     def __init__(self, answerer, params, images, questions: Sequence[str], temperature=0.7,
                  top_p=1.0, max_stage_tokens: int = 96, max_judge_tokens: int | None = None,
-                 both_orders: bool = False):
+                 judging: str = "model"):
+        if judging not in MODEL_JUDGES:
+            raise ValueError(f"judging {judging!r} is not one of {MODEL_JUDGES}")
         self.answerer, self.params, self.images = answerer, params, images
-        self.both_orders = both_orders
+        self.judging = judging
         self.questions = list(questions)
         self.temperature, self.top_p = float(temperature), float(top_p)
         tokenizer = answerer.tokenizer
@@ -300,8 +305,10 @@ class ModelCot:
         return [candidates[q * num:(q + 1) * num] for q in range(len(keys))]
 
     def judge(self, keys, prefixes, unit, first, second) -> list[int]:
+        if self.judging == "loglik":
+            return loglik_judge(keys, prefixes, unit, first, second)
         choices = self._ask_judge(keys, prefixes, unit, first, second)
-        if not self.both_orders:
+        if self.judging == "model":
             return [choice or 1 for choice in choices]
         swapped = self._ask_judge(keys, prefixes, unit, second, first)
         fallback = loglik_judge(keys, prefixes, unit, first, second)
