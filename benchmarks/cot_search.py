@@ -3,13 +3,14 @@ best-of-N over whole answers and sentence-level beam search, by CONCLUSION exact
 tokens each method generates (judge replies included), as the LLaVA-CoT paper's Tables 5 and 6.
 
     python benchmarks/cot_search.py --workdir WD --data_dir D --out results.json \
-        [--split test] [--questions 500] [--seeds 0] [--temperature 0.4] [--best_of_n 6] \
-        [--methods greedy,stage_beam:4] [--judge model|model_both_orders|loglik|reference]
+        [--split test] [--questions 500] [--seeds 0] [--temperature 0.4] [--best_of_n N] \
+        [--methods greedy,stage_beam:4] [--judge model,loglik] (also model_both_orders, reference)
 
 WD is a LLaVA-CoT workdir (configs/llava_cot/tiny.py). Each of the first --questions images of
 the split gets the reasoning question the `cot` evaluator asks of it (evals.cot.cot_items).
-Writes a JSON list of rows {"method", "beams", "seed", "accuracy", "generated_tokens"} (mean
-new tokens per question) and prints the tables. Choose --temperature on --split validation.
+Writes a JSON list of rows {"method", "beams", "seed", "judge", "accuracy", "generated_tokens"}
+(mean new tokens per question) and prints the tables. Choose --temperature and the judge on
+--split validation.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ BEAMS = (1, 2, 3, 4)
 # orders, or its mean log-probability), or an oracle that knows the reference answer (what
 # selection alone can give: an upper bound for the search)
 JUDGES = ("model", "model_both_orders", "loglik", "reference")
+# best_of_n's N by judge, near stage_beam-4's generated tokens with that judge: the model's
+# judge replies cost ~50 tokens each, loglik and the oracle none (4 answers = 4 x 4 stages)
+BEST_OF_N = {"model": 6, "model_both_orders": 6, "loglik": 4, "reference": 4}
 
 
 def methods(best_of_n: int) -> list[tuple[str, int]]:
@@ -46,6 +50,22 @@ def chosen(rows: list[tuple[str, int]], spec: str) -> list[tuple[str, int]]:
     if unknown:
         raise SystemExit(f"--methods {unknown} not among {sorted(known)}")
     return [(m, n) for m, n in rows if m in names or f"{m}:{n}" in names]
+
+
+def plan(seeds: list[int], judges: list[str], spec: str = "",
+         best_of_n: int | None = None) -> list[tuple[int, str, str, int]]:
+    """(seed, judge, method, beams) of every row to run: greedy once (it depends on neither),
+    stage_beam at 1 beam once per seed (it never judges), the rest per seed and judge."""
+    rows = []
+    for seed in seeds:
+        for judge in judges:
+            for method, beams in chosen(methods(best_of_n or BEST_OF_N[judge]), spec):
+                once_per_seed = method == "greedy" or (method == "stage_beam" and beams == 1)
+                if (once_per_seed and judge != judges[0]) or (method == "greedy"
+                                                              and seed != seeds[0]):
+                    continue
+                rows.append((seed, judge, method, beams))
+    return rows
 
 
 def load_questions(data_dir: str, split: str, count: int, model_config: dict):
@@ -120,14 +140,16 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0", help="comma-separated")
     parser.add_argument("--temperature", type=float, default=0.4,
                         help="0.4: chosen on validation (docs/experiments.md, LLaVA-CoT)")
-    parser.add_argument("--best_of_n", type=int, default=6,
-                        help="N of best_of_n (pick it near stage_beam-4's generated tokens)")
+    parser.add_argument("--best_of_n", type=int, default=None,
+                        help=f"N of best_of_n (default by judge, near stage_beam-4's generated "
+                             f"tokens: {BEST_OF_N})")
     parser.add_argument("--batch", type=int, default=128, help="questions searched at once")
-    parser.add_argument("--judge", choices=JUDGES, default="model",
-                        help="model: its own judge prompt (LLaVA-CoT); model_both_orders: "
-                             "asked with the texts in both orders, a split decided by loglik; "
-                             "loglik: the candidates' mean log-probability; reference: an "
-                             "oracle that knows the answer (an upper bound of the search)")
+    parser.add_argument("--judge", default="model,loglik",
+                        help=f"comma-separated, of {JUDGES}. model: its own judge prompt "
+                             "(LLaVA-CoT); model_both_orders: asked with the texts in both "
+                             "orders, a split decided by loglik; loglik: the candidates' mean "
+                             "log-probability; reference: an oracle that knows the answer (an "
+                             "upper bound of the search)")
     parser.add_argument("--methods", default="",
                         help="only these rows, e.g. 'greedy,stage_beam:4' (default: all)")
     args = parser.parse_args(argv)
@@ -140,20 +162,22 @@ def main(argv=None):
         sys.exit(f"{args.workdir} is not a llava workdir")
     answerer = llava_answerer(model, model_config)
     images, questions = load_questions(args.data_dir, args.split, args.questions, model_config)
+    judges = [j.strip() for j in args.judge.split(",") if j.strip()]
+    unknown = [j for j in judges if j not in JUDGES]
+    if unknown or not judges:
+        sys.exit(f"--judge {args.judge!r}: each must be one of {JUDGES}")
     rows = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for method, beams in chosen(methods(args.best_of_n), args.methods):
-            if method == "greedy" and seed != int(args.seeds.split(",")[0]):
-                continue  # greedy does not depend on the seed
-            start = time.time()
-            rows.append(run_method(method, beams, seed, answerer, params, images, questions,
-                                   args.temperature, args.batch, args.judge))
-            print(f"{method} x{beams} seed {seed}: {100 * rows[-1]['accuracy']:.1f}% "
-                  f"({rows[-1]['generated_tokens']:.0f} tokens/question, "
-                  f"{time.time() - start:.0f} s)", flush=True)
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as file:
-                json.dump(rows, file, indent=1)
+    for seed, judge, method, beams in plan([int(s) for s in args.seeds.split(",")], judges,
+                                           args.methods, args.best_of_n):
+        start = time.time()
+        rows.append(run_method(method, beams, seed, answerer, params, images, questions,
+                               args.temperature, args.batch, judge))
+        print(f"{method} x{beams} seed {seed}{label(rows[-1])}: "
+              f"{100 * rows[-1]['accuracy']:.1f}% ({rows[-1]['generated_tokens']:.0f} "
+              f"tokens/question, {time.time() - start:.0f} s)", flush=True)
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as file:
+            json.dump(rows, file, indent=1)
     print(f"{args.workdir}: {len(questions)} {args.split} questions, temperature "
           f"{args.temperature}")
     print(table(rows))

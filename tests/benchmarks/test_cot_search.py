@@ -37,3 +37,17 @@ def test_table_names_a_judge_other_than_the_model_beside_the_method():
     lines = bench.table(rows).splitlines()
     assert lines[-2].startswith("| stage_beam | 4 |")
     assert lines[-1].startswith("| stage_beam (loglik judge) | 4 |")
+
+
+def test_plan_runs_greedy_once_one_beam_once_per_seed_and_the_rest_per_judge():
+    rows = bench.plan([0, 1], ["model", "loglik"])
+    assert [r for r in rows if r[2] == "greedy"] == [(0, "model", "greedy", 1)]
+    assert [r for r in rows if r[2:] == ("stage_beam", 1)] == [
+        (0, "model", "stage_beam", 1), (1, "model", "stage_beam", 1)]
+    # best_of_n at each judge's own N (the model's judge replies cost tokens, loglik's none)
+    assert [r for r in rows if r[2] == "best_of_n"] == [
+        (0, "model", "best_of_n", 6), (0, "loglik", "best_of_n", 4),
+        (1, "model", "best_of_n", 6), (1, "loglik", "best_of_n", 4)]
+    assert (1, "loglik", "stage_beam", 4) in rows and len(rows) == 1 + 2 * (1 + 2 * 5)
+    assert bench.plan([0], ["loglik"], "best_of_n", best_of_n=9) == [
+        (0, "loglik", "best_of_n", 9)]

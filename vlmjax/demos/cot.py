@@ -10,7 +10,8 @@ measurement.
   3. cot       configs/llava_cot/tiny.py from WORKDIR/stage2 (its evaluations: greedy CoT
                accuracy, format validity and judge accuracy on validation and test);
   4. benchmarks/cot_search.py on the test split, writing WORKDIR/cot_search.json and printing
-     the table (greedy, stage_beam at 1-4 beams, best_of_n, sentence_beam).
+     the table (greedy, stage_beam at 1-4 beams, best_of_n, sentence_beam; judged by the
+     model's judge prompt and by the candidates' log-probability).
 Every step prints the command it runs.
 """
 from __future__ import annotations
