@@ -334,7 +334,7 @@ def test_llava_cot_runlocal_trains_and_evaluates(llava_dirs, tmp_path_factory):
     model, params, model_config = load_pretrained(workdir)
     argv = ["--model", workdir,
             "--image", image, "--prompt", question, "--cot", "stage_beam", "--num_beams", "2",
-            "--max_new_tokens", "6", "--temperature", "1.0", "--seed", "3"]
+            "--max_new_tokens", "6", "--temperature", "1.0", "--seed", "3", "--judge", "model"]
     printed = io.StringIO()
     text, _ = generate_cli.run(generate_cli.parser().parse_args(argv), out=printed)
     answerer = generate_cli.llava_answerer(model, model_config)
