@@ -27,7 +27,7 @@ A LLaVA-CoT workdir (configs/llava_cot/tiny.py) can search its four-stage answer
 
   python -m vlmjax.generate --model WORKDIR --image PATH --prompt "How many corners ...?" \
       --cot stage_beam --num_beams 4 --temperature 0.4 [--max_new_tokens 96 (per stage)] \
-      [--judge loglik|model|model_both_orders]
+      [--judge model|model_both_orders|loglik]
 
 prints the chosen <SUMMARY>, <CAPTION>, <REASONING> and <CONCLUSION> and the tokens the search
 generated (inference.cot: stage_beam, best_of_n, sentence_beam).
@@ -80,10 +80,10 @@ def parser() -> argparse.ArgumentParser:
                    help="LLaVA-CoT workdirs: search the four-stage answer (inference.cot) with "
                         "--num_beams candidates, sampled at --temperature, the model its own "
                         "judge; prints the chosen stages")
-    p.add_argument("--judge", default="loglik", choices=cot.MODEL_JUDGES,
-                   help="--cot: how the model judges two candidates: their mean "
-                        "log-probability (default: the best on vlm_shapes validation), its "
-                        "judge prompt (LLaVA-CoT's), or the prompt asked in both orders")
+    p.add_argument("--judge", default="model", choices=cot.MODEL_JUDGES,
+                   help="--cot: how the model judges two candidates: its judge prompt "
+                        "(LLaVA-CoT's, the default), the prompt asked in both orders, or their "
+                        "mean log-probability (the best on vlm_shapes validation)")
     return p
 
 

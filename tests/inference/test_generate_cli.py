@@ -75,7 +75,7 @@ def test_new_token_budget_defaults_to_32_and_to_96_per_stage_with_cot():
 
 def test_judge_choices_are_the_model_judges():
     args = ["--model", "m", "--prompt", "p", "--cot", "stage_beam"]
-    assert cli.parser().parse_args(args).judge == "loglik"  # chosen on validation
-    assert cli.parser().parse_args(args + ["--judge", "model"]).judge == "model"
+    assert cli.parser().parse_args(args).judge == "model"  # LLaVA-CoT's, as the issue asks
+    assert cli.parser().parse_args(args + ["--judge", "loglik"]).judge == "loglik"
     with pytest.raises(SystemExit):
         cli.parser().parse_args(args + ["--judge", "reference"])  # the oracle needs answers
