@@ -5,12 +5,12 @@ and a plausibly wrong one, as the `cot` evaluator draws them) asked in both orde
 
 Prints the judge's accuracy with the right text first and second, how often it names
 "response 1", and how often the two orders agree, with the accuracy on the pairs where they
-do (what `ModelCot(both_orders=True)` keeps; a split goes to the candidates' log-probability).
+do (what `ModelCot(judging="model_both_orders")` keeps; a split goes to the candidates'
+log-probability).
 """
 from __future__ import annotations
 
 import argparse
-import zlib
 
 import numpy as np
 
@@ -32,26 +32,21 @@ def bias_summary(right_first: np.ndarray, right_second: np.ndarray) -> dict[str,
 
 def judge_pairs(data_dir: str, split: str, count: int, model_config: dict):
     """Images and the judge prompts of the split's first `count` images, the right text first
-    and second (the pair the `cot` evaluator asks of each image, evals.cot.cot_items)."""
+    and second (the pair the `cot` evaluator asks of each image, evals.cot.cot_draw)."""
     import tensorflow_datasets as tfds
 
-    from vlmjax.data import shapes, shapes_cot, shapes_instruct
-    from vlmjax.data.shapes_text import COT_TAGS
+    from vlmjax.data import shapes, shapes_instruct
+    from vlmjax.data.shapes_cot import pair_prompt
+    from vlmjax.evals.cot import cot_draw
     from vlmjax.generate import prepare_image
 
     builder = shapes.make_builder("64px", data_dir)
     images, first, second = [], [], []
     for example in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)
                                  .take(count)):
-        facts = shapes_instruct.scene_facts(example)
-        rng = np.random.default_rng([0, zlib.crc32(facts.image_id.encode())])  # as cot_items
-        question = shapes_cot.reasoning_question(facts, rng)
-        stage = COT_TAGS[int(rng.integers(len(COT_TAGS)))]
-        right = question.stages()[stage]
-        wrong = shapes_cot.wrong_stage(facts, question, stage, rng)
-        name, hint = shapes_cot.STAGE_NAMES[stage], shapes_cot.earlier_stages(question, stage)
-        first.append(shapes_cot.judge_prompt(question.question, name, hint, right, wrong))
-        second.append(shapes_cot.judge_prompt(question.question, name, hint, wrong, right))
+        question, stage, right, wrong, _ = cot_draw(shapes_instruct.scene_facts(example))
+        first.append(pair_prompt(question, stage, right, wrong, 1))
+        second.append(pair_prompt(question, stage, right, wrong, 2))
         images.append(prepare_image(example["image"], model_config))
     return np.stack(images), first, second
 

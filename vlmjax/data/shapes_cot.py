@@ -61,7 +61,12 @@ class CotQuestion:
 
 
 def staged_answer(question: CotQuestion) -> str:
-    return "".join(f"<{tag}>{text}</{tag}>" for tag, text in question.stages().items())
+    return staged_text(question.stages())
+
+
+def staged_text(stages: dict[str, str]) -> str:
+    """The four stages, {tag: text}, as one tagged answer."""
+    return "".join(f"<{tag}>{stages[tag]}</{tag}>" for tag in COT_TAGS)
 
 
 def _listed(phrases: list[str]) -> str:
@@ -299,15 +304,25 @@ def judge_answer(stage: str, choice: int) -> str:
     return f"Since {JUDGE_REASONS[stage]}, I choose response {choice}."
 
 
+def judge_pair(facts, question: CotQuestion, stage: str, rng) -> tuple[str, str, int]:
+    """(the stage's right text, a plausibly wrong one, the response number the right text
+    gets: 1 or 2 at random)."""
+    right, wrong = question.stages()[stage], wrong_stage(facts, question, stage, rng)
+    return right, wrong, 1 + int(rng.integers(2))
+
+
+def pair_prompt(question: CotQuestion, stage: str, right: str, wrong: str, choice: int) -> str:
+    """The judge prompt of a pair, the right text as response `choice`."""
+    first, second = (right, wrong) if choice == 1 else (wrong, right)
+    return judge_prompt(question.question, STAGE_NAMES[stage], earlier_stages(question, stage),
+                        first, second)
+
+
 def judge_example(facts, question: CotQuestion, stage: str, rng) -> tuple[str, str, int]:
     """(judge prompt, its answer, the number of the right response) for one stage: the right
     text and a wrong one, in a random order."""
-    right, wrong = question.stages()[stage], wrong_stage(facts, question, stage, rng)
-    choice = 1 + int(rng.integers(2))
-    first, second = (right, wrong) if choice == 1 else (wrong, right)
-    prompt = judge_prompt(question.question, STAGE_NAMES[stage], earlier_stages(question, stage),
-                          first, second)
-    return prompt, judge_answer(stage, choice), choice
+    right, wrong, choice = judge_pair(facts, question, stage, rng)
+    return pair_prompt(question, stage, right, wrong, choice), judge_answer(stage, choice), choice
 
 
 # --- LLaVA JSON entries (shapes_instruct kinds "cot" and "cot_judge") ------------------------

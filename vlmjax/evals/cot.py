@@ -46,14 +46,21 @@ def score_cot(responses, answers, question_types) -> dict[str, float]:
     return metrics
 
 
-def cot_items(facts, seed: int = 0):
-    """(CotQuestion, judge prompt, the judge's right choice) of an image's scene facts: drawn
-    from the image id and `seed`, so every run (and benchmarks/cot_search.py) asks the same."""
+def cot_draw(facts, seed: int = 0):
+    """(CotQuestion, the stage of its judge pair, the right text, the wrong one, the right
+    choice) of an image's scene facts: drawn from the image id and `seed`, so every run (and
+    benchmarks/cot_search.py, cot_judge_bias.py) asks the same."""
     rng = np.random.default_rng([seed, zlib.crc32(facts.image_id.encode())])
     question = shapes_cot.reasoning_question(facts, rng)
     stage = COT_TAGS[int(rng.integers(len(COT_TAGS)))]
-    prompt, _, choice = shapes_cot.judge_example(facts, question, stage, rng)
-    return question, prompt, choice
+    return (question, stage, *shapes_cot.judge_pair(facts, question, stage, rng))
+
+
+def cot_items(facts, seed: int = 0):
+    """(CotQuestion, judge prompt, the judge's right choice) of an image's scene facts
+    (cot_draw)."""
+    question, stage, right, wrong, choice = cot_draw(facts, seed)
+    return question, shapes_cot.pair_prompt(question, stage, right, wrong, choice), choice
 
 
 class CotEvaluator(GenerativeEvaluator):

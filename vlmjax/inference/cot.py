@@ -147,10 +147,10 @@ def reference_judge(references: Mapping[int, Mapping[str, str]]) -> Judge:
     stage's text; for a whole answer or a sentence, the staged reference answer as far as the
     candidate reaches); ties keep the first. The search with it bounds what a judge can give."""
     from vlmjax.evals.vqa import exact_match
+    staged = {key: shapes_cot.staged_text(stages) for key, stages in references.items()}
 
     def score(key, prefix, unit, candidate):
-        stages = references[key]
-        full = "".join(f"<{tag}>{stages[tag]}</{tag}>" for tag in COT_TAGS)
+        stages, full = references[key], staged[key]
         answer = prefix + candidate.text
         right = FINAL_TAG in answer and exact_match(conclusion(answer), stages[COT_TAGS[-1]])
         if unit in COT_TAGS:
