@@ -214,6 +214,24 @@ def test_caption_logits_and_greedy_captions_match_transformers(blip):
     np.testing.assert_array_equal(np.asarray(out.tokens), expected)
     assert int(out.lengths[0]) == 3 and len(set(expected[1].tolist())) > 2
 
+    # Beam search (BLIP's captioning evaluation uses 3 beams) with the same stop token, the
+    # image embeddings repeated per beam through decode_inputs, as BlipEvalModel.caption does.
+    text_config.sep_token_id = sep
+    try:
+        with torch.no_grad():
+            beams = reference.generate(pixels(images), torch.as_tensor(input_ids).long(),
+                                       do_sample=False, num_beams=3, max_new_tokens=new,
+                                       min_length=0).numpy()[:, prompt.shape[1]:]
+    finally:
+        text_config.sep_token_id = saved
+    beams = np.pad(beams, ((0, 0), (0, new - beams.shape[1])), constant_values=PAD)
+    beam_out = generate(model, params, jnp.asarray(prompt), max_new_tokens=new, eos_id=sep,
+                        strategy="beam", num_beams=3, image_embeds=embeds,
+                        decode_inputs={"image_embeds": embeds}, prompt_buckets=None)
+    print(f"BEAM blip: {beams.tolist()}")
+    np.testing.assert_array_equal(np.asarray(beam_out.tokens), beams)
+    assert not np.array_equal(beams, expected)  # the beams found other texts than greedy
+
 
 @pytest.mark.parametrize("name", list(CLASSES))
 def test_export_gives_transformers_the_same_model(blip, tmp_path, capsys, name):

@@ -240,6 +240,23 @@ def test_captioning_scores_texts_against_each_images_captions(shapes_data, test_
     assert metrics[0]["captioning/e/images"] == n  # the scene checks are still reported
 
 
+def test_captioning_with_beams_asks_the_model_for_beam_search(shapes_data, test_examples):
+    calls = []
+
+    class BeamStub(StubAnswerer):
+        def answer(self, params, images, questions, max_new_tokens=None, **options):
+            calls.append(options)
+            return super().answer(params, images, questions, max_new_tokens)
+
+    stub = BeamStub(lambda k, q: "a red circle")
+    entry = dict(type="captioning", data=dict(split="test"), batch_size=4, num_beams=3)
+    evaluator(shapes_data[0], entry, stub)("params")
+    assert calls == [dict(strategy="beam", num_beams=3)] * 2  # 6 images in batches of 4
+    calls.clear()
+    evaluator(shapes_data[0], dict(entry, num_beams=1), stub)("params")
+    assert calls == [{}, {}]  # greedy: the model's own default
+
+
 # ------------------------------------------------------------------------------ config errors
 @pytest.mark.parametrize("entry, message", [
     (dict(type="vqa", max_examples=-1), r"evals.e.max_examples must be an integer >= 0"),
@@ -247,6 +264,7 @@ def test_captioning_scores_texts_against_each_images_captions(shapes_data, test_
     (dict(type="vqa", prompt="Describe."), r"evals.e.prompt is not used by anything"),
     (dict(type="vqa", answer_instruction=3), r"evals.e.answer_instruction must be a string"),
     (dict(type="captioning", prompt=3), r"evals.e.prompt must be a string"),
+    (dict(type="captioning", num_beams=0), r"evals.e.num_beams must be an integer >= 1"),
     (dict(type="vqa", question_format="Q: A:"), r"question_format must be a string holding"),
     (dict(type="vqa", answer_stop=1), r"evals.e.answer_stop must be a string"),
     (dict(type="captioning", answer_instruction="x"),

@@ -5,7 +5,8 @@ re-ranking) and captions (captioning).
     model = BlipEvalModel(blip, tokenizer, mesh, token_ids={"enc": .., "dec": ..})
     model.images(params, batches) / model.texts(params, ids, mask, batch_size)   # ITC, [N, D]
     model.itm_scores(params, images, ids, mask)          # [N]: logit(match) - logit(no match)
-    model.answer(params, images, prompts, max_new_tokens)  # greedy captions (prompts ignored)
+    model.answer(params, images, prompts, max_new_tokens)  # greedy captions (prompts ignored;
+                                                           # strategy="beam", num_beams=N: beams)
     model.caption(params, images, prompt=None, top_p=0.9, rng=key)  # nucleus-sampled captions
 
 Texts arrive tokenised as in training (`[CLS] caption [SEP]`); ITM reads them with [ENC] first.
@@ -67,22 +68,34 @@ class BlipEvalModel(embed.TwoTowerEncoders):
         return [int(self.token_ids["dec"]), *map(int, words)]
 
     def answer(self, params, images, prompts: Sequence[str] = (),
-               max_new_tokens: int = 32) -> list[str]:
-        """Greedy captions of `images` [N, H, W, 3]; `prompts` are ignored (BLIP's captioner
-        has one prompt, `caption_prompt`)."""
+               max_new_tokens: int = 32, strategy: str = "greedy",
+               num_beams: int = 1) -> list[str]:
+        """Captions of `images` [N, H, W, 3], greedy or (strategy "beam") by beam search;
+        `prompts` are ignored (BLIP's captioner has one prompt, `caption_prompt`)."""
         del prompts
-        return self.caption(params, images, max_new_tokens=max_new_tokens)
+        if strategy not in ("greedy", "beam"):
+            raise ValueError(f"BlipEvalModel.answer: strategy {strategy!r} is not 'greedy' or "
+                             "'beam' (caption() samples)")
+        return self.caption(params, images, max_new_tokens=max_new_tokens,
+                            num_beams=num_beams if strategy == "beam" else 1)
 
     def caption(self, params, images, *, prompt: str | None = None, max_new_tokens: int = 32,
-                top_p: float | None = None, temperature: float = 1.0, rng=None) -> list[str]:
+                top_p: float | None = None, temperature: float = 1.0, rng=None,
+                num_beams: int = 1) -> list[str]:
         """Captions of `images` [N, H, W, 3] after `[DEC] + prompt` (None: `caption_prompt`),
         without the prompt. Greedy unless `top_p` is given: then sampled at `temperature` from
         the nucleus `top_p`, batch b (of `batch_size` rows) with fold_in(rng, b), so the same
-        rng, images and batch size give the same captions."""
+        rng, images and batch size give the same captions; or `num_beams` > 1: beam search
+        (transformers' semantics, vlmjax.inference.beam)."""
         if top_p is not None and rng is None:
             raise ValueError("caption: nucleus sampling (top_p) needs an rng")
+        if top_p is not None and num_beams > 1:
+            raise ValueError("caption: give top_p (sampling) or num_beams > 1 (beam search), "
+                             "not both")
         sampling = ({} if top_p is None else
                     dict(strategy="sample", top_p=float(top_p), temperature=float(temperature)))
+        if num_beams > 1:
+            sampling = dict(strategy="beam", num_beams=int(num_beams))
         images = np.asarray(images, np.float32)
         prompt_ids = np.asarray([self._prompt(prompt)], np.int32)
         eos = self.tokenizer.eos_id
@@ -91,7 +104,7 @@ class BlipEvalModel(embed.TwoTowerEncoders):
             chunk = embed.pad_batch({"image": images[start:start + self.batch_size]},
                                     self.batch_size)
             embeds = self._features(params, jnp.asarray(chunk["image"]))
-            if sampling:
+            if top_p is not None:
                 sampling["rng"] = jax.random.fold_in(rng, number)
             out = generate(self.model, params, np.repeat(prompt_ids, self.batch_size, axis=0),
                            max_new_tokens=max_new_tokens, eos_id=eos, image_embeds=embeds,

@@ -34,6 +34,8 @@ Entry keys beside the common ones and vqa's data / max_examples (evals/vqa.py):
                    detailed-description instructions of vlmjax/data/shapes_instruct.py); ""
                    for a model that captions after the image alone (BLIP-2's stage 2)
   max_new_tokens   the longest description in tokens (default 128)
+  num_beams        1 (greedy, the default) or N: beam search with N beams (BLIP's captioning
+                   evaluation uses 3); needs a model whose `answer` takes strategy="beam"
 After a run `last_samples` holds its first few {prompt, prediction, objects}.
 """
 from __future__ import annotations
@@ -142,7 +144,8 @@ def caption_metrics(checks: list[dict[str, int]]) -> dict[str, float]:
 
 class CaptioningEvaluator(vqa.GenerativeEvaluator):
     KEYS = {**vqa.GenerativeEvaluator.KEYS,
-            "prompt": f"the instruction (default {DEFAULT_PROMPT!r})"}
+            "prompt": f"the instruction (default {DEFAULT_PROMPT!r})",
+            "num_beams": "1 = greedy (the default), N > 1 = beam search with N beams"}
     DEFAULT_MAX_NEW_TOKENS = 128
 
     @classmethod
@@ -151,11 +154,24 @@ class CaptioningEvaluator(vqa.GenerativeEvaluator):
         prompt = entry.get("prompt", DEFAULT_PROMPT)
         if not isinstance(prompt, str):
             raise ConfigError(f"{where}.prompt must be a string (\"\": none), got {prompt!r}")
+        beams = entry.get("num_beams", 1)
+        if type(beams) is not int or beams < 1:
+            raise ConfigError(f"{where}.num_beams must be an integer >= 1 (1 = greedy), "
+                              f"got {beams!r}")
 
     def __init__(self, name, entry, context):
         super().__init__(name, entry, context)
         self.prompt = entry.get("prompt", DEFAULT_PROMPT)
+        self.num_beams = int(entry.get("num_beams", 1))
         self.last_samples: list[dict] = []
+
+    def generate(self, params, pending: list[tuple[np.ndarray, str]]) -> list[str]:
+        if self.num_beams == 1:
+            return super().generate(params, pending)
+        images = np.stack([image for image, _ in pending])
+        return list(self.context.model.answer(
+            params, images, [prompt for _, prompt in pending],
+            max_new_tokens=self.max_new_tokens, strategy="beam", num_beams=self.num_beams))
 
     def __call__(self, params) -> dict:
         scenes, predictions, references = [], [], []

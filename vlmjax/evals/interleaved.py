@@ -51,7 +51,8 @@ class InterleavedAnswerer(ImageQuestionAnswerer):
                context: Sequence[Sequence[tuple]] | None = None, **options) -> list[str]:
         """The answer to each question about the image of its row (float32 [B, S, S, 3],
         preprocessed as in training), after its row's `context` examples (every row the same
-        number; None: 0-shot)."""
+        number; None: 0-shot). `options` go to generate (greedy unless they give a strategy,
+        e.g. strategy="beam", num_beams=3)."""
         questions = list(questions)
         context = [[] for _ in questions] if context is None else [list(c) for c in context]
         if len(images) != len(questions) or len(context) != len(questions):
@@ -71,7 +72,8 @@ class InterleavedAnswerer(ImageQuestionAnswerer):
         for start in range(0, len(questions), self.batch_size):
             chunk = slice(start, start + self.batch_size)
             answers += self._generate(params, all_images[chunk], prompts[chunk], new_tokens,
-                                      strategy="greedy", rng=jax.random.key(start), **options)
+                                      rng=jax.random.key(start),
+                                      **{"strategy": "greedy", **options})
         return answers
 
     def decode(self, ids) -> str:
