@@ -27,7 +27,9 @@ the ITC temperature, BLIP's), swaps=K (K shape-word-swapped captions per image a
 negatives; default 1; 0 = off, BLIP's), image=cnn|vit (the image tower: the CNN of
 configs/siglip/tiny.py, the default, or the conv-stem ViT, which HF BLIP can express),
 vision_init=WORKDIR (a contrastive run whose image tower is this one: SigLIP tiny's for the CNN;
-default: a random tower, which for the CNN does not learn shape in this budget).
+default: a random tower, which for the CNN does not learn shape in this budget), fine_map=True
+(the CNN's last stage without its final pool: 8x8 = 64 image tokens of 8 px cells instead of
+4x4, the same parameters; docs/experiments.md, BLIP tiny).
 """
 import ml_collections
 from ml_collections.config_dict import placeholder
@@ -56,9 +58,12 @@ def evals(max_images: int, captions: int, batch_size: int) -> dict:
 def get_config(arg=None):
     args = parse_preset_args(arg, runlocal=False, steps=1500, batch=64, lr=1e-3, mlm=0.0,
                              momentum=0.0, queue=0, width=96, itm_t=0.2,
-                             swaps=1, image="cnn", vision_init="")
+                             swaps=1, image="cnn", vision_init="", fine_map=False)
     if args.image not in ("vit", "cnn"):
         raise ConfigError(f"preset image={args.image!r} must be 'vit' or 'cnn'")
+    if args.fine_map and args.image != "cnn":
+        raise ConfigError("preset fine_map=True is the CNN's (its last stage without the final "
+                          "pool); image=vit has no such map")
     c = ml_collections.ConfigDict()
     c.task = "blip"
     c.seed = 0
@@ -67,7 +72,9 @@ def get_config(arg=None):
     vit = dict(patch_size=8, stem="conv", width=width, depth=3, num_heads=4, mlp_dim=4 * width,
                posemb="learn", norm_eps=1e-5)
     c.model = dict(
-        image=vit if args.image == "vit" else dict(CNN), image_arch=args.image,
+        image=vit if args.image == "vit" else dict(
+            CNN, **({"last_stage_pool": False} if args.fine_map else {})),
+        image_arch=args.image,
         text=dict(vocab_size=512, max_len=32, width=width, depth=2, num_heads=4,
                   mlp_dim=4 * width, init_scheme="fan_in"),
         embed_dim=64, share="all_but_self_attention", parts=("encoder", "decoder"),

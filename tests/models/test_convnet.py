@@ -66,6 +66,21 @@ def test_max_pooled_features_ignore_where_the_shape_is():
     assert float(jnp.abs(model.apply(params, other[None])[0] - a).max()) > 1e-3
 
 
+def test_without_the_last_pool_the_map_is_finer_and_the_global_max_the_same():
+    pooled = ConvNet(channels=(8, 16, 24), patch_size=2, pool="none")
+    finer = ConvNet(channels=(8, 16, 24), patch_size=2, pool="none", last_stage_pool=False)
+    images = jax.random.normal(jax.random.PRNGKey(3), (2, 64, 64, 3))
+    params = _init(pooled, images)  # the same parameters serve both
+    coarse, fine = pooled.apply(params, images), finer.apply(params, images)
+    assert coarse.shape == (2, 4, 4, 24) and fine.shape == (2, 8, 8, 24)
+    np.testing.assert_allclose(np.asarray(coarse), np.asarray(
+        fine.reshape(2, 4, 2, 4, 2, 24).max(axis=(2, 4))), rtol=1e-6)
+    global_max = ConvNet(channels=(8, 16, 24), patch_size=2, last_stage_pool=False)
+    np.testing.assert_allclose(np.asarray(global_max.apply(params, images)),
+                               np.asarray(coarse.max(axis=(1, 2))), rtol=1e-6)
+    assert not np.allclose(np.asarray(fine[:, ::2, ::2]), np.asarray(coarse))  # not a copy
+
+
 def test_convnet_config_errors():
     with pytest.raises(ValueError, match="not divisible by patch_size 2"):
         _init(ConvNet(channels=(8,)), jnp.zeros((1, 33, 32, 3)))

@@ -186,3 +186,23 @@ def test_cnn_image_tower_starts_from_a_siglip_workdir(part_workdirs):  # noqa: F
         jax.random.split(jax.random.PRNGKey(0))[0])
     np.testing.assert_array_equal(np.asarray(params["itm_head"]["kernel"]),
                                   np.asarray(random["itm_head"]["kernel"]))
+
+
+def test_fine_map_gives_four_times_the_image_tokens_and_the_same_itc_features():
+    """fine_map=True: the CNN's last stage without its final pool (8 px cells), the same
+    parameters; the max token, BLIP's ITC feature, is unchanged."""
+    mesh = sharding.make_mesh({"data": -1})
+    coarse = make_task(runlocal_config("runlocal,image=cnn"), mesh).model
+    fine = make_task(runlocal_config("runlocal,image=cnn,fine_map=True"), mesh).model
+    images = jnp.asarray(fake_batch()["image"][:2])
+    params = nn.meta.unbox(coarse.init(jax.random.PRNGKey(0), images, method=coarse.encode_image))
+    tokens = {name: model.apply(params, images, method=model.image_features)
+              for name, model in (("coarse", coarse), ("fine", fine))}
+    assert tokens["coarse"].shape[1] == 1 + 16 and tokens["fine"].shape[1] == 1 + 64
+    np.testing.assert_allclose(np.asarray(tokens["fine"][:, 0]),
+                               np.asarray(tokens["coarse"][:, 0]), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(fine.apply(params, images, method=fine.encode_image)),
+        np.asarray(coarse.apply(params, images, method=coarse.encode_image)), rtol=1e-5)
+    with pytest.raises(ConfigError, match="fine_map=True is the CNN's"):
+        runlocal_config("runlocal,image=vit,fine_map=True")

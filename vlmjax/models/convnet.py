@@ -37,11 +37,17 @@ class ConvNet(nn.Module):
     `return_layers` (a PrefixLM's `vision_feature_layer`) returns a tuple of feature maps
     [B, h, w, C], indexed like a ViT's hidden states: 0 is the space-to-depth input, i the output
     of stage i, negative from the end (-1 the last stage); no pooling, and the stages after the
-    deepest one asked for are not built."""
+    deepest one asked for are not built.
+
+    `last_stage_pool=False` leaves out the last stage's 2x2 max pool: the final map has twice
+    the resolution (8x8 instead of 4x4 at 64 px, so 4x the image tokens of a BLIP or LLaVA
+    reading it, each of a quarter of the area) and the same parameters; the global max pooling
+    (`pool="max"`) is unchanged by it, so a contrastive run's features are exactly the same."""
     channels: Sequence[int] = (32, 64, 96)
     patch_size: int = 2          # space-to-depth block before the first convolution
     pool: str = "max"            # max | gap | none
     return_layers: tuple[int, ...] | None = None
+    last_stage_pool: bool = True
     dtype: layers.Dtype = jnp.float32
 
     @property
@@ -72,7 +78,9 @@ class ConvNet(nn.Module):
                         kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
                                                        (None, None, None, None)),
                         bias_init=layers.partitioned(nn.initializers.zeros, (None,)))(x)
-            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+            x = nn.relu(x)
+            if self.last_stage_pool or i < len(self.channels) - 1:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
             states.append(x)
         if wanted is not None:
             return tuple(states[i] for i in wanted)
