@@ -18,8 +18,9 @@ BERT's 0.02 at width 96 ITM stays at its prior); the ITM negatives are drawn at 
 and ITC negative (`swaps=1`, NegCLIP-style); and the image tower is the SigLIP CNN, not BLIP's
 ViT (the conv-stem ViT of `image=vit` did not learn shape: ITM 75%). Evaluations at the end: ITM
 accuracy on validation (recipes are chosen on it) and test, retrieval on test with ITM
-re-ranking of the ITC top 8, captioning on test (attribute accuracy against the scene, CIDEr-D,
-BLEU-4).
+re-ranking of the ITC top 8 (by ITM + the ITC logit, similarity / temperature: chosen on
+validation over BLIP's ITM + similarity, docs/experiments.md), captioning on test (attribute
+accuracy against the scene, CIDEr-D, BLEU-4).
 Presets: runlocal (a few steps on tiny data, for tests), steps=N, batch=N, lr=X, mlm=W (the
 MLM weight; 0 = off), momentum=M (momentum distillation with a queue of `queue` features;
 0 = off), queue=N, width=N (text and image width), itm_t=T (the ITM negatives' temperature; 0 =
@@ -50,7 +51,7 @@ def evals(max_images: int, captions: int, batch_size: int) -> dict:
         itm_test=dict(type="itm", data=on("test"), max_images=max_images,
                       batch_size=batch_size),
         retrieval_test=dict(type="retrieval", data=on("test"), max_images=max_images,
-                            rerank_k=8, batch_size=batch_size),
+                            rerank_k=8, rerank_itc="logit", batch_size=batch_size),
         captioning_test=dict(type="captioning", data=dict(source="vlm_shapes", split="test"),
                              max_examples=captions, max_new_tokens=32, batch_size=batch_size))
 

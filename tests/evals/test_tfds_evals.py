@@ -207,9 +207,9 @@ def test_coco_retrieval_reranks_with_an_itm_head(tmp_path):
     itc = {"i2t_r1": 0.75, "i2t_r5": 0.75, "i2t_r10": 1.0, "t2i_r1": 1.0, "t2i_r5": 1.0,
            "t2i_r10": 1.0}
 
-    def evaluate(rerank_k, model):
+    def evaluate(rerank_k, model, **keys):
         entry = real_scale_evals()["coco"]
-        entry.update(max_images=4, rerank_k=rerank_k, batch_size=4)
+        entry.update(max_images=4, rerank_k=rerank_k, batch_size=4, **keys)
         entry.data.data_dir = str(tmp_path / "tfds")
         context = registry.EvalContext(mesh, ml_collections.ConfigDict(dict(
             source="webdataset", paths="/never/read.tar")), input_config(tokenizer), model)
@@ -235,6 +235,26 @@ def test_coco_retrieval_reranks_with_an_itm_head(tmp_path):
         image, text = retrieval.rerank_pairs(scores, 2)
         assert sorted(model.pairs) == list(zip(image.tolist(), text.tolist())) and len(image) < 80
         assert metrics["i2t_r1_rerank"] == 0.75 and metrics["t2i_r1_rerank"] == 1.0
+        # rerank_itc "logit": ITM + ITC x the model's logit scale. At 1e3 the ITC differences
+        # outweigh the head's +-5, so k=6 ranks as ITC alone; the scores are those of the
+        # re-ranking formula on the scaled similarities.
+        model = FakeItmModel(towers, tokenizer)
+        model.itc_logit_scale = lambda params: 1e3
+        metrics = evaluate(6, model, rerank_itc="logit")
+        assert metrics == {**itc, **{f"{m}_rerank": itc[m] for m in itc}}
+        text_to_image = np.repeat(np.arange(4), 5)
+        image, text = retrieval.rerank_pairs(scores, 6)
+        itm = np.where(image == text // 5, 5.0, -5.0)
+        for scale in (1e3, 1.0):
+            expected = retrieval.rerank_recall_at_k(scores * scale, text_to_image, 6, image, text,
+                                                    itm)
+            model.itc_logit_scale = lambda params, scale=scale: scale
+            assert evaluate(6, model, rerank_itc="logit") == {**itc, **expected}
+        with pytest.raises(ConfigError, match=r"rerank_itc='logit' needs a model with an ITC "
+                                              r"temperature"):
+            evaluate(6, FakeItmModel(towers, tokenizer), rerank_itc="logit")
+        with pytest.raises(ConfigError, match=r"evals.coco.rerank_itc='cosine' is not one of"):
+            evaluate(6, model, rerank_itc="cosine")
         assert evaluate(0, towers) == itc  # off: the ITC metrics alone, no ITM head needed
         with pytest.raises(ConfigError, match=r"evals.coco.rerank_k=2: re-ranking needs a model "
                                               r"with an ITM head"):

@@ -206,3 +206,15 @@ def test_fine_map_gives_four_times_the_image_tokens_and_the_same_itc_features():
         np.asarray(coarse.apply(params, images, method=coarse.encode_image)), rtol=1e-5)
     with pytest.raises(ConfigError, match="fine_map=True is the CNN's"):
         runlocal_config("runlocal,image=vit,fine_map=True")
+
+
+def test_itc_logit_scale_is_one_over_the_clamped_temperature():
+    from vlmjax.evals.blip_model import BlipEvalModel
+    mesh = sharding.make_mesh({"data": -1})
+    model = make_task(runlocal_config("runlocal,image=cnn"), mesh).model
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                      method=model.encode_image))["params"]
+    eval_model = BlipEvalModel(model, None, mesh, TOKEN_IDS)
+    for temp, scale in ((0.05, 20.0), (1e-5, 1000.0)):  # below 0.001: clamped, as in the loss
+        assert eval_model.itc_logit_scale({**params, "temp": jnp.float32(temp)}) == (
+            pytest.approx(scale, rel=1e-5))

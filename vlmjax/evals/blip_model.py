@@ -5,6 +5,7 @@ re-ranking) and captions (captioning).
     model = BlipEvalModel(blip, tokenizer, mesh, token_ids={"enc": .., "dec": ..})
     model.images(params, batches) / model.texts(params, ids, mask, batch_size)   # ITC, [N, D]
     model.itm_scores(params, images, ids, mask)          # [N]: logit(match) - logit(no match)
+    model.itc_logit_scale(params)                        # 1 / the ITC temperature
     model.answer(params, images, prompts, max_new_tokens)  # greedy captions (prompts ignored;
                                                            # strategy="beam", num_beams=N: beams)
     model.caption(params, images, prompt=None, top_p=0.9, rng=key)  # nucleus-sampled captions
@@ -61,6 +62,11 @@ class BlipEvalModel(embed.TwoTowerEncoders):
                   "text_mask": np.asarray(mask, bool)}
         return embed.embed_all(lambda b: self._itm(params, b), arrays, self.batch_size,
                                self.mesh).reshape(-1)
+
+    def itc_logit_scale(self, params) -> float:
+        """1 / the model's (clamped) ITC temperature: an ITC similarity times it is the
+        contrastive loss's logit (retrieval's `rerank_itc="logit"`)."""
+        return 1.0 / float(self.model.apply({"params": params}, method=self.model.temperature))
 
     def _prompt(self, prompt: str | None = None) -> list[int]:
         prompt = self.caption_prompt if prompt is None else prompt

@@ -8,10 +8,14 @@ fractions in [0, 1]. Entry keys beside the common ones (evals/registry.py):
                       scored with 5 per image)
   rerank_k            0 (off, the default) or K: also re-rank with the model's ITM head, as BLIP
                       does (needs a model with `itm_scores`, e.g. BLIP's)
+  rerank_itc          what re-ranking adds to the ITM score: "similarity" (the cosine, BLIP's
+                      `score + topk_sim`; the default) or "logit" (the cosine over the model's
+                      ITC temperature, `itc_logit_scale(params)`: both terms log-odds)
 
 Re-ranking (BLIP, Li et al. 2022): each image's top K texts by ITC similarity are re-scored by
 their ITM score + ITC similarity and ranked first, in that order; the other texts follow in
-their ITC order. Likewise each text's top K images. Reported beside the ITC metrics (which keep
+their ITC order (with rerank_itc "logit": ITM score + ITC similarity / temperature). Likewise
+each text's top K images. Reported beside the ITC metrics (which keep
 their names) as `retrieval/{name}/i2t_r{k}_rerank` and `t2i_r{k}_rerank`. Ties in the ITC order
 go to the lower index. The ITM pass reads the data a second time, in the same order, and scores
 each batch's images against their top-K texts and the texts whose top K holds them (images are
@@ -160,21 +164,34 @@ class RetrievalEvaluator(registry.Evaluator):
     KEYS = {"max_images": "the first N images (0 = all; default 1000)",
             "captions_per_image": "the first K captions of each image (0 = all, the default)",
             "rerank_k": "re-rank each query's top K by ITM + ITC (0 = off, the default; needs "
-                        "a model with itm_scores, e.g. BLIP)"}
+                        "a model with itm_scores, e.g. BLIP)",
+            "rerank_itc": "the ITC term of re-ranking: 'similarity' (BLIP's, the default) or "
+                          "'logit' (similarity / the ITC temperature)"}
+    COUNTS = ("max_images", "captions_per_image", "rerank_k")
+    RERANK_ITC = ("similarity", "logit")
 
     @classmethod
     def check(cls, entry, where):
-        registry.check_counts(entry, cls.KEYS, where)
+        registry.check_counts(entry, cls.COUNTS, where)
+        if entry.get("rerank_itc", "similarity") not in cls.RERANK_ITC:
+            raise ConfigError(f"{where}.rerank_itc={entry.get('rerank_itc')!r} is not one of "
+                              f"{cls.RERANK_ITC}")
 
     def __init__(self, name, entry, context):
         super().__init__(name, entry, context)
         self.max_images = int(entry.get("max_images", 1000))
         self.captions_per_image = int(entry.get("captions_per_image", 0))
         self.rerank_k = int(entry.get("rerank_k", 0))
+        self.rerank_itc = entry.get("rerank_itc", "similarity")
         if self.rerank_k and not callable(getattr(context.model, "itm_scores", None)):
             raise ConfigError(f"evals.{name}.rerank_k={self.rerank_k}: re-ranking needs a model "
                               f"with an ITM head (itm_scores, e.g. BLIP's); this task's model "
                               f"({type(context.model).__name__}) has none; set it to 0")
+        if (self.rerank_k and self.rerank_itc == "logit"
+                and not callable(getattr(context.model, "itc_logit_scale", None))):
+            raise ConfigError(f"evals.{name}.rerank_itc='logit' needs a model with an ITC "
+                              f"temperature (itc_logit_scale, e.g. BLIP's); "
+                              f"{type(context.model).__name__} has none; use 'similarity'")
 
     def __call__(self, params) -> dict:
         model, mesh = self.context.model, self.context.mesh
@@ -206,7 +223,10 @@ class RetrievalEvaluator(registry.Evaluator):
             pair_image, pair_text = rerank_pairs(scores, self.rerank_k)
             pair_itm = self.itm_pass(params, pair_image, pair_text, ids, mask, len(zimg),
                                      batch_size)
-            metrics.update(rerank_recall_at_k(scores, text_to_image, self.rerank_k, pair_image,
+            itc = scores
+            if self.rerank_itc == "logit":  # a positive scale: the ITC order is unchanged
+                itc = scores * float(self.context.model.itc_logit_scale(params))
+            metrics.update(rerank_recall_at_k(itc, text_to_image, self.rerank_k, pair_image,
                                               pair_text, pair_itm))
         return self.metric_names(metrics)
 
