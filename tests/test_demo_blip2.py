@@ -37,10 +37,13 @@ def test_tables_read_the_last_evaluation_of_each_metric(tmp_path):
 def test_blip_demo_starts_blip_from_the_siglip_run_and_tables_its_evaluations(tmp_path):
     from vlmjax.demos import blip
     runs = blip.chain(",steps=10")
-    assert [run.name for run in runs] == ["siglip", "blip"]
+    assert [run.name for run in runs] == ["siglip_2000", "blip"]
     assert all(run.sets_data_dir for run in runs)
+    assert runs[0].config == "configs/siglip/tiny.py:steps=2000"
     config = runs[1].config.format(data_dir="/d", workdir="/w")
-    assert config == "configs/blip/tiny.py:vision_init=/w/siglip,steps=10"
+    assert config == "configs/blip/tiny.py:vision_init=/w/siglip_2000,steps=10"
+    assert blip.chain("", siglip_steps=800)[1].config.format(data_dir="/d", workdir="/w") == (
+        "configs/blip/tiny.py:vision_init=/w/siglip_800")
     metrics = {"itm/itm_test/accuracy": 0.95, "retrieval/retrieval_test/i2t_r1_rerank": 0.5,
                "captioning/captioning_test/cider_d": 2.25}
     rows = blip.table(metrics).splitlines()

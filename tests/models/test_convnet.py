@@ -106,3 +106,21 @@ def test_two_towers_with_cnn_image_tower():
     assert zimg.shape == ztxt.shape == (3, 12)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(zimg), axis=-1), 1.0, rtol=1e-5)
     assert params["params"]["image_tower"]["conv1"]["kernel"].shape == (3, 3, 8, 16)
+
+
+@pytest.mark.parametrize("size", [8, 9])
+def test_max_pool_2x2_equals_flax_max_pool_and_its_gradient(size):
+    import flax.linen as nn
+    from vlmjax.models.convnet import max_pool_2x2
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, size, size, 3))
+    x = x.at[0, 0, 0].set(x[0, 0, 1])  # a tie inside a window: both keep the same max
+    reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(reference(x)))
+    weights = jax.random.normal(jax.random.PRNGKey(5), max_pool_2x2(x).shape)
+    grads = [np.asarray(jax.grad(lambda x: jnp.sum(pool(jax.nn.relu(x)) * weights))(x))
+             for pool in (max_pool_2x2, reference)]
+    tied = np.zeros(x.shape, bool)
+    tied[0, 0, :2] = True  # where the tie's gradient is split instead of given to one
+    np.testing.assert_allclose(grads[0][~tied], grads[1][~tied], rtol=1e-6)
+    np.testing.assert_allclose(grads[0][tied].reshape(-1, 3).sum(0),
+                               grads[1][tied].reshape(-1, 3).sum(0), rtol=1e-6)

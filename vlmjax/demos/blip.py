@@ -4,8 +4,10 @@
 
 The chain (each run in WORKDIR/<name>, reused when complete, resumed when interrupted; the
 commands are printed before they run, as vlmjax/demos/llava.py does):
-  siglip  configs/siglip/tiny.py:steps=800 (the CNN image tower, as the LLaVA chain trains it)
-  blip    configs/blip/tiny.py from siglip's image tower (ITC + ITM + LM)
+  siglip_2000  configs/siglip/tiny.py:steps=2000 (the CNN image tower: the SigLIP tiny recipe;
+               `--siglip_steps N` for another length, in WORKDIR/siglip_N; the LLaVA chain's is
+               800 steps, and BLIP's captions name shapes less often from it, docs/experiments.md)
+  blip         configs/blip/tiny.py from that run's image tower (ITC + ITM + LM)
 Then it prints the run's final ITM, retrieval and captioning figures (metrics.jsonl).
 """
 from __future__ import annotations
@@ -16,15 +18,19 @@ import sys
 import time
 
 from vlmjax.demos.blip2 import evaluations
-from vlmjax.demos.llava import Run, build_shapes, chain as llava_chain, train
+from vlmjax.demos.llava import Run, build_shapes, train
 
 CAPTION_KEYS = ("colour_acc", "shape_acc", "all_objects_named", "cider_d", "bleu4")
 
 
-def chain(blip_args: str = "") -> list[Run]:
-    siglip = next(run for run in llava_chain() if run.name == "siglip")
-    return [siglip, Run("blip", f"configs/blip/tiny.py:vision_init={{workdir}}/siglip"
-                                f"{blip_args}", sets_data_dir=True)]
+SIGLIP_STEPS = 2000
+
+
+def chain(blip_args: str = "", siglip_steps: int = SIGLIP_STEPS) -> list[Run]:
+    siglip = f"siglip_{siglip_steps}"
+    return [Run(siglip, f"configs/siglip/tiny.py:steps={siglip_steps}", sets_data_dir=True),
+            Run("blip", f"configs/blip/tiny.py:vision_init={{workdir}}/{siglip}{blip_args}",
+                sets_data_dir=True)]
 
 
 def table(metrics: dict) -> str:
@@ -55,12 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", required=True, help="one subdirectory per run")
     p.add_argument("--blip_args", default="", help="extra presets for the BLIP run, e.g. "
                                                    "',steps=100'")
+    p.add_argument("--siglip_steps", type=int, default=SIGLIP_STEPS,
+                   help="steps of the SigLIP run whose image tower BLIP starts from")
     args = p.parse_args(argv)
     data_dir, workdir = os.path.abspath(args.data_dir), os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
     start = time.time()
     build_shapes(data_dir)
-    for run in chain(args.blip_args):
+    for run in chain(args.blip_args, args.siglip_steps):
         train(run, data_dir, workdir)
     blip = os.path.join(workdir, "blip")
     print(f"\nBLIP tiny ({blip}): final evaluations (recipe chosen on validation)\n")

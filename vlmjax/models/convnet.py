@@ -30,6 +30,18 @@ def space_to_depth(images, block: int):
                                                  block * block * channels)
 
 
+def max_pool_2x2(x):
+    """2x2 max pool, stride 2, VALID (an odd last row or column is dropped), as
+    `nn.max_pool(x, (2, 2), strides=(2, 2))`. Written as a reshape and a max: XLA:CPU
+    differentiates that with a compare and a select, where reduce_window's gradient carries
+    an index per window dimension; the tower's forward + backward is ~1.4x faster (batch 128
+    at 64 px, 2-core CPU). Ties share the gradient instead of one winner taking it; after a
+    ReLU the only ties are zeros, whose gradient is zero either way."""
+    batch, height, width, channels = x.shape
+    x = x[:, :height - height % 2, :width - width % 2]
+    return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+
+
 class ConvNet(nn.Module):
     """Images [B, H, W, 3] -> pooled features [B, channels[-1]] (`pool="none"`: the final
     feature map [B, h, w, channels[-1]]).
@@ -80,7 +92,7 @@ class ConvNet(nn.Module):
                         bias_init=layers.partitioned(nn.initializers.zeros, (None,)))(x)
             x = nn.relu(x)
             if self.last_stage_pool or i < len(self.channels) - 1:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                x = max_pool_2x2(x)
             states.append(x)
         if wanted is not None:
             return tuple(states[i] for i in wanted)
