@@ -122,10 +122,9 @@ def caption_accuracy(run, args):
         decoding = "greedy" if beams == 1 else f"{beams} beams"
         for count in [None, *sorted({c["objects"] for c in checks})]:
             rows = [c for c in checks if count in (None, c["objects"])]
-            objects = sum(c["objects"] for c in rows)
+            scores = captioning.caption_metrics(rows)
             print(f"| {decoding} | {'all' if count is None else count} | {len(rows)} | "
-                  f"{sum(c['colours_named'] for c in rows) / objects:.1%} | "
-                  f"{sum(c['shapes_named'] for c in rows) / objects:.1%} |")
+                  f"{scores['colour_acc']:.1%} | {scores['shape_acc']:.1%} |")
     captioning.check_description = check
 
 

@@ -9,9 +9,10 @@
 The recipe: the CNN image tower of configs/siglip/tiny.py (`image_arch="cnn"`: its 4x4 feature
 map at 64 px is the image tokens, their max over positions the first token), started from a
 SigLIP tiny run of the recipe's 2000 steps (`vision_init`; from the LLaVA chain's 800-step run
-captions name the right shape 77% of the time instead of 88%) and trained on, and a 2-layer BERT-style text
-transformer whose encoder and decoder share all but their self-attention (BLIP); captions
-tokenised `[CLS] caption [SEP]` with the vlm_shapes tokenizer plus [ENC] / [DEC] / [MASK];
+captions name the right shape 77% of the time instead of 88%) and trained on, and a 2-layer
+BERT-style text transformer whose encoder and decoder share all but their self-attention
+(BLIP); captions tokenised `[CLS] caption [SEP]` with the vlm_shapes tokenizer plus [ENC] /
+[DEC] / [MASK];
 losses ITC + ITM + LM (label smoothing 0.1) with equal weights, as in BLIP. Departures from
 BLIP (docs/experiments.md, BLIP tiny): the text kernels start with variance 1/fan_in (with
 BERT's 0.02 at width 96 ITM stays at its prior); the ITM negatives are drawn at temperature

@@ -166,12 +166,8 @@ class CaptioningEvaluator(vqa.GenerativeEvaluator):
         self.last_samples: list[dict] = []
 
     def generate(self, params, pending: list[tuple[np.ndarray, str]]) -> list[str]:
-        if self.num_beams == 1:
-            return super().generate(params, pending)
-        images = np.stack([image for image, _ in pending])
-        return list(self.context.model.answer(
-            params, images, [prompt for _, prompt in pending],
-            max_new_tokens=self.max_new_tokens, strategy="beam", num_beams=self.num_beams))
+        beams = {} if self.num_beams == 1 else dict(strategy="beam", num_beams=self.num_beams)
+        return super().generate(params, pending, **beams)
 
     def __call__(self, params) -> dict:
         scenes, predictions, references = [], [], []

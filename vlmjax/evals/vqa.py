@@ -183,11 +183,12 @@ class GenerativeEvaluator(registry.Evaluator):
                         "size": example["box_sizes"], "position": example["box_positions"]},
             "qa": {"cot_answer": example["cot_answers"]}})
 
-    def generate(self, params, pending: list[tuple[np.ndarray, str]]) -> list[str]:
-        """The model's answers to (image, question) pairs."""
+    def generate(self, params, pending: list[tuple[np.ndarray, str]], **options) -> list[str]:
+        """The model's answers to (image, question) pairs; `options` (e.g. strategy="beam",
+        num_beams=3) go to its `answer`."""
         images = np.stack([image for image, _ in pending])
         return list(self.context.model.answer(params, images, [q for _, q in pending],
-                                              max_new_tokens=self.max_new_tokens))
+                                              max_new_tokens=self.max_new_tokens, **options))
 
 
 class VqaEvaluator(GenerativeEvaluator):
